@@ -1,0 +1,109 @@
+"""YAML presets with `key.path=value` overrides, checked against each command's defaults.
+
+A preset is data: a nested mapping. Every command owns a nested dict of defaults; a preset and the
+command-line overrides are merged onto it, and any key the defaults do not know is an error (a typo in a
+config must never be silently ignored).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used as written."""
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        if isinstance(value, dict):
+            keys.extend(_flat_keys(value, path + "."))
+    return keys
+
+
+def _unknown_key_error(path: str, level: dict, prefix: str, where: str) -> ConfigError:
+    known = _flat_keys(level, prefix)
+    close = difflib.get_close_matches(path, known, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {path!r} in {where}.{hint}")
+
+
+def merge(defaults: dict, update: dict, where: str = "config", _prefix: str = "") -> dict:
+    """Return a copy of `defaults` with `update` merged in; unknown keys raise ConfigError.
+
+    A default of None or a dict marked open (key `_open: true`) accepts any value / any sub-keys.
+    """
+    out = copy.deepcopy(defaults)
+    for key, value in (update or {}).items():
+        path = f"{_prefix}{key}"
+        if key not in out:
+            if out.get("_open"):
+                out[key] = copy.deepcopy(value)
+                continue
+            raise _unknown_key_error(path, defaults, _prefix, where)
+        if isinstance(out[key], dict) and not out[key].get("_open") and value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} in {where} must be a mapping, got {value!r}")
+            out[key] = merge(out[key], value, where, path + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}; the value is parsed as YAML (numbers, lists, null...)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    path, raw = text.split("=", 1)
+    if not path or any(not part for part in path.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    tree: dict = {}
+    node = tree
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(defaults: dict, path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """defaults ← preset file ← overrides, each layer checked for unknown keys."""
+    cfg = copy.deepcopy(defaults)
+    if path is not None:
+        cfg = merge(cfg, load_yaml(path), where=str(path))
+    for text in overrides:
+        cfg = merge(cfg, parse_override(text), where=f"override {text!r}")
+    return strip_markers(cfg)
+
+
+def strip_markers(cfg: Any) -> Any:
+    if isinstance(cfg, dict):
+        return {k: strip_markers(v) for k, v in cfg.items() if k != "_open"}
+    return cfg
+
+
+def dump(cfg: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -1,0 +1,35 @@
+import pytest
+
+from slimflow.config import ConfigError, load_config, parse_override
+
+DEFAULTS = {"out": "runs/x", "train": {"lr": 1e-3, "steps": 10, "ema": {"kind": "fixed"}}, "model": {"_open": True}}
+
+
+def test_preset_and_overrides_merge(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  lr: 0.01\nmodel:\n  nf: 32\n")
+    cfg = load_config(DEFAULTS, preset, ["train.steps=5", "train.ema.kind=power", "model.ch_mult=[1,2]"])
+    assert cfg == {"out": "runs/x", "train": {"lr": 0.01, "steps": 5, "ema": {"kind": "power"}},
+                   "model": {"nf": 32, "ch_mult": [1, 2]}}
+
+
+def test_unknown_key_names_the_key_and_suggests(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  lrr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*Did you mean 'train.lr'"):
+        load_config(DEFAULTS, preset)
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(DEFAULTS, None, ["trian.lr=1"])
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(DEFAULTS, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(DEFAULTS, bad)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(DEFAULTS, None, ["train=3"])
