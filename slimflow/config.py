@@ -38,20 +38,18 @@ def _unknown_key_error(path: str, level: dict, prefix: str, where: str) -> Confi
 def merge(defaults: dict, update: dict, where: str = "config", _prefix: str = "") -> dict:
     """Return a copy of `defaults` with `update` merged in; unknown keys raise ConfigError.
 
-    A default of None or a dict marked open (key `_open: true`) accepts any value / any sub-keys.
+    A dict marked open (key `_open: true`, e.g. a model spec) accepts any sub-keys.
     """
     out = copy.deepcopy(defaults)
     for key, value in (update or {}).items():
         path = f"{_prefix}{key}"
-        if key not in out:
-            if out.get("_open"):
-                out[key] = copy.deepcopy(value)
-                continue
+        if key not in out and not out.get("_open"):
             raise _unknown_key_error(path, defaults, _prefix, where)
-        if isinstance(out[key], dict) and not out[key].get("_open") and value is not None:
+        current = out.get(key)
+        if isinstance(current, dict) and value is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} in {where} must be a mapping, got {value!r}")
-            out[key] = merge(out[key], value, where, path + ".")
+            out[key] = merge(current, value, where, path + ".")
         else:
             out[key] = copy.deepcopy(value)
     return out
