@@ -1,0 +1,239 @@
+"""Checkpoints: safetensors for tensors, a JSON sidecar for everything else, atomic on disk.
+
+Two layouts:
+- a *training checkpoint* is a directory `ckpt-<step>/` with `model.safetensors`, optional `ema.safetensors`,
+  `optim.safetensors`, `state.safetensors` (RNG states) and `meta.json` (step, config, optimizer hyper-parameters,
+  sha256 of every file). It is written to a temporary directory and renamed, and `latest` names the newest one.
+- an *exported model* is `<name>.safetensors` + `<name>.json` (model config and provenance).
+
+Loading checks every file's checksum, the architecture config and each tensor's shape, and says what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "slimflow-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path, expected_sha: str | None = None) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
+    if expected_sha is not None and sha256_file(path) != expected_sha:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} is corrupt: its sha256 differs from the one recorded in meta.json"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or truncated ({err})") from None
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and a JSON-able rest."""
+    tensors, scalars = {}, {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(rest["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+# ----------------------------------------------------------------------------------- training checkpoints
+def rng_state() -> dict[str, torch.Tensor]:
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda_{i}"] = state
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch_cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def save_training_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    ema: torch.nn.Module | None,
+    config: dict,
+    rng: dict[str, torch.Tensor],
+    extra: dict | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `root/ckpt-<step>/` atomically, point `root/latest` at it, keep the newest `keep` checkpoints."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"ckpt-{step:08d}"
+    tmp = root / f".ckpt-{step:08d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {"model.safetensors": model.state_dict()}
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": step, "config": config, "extra": extra or {}}
+    if ema is not None:
+        files["ema.safetensors"] = ema.state_dict()
+    if optimizer is not None:
+        tensors, meta["optimizer"] = flatten_optimizer_state(optimizer.state_dict())
+        files["optim.safetensors"] = tensors
+    files["state.safetensors"] = rng
+    meta["sha256"] = {}
+    for name, tensors in files.items():
+        _save_tensors(tensors, tmp / name)
+        meta["sha256"][name] = sha256_file(tmp / name)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    for old in sorted(root.glob("ckpt-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The directory named by `root/latest`, or None when no checkpoint was written yet."""
+    pointer = Path(root) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{str(pointer)!r} names {path.name!r}, which does not exist")
+    return path
+
+
+def read_meta(ckpt_dir: str | Path) -> dict:
+    meta_path = Path(ckpt_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{str(ckpt_dir)!r} is not a slimflow checkpoint: meta.json is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{str(meta_path)!r} is corrupt: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(meta_path)!r} is not a {FORMAT} file (format={meta.get('format')!r})")
+    return meta
+
+
+def load_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """Read and verify every file of a training checkpoint: (meta, {file stem: tensors})."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    tensors = {
+        name.removesuffix(".safetensors"): _load_tensors(ckpt_dir / name, sha)
+        for name, sha in meta["sha256"].items()
+    }
+    return meta, tensors
+
+
+# ---------------------------------------------------------------------------------------- state loading
+def check_config(expected: dict, found: dict, what: str) -> None:
+    """Raise naming every key whose value differs between two architecture configs."""
+    keys = sorted(set(expected) | set(found))
+    diffs = [f"{k}: checkpoint has {found.get(k)!r}, model has {expected.get(k)!r}" for k in keys
+             if _norm(expected.get(k)) != _norm(found.get(k))]
+    if diffs:
+        raise CheckpointError(f"{what} was saved from another architecture:\n  " + "\n  ".join(diffs))
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """`load_state_dict(strict=True)` with one message listing missing, unexpected and mis-shaped tensors."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{what} does not fit the model — " + "; ".join(problems))
+    module.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------- exported models
+def save_model(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
+    """Write `path` (.safetensors) and its sidecar `path.with_suffix('.json')` atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"model files end in .safetensors, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_tensors(model.state_dict(), path)
+    sidecar = {"format": FORMAT + "-model", "version": VERSION, **meta, "sha256": sha256_file(path)}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
+    return path
+
+
+def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(sidecar, weights) of an exported model, or the EMA (else raw) weights of a training checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = latest_checkpoint(path) or path
+        meta, tensors = load_training_checkpoint(ckpt)
+        return {"model": meta["config"].get("model", {}), "step": meta["step"], "source": str(ckpt)}, \
+            tensors.get("ema", tensors["model"])
+    if not path.is_file():
+        raise CheckpointError(f"no model file at {str(path)!r}")
+    sidecar_path = path.with_suffix(".json")
+    if not sidecar_path.is_file():
+        raise CheckpointError(f"{str(path)!r} has no sidecar {sidecar_path.name!r} describing its architecture")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{str(sidecar_path)!r} is corrupt: {err}") from None
+    return sidecar, _load_tensors(path, sidecar.get("sha256"))

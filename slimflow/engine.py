@@ -1,0 +1,354 @@
+"""The one training loop every trainer uses.
+
+A trainer supplies two functions:
+- `make_batch(step, generator) -> dict` builds the *global* batch for `step` (data, noise, times...) drawing all
+  randomness from `generator`, which the engine seeds from (seed, step). The engine gives each rank its slice,
+  so a run on W processes sees exactly the examples a single process would, and a resumed run sees exactly the
+  examples it would have seen without the interruption.
+- `loss_fn(model, batch) -> loss` or `(loss, {name: scalar})` on the rank's slice (mean over the slice).
+
+The engine owns: device, Adam/AdamW with linear warm-up, grad clipping, EMA (fixed decay or SlimFlow's power
+law), bf16 autocast, opt-in `torch.compile`, DDP under `torchrun`, TensorBoard scalars and sample grids, tqdm,
+periodic atomic checkpoints with RNG and optimizer state, exact resume, and a clear stop on non-finite losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from slimflow import checkpoint as ckpt
+from slimflow.images import grid_image, save_grid
+
+TRAIN_DEFAULTS: dict = {
+    "steps": 1000,
+    "batch_size": 128,
+    "optimizer": "adam",  # adam | adamw
+    "lr": 2e-4,
+    "betas": [0.9, 0.999],
+    "weight_decay": 0.0,
+    "warmup": 500,
+    "grad_clip": 1.0,
+    "ema": {"kind": "fixed", "decay": 0.999, "max_decay": 0.999999},  # kind: fixed | power | none
+    "precision": "auto",  # auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16
+    "compile": False,
+    "device": "auto",
+    "seed": 0,
+    "log_every": 50,
+    "sample_every": 0,  # 0 = only at the end
+    "ckpt_every": 500,
+    "keep_ckpts": 2,
+}
+
+
+def _rate(steps: int, batch_size: int, started: float) -> float:
+    return steps * batch_size / max(time.time() - started, 1e-9)
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Turn SIGINT/SIGTERM into a request honoured between steps (so a checkpoint is never half a step)."""
+    requests: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda num, frame: requests.append(signal.Signals(num).name))
+    try:
+        yield requests
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss; nothing after the last good checkpoint was written."""
+
+
+# --------------------------------------------------------------------------------------- small pure pieces
+def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up from base_lr/warmup to base_lr over `warmup` steps, then constant (reference schedule)."""
+    return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+
+
+def ema_decay(kind: str, step: int, decay: float, max_decay: float) -> float:
+    """Fixed decay, or SlimFlow's power law min(max_decay, (1 + n) / (10 + n))."""
+    if kind == "fixed":
+        return decay
+    if kind == "power":
+        return min(max_decay, (1 + step) / (10 + step))
+    raise ValueError(f"unknown EMA kind {kind!r}: use 'fixed', 'power' or 'none'")
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator that draws all of step `step`'s randomness (independent of rank and resume)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch at `step`: consecutive slices of per-epoch permutations of range(n)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = perm[offset: offset + batch_size - len(out)]
+        out.extend(take.tolist())
+        start += len(take)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            rank = int(os.environ.get("LOCAL_RANK", 0))
+            return torch.device("cuda", rank)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    raise ValueError(f"unknown precision {precision!r}: use auto, fp32 or bf16")
+
+
+# --------------------------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_batch(batch: dict, rank: int, world: int, device: torch.device) -> dict:
+    """This rank's contiguous slice of every batched tensor, moved to `device`."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            if value.shape[0] % world:
+                raise ValueError(f"global batch of {value.shape[0]} does not split over {world} processes")
+            per = value.shape[0] // world
+            value = value[rank * per: (rank + 1) * per]
+        out[key] = value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+    return out
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    packed = torch.tensor([values[k] for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(packed)
+    packed /= dist.get_world_size()
+    return dict(zip(keys, packed.tolist()))
+
+
+# --------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Holds the state that is real across steps: model, EMA, optimizer, writer, step."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_cfg: dict,
+        run_dir: str | Path,
+        run_config: dict,
+        sample_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    ):
+        self.cfg = {**TRAIN_DEFAULTS, **train_cfg}
+        self.run_dir = Path(run_dir)
+        self.run_config = run_config
+        self.sample_fn = sample_fn
+        self.rank, self.world = dist_info()
+        self.device = resolve_device(self.cfg["device"])
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.amp_dtype = autocast_dtype(self.cfg["precision"], self.device)
+        if self.cfg["batch_size"] % self.world:
+            raise ValueError(f"train.batch_size={self.cfg['batch_size']} must be divisible by the "
+                             f"{self.world} processes")
+        torch.manual_seed(self.cfg["seed"] + self.rank)  # dropout etc.; restored exactly on resume
+        self.model = model.to(self.device)
+        self.ema = None
+        if self.cfg["ema"]["kind"] != "none":
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = self._make_optimizer()
+        self.step = 0
+        self.writer = None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        kind = self.cfg["optimizer"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        kwargs = dict(lr=self.cfg["lr"], betas=tuple(self.cfg["betas"]), weight_decay=self.cfg["weight_decay"])
+        if kind == "adam":
+            return torch.optim.Adam(params, **kwargs)
+        if kind == "adamw":
+            return torch.optim.AdamW(params, **kwargs)
+        raise ValueError(f"unknown optimizer {kind!r}: use adam or adamw")
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of this run, if any; True when it resumed."""
+        found = ckpt.latest_checkpoint(self.ckpt_root)
+        if found is None:
+            return False
+        meta, tensors = ckpt.load_training_checkpoint(found)
+        ckpt.check_config(self.run_config.get("model", {}), meta["config"].get("model", {}), str(found))
+        ckpt.load_state_checked(self.model, {k: v.to(self.device) for k, v in tensors["model"].items()}, str(found))
+        if self.ema is not None and "ema" in tensors:
+            ckpt.load_state_checked(self.ema, tensors["ema"], str(found) + " (EMA)")
+        if "optim" in tensors:
+            self.optimizer.load_state_dict(ckpt.unflatten_optimizer_state(tensors["optim"], meta["optimizer"]))
+        prefix = f"rank{self.rank}."
+        mine = {k[len(prefix):]: v for k, v in tensors["state"].items() if k.startswith(prefix)}
+        if not mine:
+            raise ckpt.CheckpointError(f"{found} holds no RNG state for rank {self.rank}: it was written by "
+                                       f"{meta['extra'].get('world_size')} processes, this run has {self.world}")
+        ckpt.set_rng_state(mine)
+        self.step = meta["step"]
+        return True
+
+    def save(self) -> Path | None:
+        """Every rank must call this: RNG states are gathered from all ranks, rank 0 writes."""
+        states = [ckpt.rng_state()]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, ckpt.rng_state())
+        rng = {f"rank{r}.{k}": v for r, state in enumerate(states) for k, v in state.items()}
+        path = None
+        if self.rank == 0:
+            path = ckpt.save_training_checkpoint(
+                self.ckpt_root, self.step, self.model, self.optimizer, self.ema, self.run_config, rng,
+                extra={"world_size": self.world}, keep=self.cfg["keep_ckpts"],
+            )
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def _tensorboard(self) -> SummaryWriter:
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        return self.writer
+
+    def _log(self, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self._tensorboard().add_scalar(name, value, self.step)
+
+    def _sample(self) -> Path | None:
+        """Grid of `sample_fn(EMA model)` to samples/step_<n>.png and TensorBoard."""
+        if self.sample_fn is None:
+            return None
+        model = self.ema if self.ema is not None else self.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            images = self.sample_fn(model)
+        model.train(was_training)
+        self._tensorboard().add_image("samples", grid_image(images), self.step)
+        return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png")
+
+    def fit(self, make_batch: Callable, loss_fn: Callable, steps: int | None = None) -> dict:
+        """Train until `steps` (default train.steps); resumes from the run's latest checkpoint."""
+        steps = self.cfg["steps"] if steps is None else steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        net = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg["compile"]:
+            net = torch.compile(net)
+        self.model.train()
+        history: list[dict] = []
+        bar = tqdm(total=steps, initial=self.step, disable=self.rank != 0, desc=self.run_dir.name, dynamic_ncols=True)
+        started, first_step = time.time(), self.step
+        with _stop_requests() as stop:
+            while self.step < steps and not stop:
+                scalars = self._train_step(net, make_batch, loss_fn)
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg["log_every"] == 0 or self.step == steps:
+                    scalars = mean_over_ranks(scalars, self.device)
+                    scalars["train/img_per_s"] = _rate(self.step - first_step, self.cfg["batch_size"], started)
+                    history.append({"step": self.step, **scalars})
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
+                    if self.rank == 0:
+                        self._log(scalars)
+                if self.cfg["sample_every"] and self.step % self.cfg["sample_every"] == 0 and self.rank == 0:
+                    self._sample()
+                if self.cfg["ckpt_every"] and self.step % self.cfg["ckpt_every"] == 0:
+                    self.save()
+        bar.close()
+        self.save()
+        if stop:
+            raise KeyboardInterrupt(f"stopped by {stop[0]} after step {self.step}; the checkpoint is saved, "
+                                    f"run the same command again to resume")
+        if self.rank == 0:
+            self._sample()
+            if self.writer is not None:
+                self.writer.flush()
+        return {"resumed": resumed, "steps": self.step, "history": history, "seconds": time.time() - started,
+                "img_per_s": _rate(self.step - first_step, self.cfg["batch_size"], started)}
+
+    def _train_step(self, net, make_batch, loss_fn) -> dict[str, float]:
+        batch = make_batch(self.step, step_generator(self.cfg["seed"], self.step))
+        batch = shard_batch(batch, self.rank, self.world, self.device)
+        lr = warmup_lr(self.step, self.cfg["lr"], self.cfg["warmup"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = loss_fn(net, batch)
+        loss, extra = out if isinstance(out, tuple) else (out, {})
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            last = ckpt.latest_checkpoint(self.ckpt_root)
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.step}; no checkpoint was written after it. "
+                f"Last good checkpoint: {last or 'none'}. Lower train.lr or check the data, then re-run to resume."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg["grad_clip"] if self.cfg["grad_clip"] else math.inf
+        )
+        self.optimizer.step()
+        if self.ema is not None:
+            e = self.cfg["ema"]
+            ema_update(self.ema, self.model, ema_decay(e["kind"], self.step, e["decay"], e["max_decay"]))
+        scalars = {"train/loss": loss.item(), "train/grad_norm": float(grad_norm), "train/lr": lr}
+        scalars.update({f"train/{k}": float(v) for k, v in extra.items()})
+        return scalars
