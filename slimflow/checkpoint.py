@@ -222,8 +222,9 @@ def save_model(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
 def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(sidecar, weights) of an exported model, or the EMA (else raw) weights of a training checkpoint."""
     path = Path(path)
-    if path.is_dir():
-        ckpt = latest_checkpoint(path) or path
+    if path.is_dir():  # a run directory, a checkpoints/ directory, or one ckpt-<step>/ directory
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        ckpt = latest_checkpoint(root) or path
         meta, tensors = load_training_checkpoint(ckpt)
         return {"model": meta["config"].get("model", {}), "step": meta["step"], "source": str(ckpt)}, \
             tensors.get("ema", tensors["model"])

@@ -1,0 +1,121 @@
+"""`slimflow` command line: one sub-command per pipeline stage; each is a thin call into a Python function."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def _config(args, defaults: dict) -> dict:
+    from slimflow.config import load_config
+
+    return load_config(defaults, args.config, args.overrides)
+
+
+def _with_config(parser: argparse.ArgumentParser, default: str | None = None) -> argparse.ArgumentParser:
+    parser.add_argument("--config", default=default, help="YAML preset (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    return parser
+
+
+def cmd_teacher_train(args) -> None:
+    from teachers.train import DEFAULTS, train_teacher
+
+    print(json.dumps(train_teacher(_config(args, DEFAULTS), command=_command()), indent=1))
+
+
+def cmd_teacher_info(args) -> None:
+    from teachers.inspect import describe_checkpoint, format_summary
+
+    print(format_summary(describe_checkpoint(args.path, unsafe_pickle=args.unsafe_pickle)))
+
+
+def cmd_invert(args) -> None:
+    from slimflow.invert import invert_images
+
+    result = invert_images(args.teacher, args.images, method=args.method, steps=args.steps, out_dir=args.out,
+                           n=args.n, split=args.split, nfe_per_direction=args.nfe, unsafe_pickle=args.unsafe_pickle,
+                           resolution=args.resolution)
+    print(json.dumps(result, indent=1))
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from slimflow.images import save_grid, save_npz
+    from slimflow.sample import sample
+    from teachers.zoo import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model, device=device)
+    shape = (model.config["in_channels"], model.config["resolution"], model.config["resolution"])
+    images, nfe = sample(model, args.n, shape, method=args.method, steps=args.steps, seed=args.seed,
+                         rtol=args.tol, atol=args.tol, progress=True)
+    path = save_grid(images, args.out, nrow=args.nrow)
+    print(f"wrote {path} ({args.n} samples, {args.method}, {nfe:.1f} NFE/sample)")
+    if args.npz:
+        print(f"wrote {save_npz(images, args.npz)}")
+
+
+def _command() -> str:
+    return "slimflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    teacher = sub.add_parser("teacher", help="train or inspect a teacher").add_subparsers(dest="action", required=True)
+    _with_config(teacher.add_parser("train", help="train a 1-rectified-flow teacher"),
+                 "configs/teacher/fmnist.yaml").set_defaults(func=cmd_teacher_train)
+
+    p = teacher.add_parser("info", help="say what a checkpoint is (format, architecture, params, time convention)")
+    p.add_argument("path")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="allow unpickling code from a .pth/.pt file (only for files you trust)")
+    p.set_defaults(func=cmd_teacher_info)
+
+    p = sub.add_parser("invert", help="map images to noise and back (RF-Solver vs Euler reconstruction error)")
+    p.add_argument("--teacher", required=True, help="teacher file: project model, reference .pth, diffusers folder")
+    p.add_argument("--images", default="fashion_mnist", help="a folder of images or a data set name")
+    p.add_argument("--split", default="test")
+    p.add_argument("--method", default="rf_solver")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--nfe", type=int, nargs="+", default=[4, 8, 16, 32], help="NFE per direction to compare")
+    p.add_argument("--resolution", type=int, default=None, help="needed for reference DDPM++ checkpoints")
+    p.add_argument("--unsafe-pickle", action="store_true")
+    p.add_argument("--out", default="runs/invert")
+    p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("sample", help="write an image grid (and .npz) sampled from a model file")
+    p.add_argument("--model", required=True, help="exported .safetensors or a run/checkpoint directory")
+    p.add_argument("--method", default="euler", help="euler | heun | midpoint | rf_solver | dopri5")
+    p.add_argument("--steps", type=int, default=1, help="solver steps (ignored by dopri5)")
+    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of dopri5")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--nrow", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--npz", default=None, help="also write the samples as uint8 NHWC .npz")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from slimflow.checkpoint import CheckpointError
+    from slimflow.config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"slimflow {args.command}: error: {err}")
+    except KeyboardInterrupt as err:
+        sys.exit(f"slimflow {args.command}: {err or 'interrupted'}")
+
+
+if __name__ == "__main__":
+    main()
