@@ -9,8 +9,8 @@ from .models import build_model, create_model, model_spec
 from .network import prune_network
 from .recovery import LossFn, classification_loss, evaluate_accuracy, fine_tune, image_batches
 from .serialization import load_masks, load_pruned, save_pruned
-from .structured import (IMPORTANCES, StepReport, StructuredPruner, find_output_layers, prune_structured,
-                         ratio_for_macs)
+from .structured import (IMPORTANCES, MatmulPruner, StepReport, StructuredPruner, find_output_layers,
+                         prune_structured, ratio_for_macs)
 from .taylor import accumulate_gradients
 from .unstructured import (WeightMasks, cycle_rate, iterative_pruning, prunable_weights, prune_cycle, rewind,
                            snapshot)
@@ -18,7 +18,7 @@ from .unstructured import (WeightMasks, cycle_rate, iterative_pruning, prunable_
 __all__ = [
     "DeadNeuronMonitor", "write_dnr", "count_macs_params", "measure_latency", "build_model", "create_model",
     "model_spec", "prune_network", "LossFn", "classification_loss", "evaluate_accuracy", "fine_tune",
-    "image_batches", "load_masks", "load_pruned", "save_pruned", "IMPORTANCES", "StepReport", "StructuredPruner",
-    "find_output_layers", "prune_structured", "ratio_for_macs", "accumulate_gradients", "WeightMasks",
-    "cycle_rate", "iterative_pruning", "prunable_weights", "prune_cycle", "rewind", "snapshot",
+    "image_batches", "load_masks", "load_pruned", "save_pruned", "IMPORTANCES", "MatmulPruner", "StepReport",
+    "StructuredPruner", "find_output_layers", "prune_structured", "ratio_for_macs", "accumulate_gradients",
+    "WeightMasks", "cycle_rate", "iterative_pruning", "prunable_weights", "prune_cycle", "rewind", "snapshot",
 ]

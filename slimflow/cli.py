@@ -41,6 +41,21 @@ def cmd_invert(args) -> None:
     print(json.dumps(result, indent=1))
 
 
+def cmd_prune_net(args) -> None:
+    from pruning import prune_network
+    from slimflow.data import load_images
+
+    report = prune_network(
+        model=args.model, out_dir=args.out, load_images=load_images, dataset=args.dataset, data_root=args.data_root,
+        image_size=args.image_size, num_classes=args.num_classes, checkpoint=args.checkpoint,
+        pretrained=args.pretrained or False, method=args.method, ratio=args.ratio, sparsity=args.sparsity,
+        steps=args.steps, global_pruning=args.global_pruning, round_to=args.round_to, ap_fraction=args.ap_fraction,
+        finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
+        max_train_images=args.max_train_images, max_eval_images=args.max_eval_images, seed=args.seed,
+    )
+    print(json.dumps(report, indent=1))
+
+
 def cmd_sample(args) -> None:
     import torch
 
@@ -89,6 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe-pickle", action="store_true")
     p.add_argument("--out", default="runs/invert")
     p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("prune-net", help="prune an existing network (timm:NAME, torchvision:NAME) and fine-tune it")
+    p.add_argument("--model", required=True, help="timm:<name> or torchvision:<name>")
+    p.add_argument("--checkpoint", default=None, help="your weights for that architecture (.safetensors or .pt)")
+    p.add_argument("--pretrained", default=None, help="path of locally available pretrained weights")
+    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist | cifar10 | image_folder")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--method", default="l2", help="structural: l1 l2 taylor lamp random; unstructured: magnitude ap")
+    p.add_argument("--ratio", type=float, default=0.5, help="structural: share of channels removed")
+    p.add_argument("--sparsity", type=float, default=0.9, help="unstructured: final share of zero weights")
+    p.add_argument("--steps", type=int, default=1, help="pruning steps (structural) or cycles (unstructured)")
+    p.add_argument("--global-pruning", action="store_true")
+    p.add_argument("--round-to", type=int, default=None)
+    p.add_argument("--ap-fraction", type=float, default=0.1)
+    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-train-images", type=int, default=None)
+    p.add_argument("--max-eval-images", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/prune-net")
+    p.set_defaults(func=cmd_prune_net)
 
     p = sub.add_parser("sample", help="write an image grid (and .npz) sampled from a model file")
     p.add_argument("--model", required=True, help="exported .safetensors or a run/checkpoint directory")

@@ -1,0 +1,98 @@
+"""Save / load pruned models without unpickling code.
+
+A pruned-model directory holds
+- `model.safetensors`: the pruned state dict;
+- `pruning.json`: the architecture spec of the *unpruned* network, the shapes/dtypes of the example inputs and
+  Torch-Pruning's pruning history (module name, out/in channels, removed indices per pruned group);
+- `masks.safetensors` (unstructured pruning only).
+Loading rebuilds the unpruned architecture, traces it on zero inputs, replays the history (channels are removed
+exactly as before) and loads the state dict strictly: the loaded model computes bit-identical outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .measure import as_args
+from .models import build_model
+from .structured import sync_attention_dims
+from .unstructured import WeightMasks
+
+FORMAT = "slimflow-pruned-model/1"
+
+
+def save_pruned(out_dir: str | Path, model: nn.Module, *, arch: Mapping, example_inputs: Any,
+                history: list | None = None, masks: WeightMasks | None = None, extra: Mapping | None = None) -> Path:
+    """Write model.safetensors + pruning.json (+ masks.safetensors) to `out_dir`; returns the directory.
+
+    arch: JSON-able spec that `build` (see load_pruned) turns into the unpruned network; history: the
+    StructuredPruner/prune_structured history (empty for unstructured pruning); extra: JSON-able provenance.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "arch": dict(arch),
+        "example_inputs": [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+                           for x in as_args(example_inputs)],
+        "history": history or [],
+        "masks": masks is not None,
+        "extra": dict(extra or {}),
+    }
+    tmp = out_dir / f".model.safetensors.tmp-{os.getpid()}"
+    save_model(model, str(tmp))
+    os.replace(tmp, out_dir / "model.safetensors")
+    if masks is not None:
+        masks.save(out_dir / "masks.safetensors")
+    tmp = out_dir / f".pruning.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out_dir / "pruning.json")
+    return out_dir
+
+
+def read_meta(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / "pruning.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a pruned-model directory written by save_pruned")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_pruned(out_dir: str | Path, build: Callable[[Mapping], nn.Module] = build_model, *,
+                custom_pruners: dict | None = None) -> nn.Module:
+    """Rebuild the unpruned network with `build(arch)`, replay the pruning history, load the weights (CPU).
+
+    custom_pruners: the same mapping the model was pruned with (see StructuredPruner).
+    """
+    out_dir = Path(out_dir)
+    meta = read_meta(out_dir)
+    model = build(meta["arch"])
+    if meta["history"]:
+        inputs = tuple(torch.zeros(x["shape"], dtype=getattr(torch, x["dtype"])) for x in meta["example_inputs"])
+        with torch.enable_grad():  # Torch-Pruning traces through autograd
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs,
+                                                          customized_pruners=custom_pruners)
+            graph.load_pruning_history(meta["history"])
+        sync_attention_dims(model)
+        model.train()  # tracing left it in eval()
+    try:
+        load_model(model, str(out_dir / "model.safetensors"), strict=True)
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"{out_dir / 'model.safetensors'} does not fit the architecture rebuilt from "
+                         f"{out_dir / 'pruning.json'}: {err}") from err
+    return model
+
+
+def load_masks(out_dir: str | Path) -> WeightMasks:
+    """The masks saved next to an unstructured-pruned model."""
+    return WeightMasks.load(Path(out_dir) / "masks.safetensors")

@@ -1,0 +1,345 @@
+"""Structural (channel) pruning on Torch-Pruning's `BasePruner`.
+
+Channels are removed for real, so params, MACs and latency drop. Output layers are found by tracing a forward
+pass and never pruned. timm-style attention (`.qkv` Linear + `.num_heads`) gets its head count passed in and its
+`head_dim` refreshed after every step.
+
+GroupNorm: channels are removed evenly from every group, so `num_channels % num_groups == 0` holds. The group
+count is taken per pruning group from the channels it covers in each GroupNorm, so a GroupNorm fed by a concat
+(UNet skip connections) splits its groups between the concatenated producers (Torch-Pruning 1.6 would use the
+GroupNorm's whole group count and fail). The per-group count rounds up: layers coupled to a GroupNorm lose at
+least one channel per group (ratio 0.1 on GroupNorm(32, 128) removes 32, ratio 0.3 on 4 channels per group
+removes 2 of them).
+
+Each step replaces the Parameter objects of pruned layers: anything holding parameters (optimizer, scheduler,
+EMA copy) must be rebuilt after `StructuredPruner.step()` / in the `after_step` callback of `prune_structured`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .measure import as_args, count_macs_params
+
+IMPORTANCES = ("l1", "l2", "taylor", "lamp", "random")
+
+
+def make_importance(name: str) -> tp.importance.Importance:
+    """Torch-Pruning importance for a name in IMPORTANCES."""
+    if name == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if name == "lamp":
+        return tp.importance.LAMPImportance(p=2)
+    if name == "random":
+        return tp.importance.RandomImportance()
+    raise ValueError(f"unknown importance {name!r}: choose one of {', '.join(IMPORTANCES)}")
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(f"cannot find the output layers of a model returning {type(output).__name__}; "
+                     f"pass them explicitly as output_layers")
+
+
+@torch.no_grad()
+def find_output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
+    """The layer producing the model's output, found by tracing one eval-mode forward pass.
+
+    Classifier head: the last Linear whose out_features equals the output's last dimension (number of classes).
+    Output conv: the last convolution whose out_channels equals the output's channel dimension (dim 1).
+    """
+    calls: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda mod, _i, _o: calls.append(mod))
+               for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    was_training = model.training
+    model.eval()
+    try:
+        out = _first_tensor(model(*as_args(example_inputs)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    for module in reversed(calls):
+        if isinstance(module, nn.Linear) and module.out_features == out.shape[-1]:
+            return [module]
+        if isinstance(module, nn.modules.conv._ConvNd) and out.ndim >= 3 and module.out_channels == out.shape[1]:
+            return [module]
+    raise ValueError(f"no Linear/Conv layer produces the model's output of shape {tuple(out.shape)}; "
+                     f"pass the output layers explicitly as output_layers")
+
+
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """{qkv Linear: number of heads} for timm-style attention modules (a `.qkv` Linear and an int `.num_heads`)."""
+    return {m.qkv: m.num_heads for m in model.modules()
+            if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)}
+
+
+def sync_attention_dims(model: nn.Module) -> None:
+    """Refresh `head_dim` (and `attn_dim`) of timm-style attention after its qkv projection lost channels.
+
+    Heads keep their number and lose dimensions; `scale` is left as it was (as in Torch-Pruning's examples).
+    """
+    for m in model.modules():
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "head_dim", None), int):
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            if isinstance(getattr(m, "attn_dim", None), int):
+                m.attn_dim = m.num_heads * m.head_dim
+
+
+def _missing_gradients(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.requires_grad and m.weight.grad is None]
+
+
+class _GroupNormAwarePruner(tp.pruner.BasePruner):
+    """BasePruner whose channel-group count for a GroupNorm is counted in the root layer's channels."""
+
+    def __init__(self, *args, **kwargs):
+        self.concat_fed_groupnorm = False  # set while the base class counts channel groups
+        super().__init__(*args, **kwargs)
+
+    def _get_channel_groups(self, group) -> int:
+        root_channels = len(group[0].idxs)
+        counts = []
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.GroupNorm):
+                per_group = module.num_channels // module.num_groups
+                roots = item.root_idxs if item.root_idxs is not None else item.idxs
+                if root_channels % per_group or any((i - r) % per_group for i, r in zip(item.idxs, roots)):
+                    raise ValueError(
+                        f"GroupNorm {self.DG._module2name[module]} ({module.num_groups} groups of {per_group}) "
+                        f"receives channels of {self.DG._module2name[group[0].dep.target.module]} that straddle "
+                        f"its groups, so they cannot be pruned evenly: put that layer in ignored_layers")
+                counts.append(root_channels // per_group)
+                self.concat_fed_groupnorm |= len(set(item.idxs)) < module.num_channels
+            else:
+                is_out = self.DG.is_out_channel_pruning_fn(item.dep.handler)
+                groups = self.out_channel_groups if is_out else self.in_channel_groups
+                if module in groups:
+                    counts.append(groups[module])
+        return math.lcm(*counts) if counts else 1
+
+
+def _check_groupnorms(model: nn.Module) -> None:
+    broken = [f"{name} ({m.num_channels} channels, {m.num_groups} groups)" for name, m in model.named_modules()
+              if isinstance(m, nn.GroupNorm) and m.num_channels % m.num_groups]
+    if broken:
+        raise RuntimeError(f"pruning left GroupNorm layers invalid: {', '.join(broken)}; a concat fed them channels "
+                           f"pruned at different rates (an ignored producer?). Prune locally or ignore the concat's "
+                           f"producers together")
+
+
+class MatmulPruner(tp.pruner.BasePruningFunc):
+    """Torch-Pruning pruner for layers computing `x @ W + b` with W stored (in, out), e.g. the NIN layers of
+    DDPM++ attention. Pass it as `custom_pruners={LayerClass: MatmulPruner("W", "b")}`."""
+
+    def __init__(self, weight: str = "W", bias: str | None = "b"):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def _keep(self, size: int, idxs) -> list[int]:
+        return sorted(set(range(size)) - set(idxs))
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        keep = self._keep(self.get_out_channels(layer), idxs)
+        setattr(layer, self.weight, self._prune_parameter_and_grad(getattr(layer, self.weight), keep, 1))
+        if self.bias is not None:
+            setattr(layer, self.bias, self._prune_parameter_and_grad(getattr(layer, self.bias), keep, 0))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        keep = self._keep(self.get_in_channels(layer), idxs)
+        setattr(layer, self.weight, self._prune_parameter_and_grad(getattr(layer, self.weight), keep, 0))
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return getattr(layer, self.weight).shape[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return getattr(layer, self.weight).shape[0]
+
+
+@dataclass
+class StepReport:
+    step: int
+    ratio: float
+    macs: int
+    params: int
+
+
+class StructuredPruner:
+    """Iterative channel pruning: `ratio` is the channel ratio vs the original width reached after `steps` steps.
+
+    importance: one of IMPORTANCES ("taylor" reads `.grad`: run a backward first, e.g. `accumulate_gradients`).
+    global_pruning ranks channels across layers; round_to keeps channel counts multiples of it;
+    ignored_layers are kept whole in addition to the traced output layers (or instead, if output_layers is given);
+    custom_pruners ({layer class or instance: tp BasePruningFunc}, e.g. MatmulPruner) handle layers Torch-Pruning
+    does not know; pass the same to `load_pruned`. Layers it only knows this way are pruned along with their
+    neighbours but not scored (importances score Conv/Linear/norm weights).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        *,
+        importance: str = "l2",
+        ratio: float = 0.5,
+        steps: int = 1,
+        global_pruning: bool = False,
+        round_to: int | None = None,
+        ignored_layers: Sequence[nn.Module] = (),
+        output_layers: Sequence[nn.Module] | None = None,
+        custom_pruners: dict | None = None,
+    ):
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio is the share of channels to remove and must be in [0, 1), got {ratio}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if round_to is not None and round_to < 1:
+            raise ValueError(f"round_to must be a positive channel multiple, got {round_to}")
+        if round_to is not None and any(isinstance(m, nn.GroupNorm) for m in model.modules()):
+            raise ValueError("round_to cannot be combined with GroupNorm: Torch-Pruning 1.6 then prunes nothing. "
+                             "GroupNorm channels already stay a multiple of the group count; leave round_to unset")
+        self.model = model
+        self.example_inputs = as_args(example_inputs)
+        self.importance = importance
+        self.steps = steps
+        self.output_layers = (list(output_layers) if output_layers is not None
+                              else find_output_layers(model, example_inputs))
+        was_training = model.training
+        self.pruner = _GroupNormAwarePruner(
+            model,
+            self.example_inputs,
+            importance=make_importance(importance),
+            pruning_ratio=ratio,
+            iterative_steps=steps,
+            global_pruning=global_pruning,
+            round_to=round_to,
+            ignored_layers=[*self.output_layers, *ignored_layers],
+            num_heads=attention_heads(model),
+            customized_pruners=custom_pruners,
+        )
+        model.train(was_training)  # tracing leaves the model in eval()
+        if global_pruning and self.pruner.concat_fed_groupnorm:
+            raise ValueError("global pruning would remove different shares of a concat's inputs and break the "
+                             "GroupNorm after it; use local pruning (global_pruning=False) for this model")
+
+    @property
+    def current_step(self) -> int:
+        return self.pruner.current_step
+
+    def history(self) -> list[list]:
+        """Torch-Pruning's pruning history: [module name, is out-channel pruning, indices] per pruned group."""
+        return [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in self.pruner.pruning_history()]
+
+    def step(self) -> StepReport:
+        """Prune one step; the pruned layers hold new Parameter objects afterwards (rebuild optimizers)."""
+        if self.current_step >= self.steps:
+            raise RuntimeError(f"all {self.steps} pruning steps are done")
+        if self.importance == "taylor":
+            missing = _missing_gradients(self.model)
+            if missing:
+                raise ValueError(
+                    "taylor importance needs gradients, but .grad is empty for "
+                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: run loss.backward() on a "
+                    "training loss before each step, e.g. pruning.accumulate_gradients(model, loss_fn, batches), "
+                    "or pass compute_gradients to prune_structured")
+        was_training = self.model.training
+        self.pruner.step()
+        _check_groupnorms(self.model)
+        sync_attention_dims(self.model)
+        self.model.train(was_training)
+        macs, params = count_macs_params(self.model, self.example_inputs)
+        ratio = float(self.pruner.per_step_pruning_ratio[self.current_step])
+        return StepReport(step=self.current_step, ratio=ratio, macs=macs, params=params)
+
+
+def prune_structured(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    importance: str = "l2",
+    ratio: float = 0.5,
+    steps: int = 1,
+    global_pruning: bool = False,
+    round_to: int | None = None,
+    ignored_layers: Sequence[nn.Module] = (),
+    output_layers: Sequence[nn.Module] | None = None,
+    custom_pruners: dict | None = None,
+    compute_gradients: Callable[[nn.Module], Any] | None = None,
+    after_step: Callable[[nn.Module, StepReport], None] | None = None,
+) -> dict:
+    """Prune `model` in place over `steps` steps; returns a JSON-able report with MACs/params and the history.
+
+    compute_gradients(model) runs before every step (fill .grad for "taylor", e.g. with accumulate_gradients);
+    after_step(model, report) runs after every step: fine-tune there, with an optimizer built inside it.
+    """
+    if importance == "taylor" and compute_gradients is None and steps > 1:
+        raise ValueError("iterative taylor pruning needs fresh gradients before every step: pass compute_gradients")
+    macs, params = count_macs_params(model, example_inputs)
+    pruner = StructuredPruner(model, example_inputs, importance=importance, ratio=ratio, steps=steps,
+                              global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored_layers,
+                              output_layers=output_layers, custom_pruners=custom_pruners)
+    reports = []
+    for _ in range(steps):
+        if compute_gradients is not None:
+            compute_gradients(model)
+        reports.append(pruner.step())
+        model.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(model, reports[-1])
+    return {
+        "importance": importance, "ratio": ratio, "steps": steps, "global_pruning": global_pruning,
+        "round_to": round_to, "macs_before": macs, "params_before": params,
+        "macs_after": reports[-1].macs, "params_after": reports[-1].params,
+        "per_step": [asdict(r) for r in reports], "history": pruner.history(),
+    }
+
+
+def ratio_for_macs(model: nn.Module, example_inputs: Any, macs_fraction: float, *, iterations: int = 8,
+                   **prune_kwargs) -> float:
+    """Smallest channel ratio whose one-step pruning keeps at most `macs_fraction` of the MACs (bisection on copies).
+
+    prune_kwargs go to StructuredPruner (importance, global_pruning, round_to, ...); the model is not changed.
+    """
+    if not 0.0 < macs_fraction <= 1.0:
+        raise ValueError(f"macs_fraction must be in (0, 1], got {macs_fraction}")
+    base, _ = count_macs_params(model, example_inputs)
+
+    def fraction(ratio: float) -> float:
+        trial = copy.deepcopy(model)
+        StructuredPruner(trial, example_inputs, ratio=ratio, **prune_kwargs).step()
+        return count_macs_params(trial, example_inputs)[0] / base
+
+    # scan upwards first: near ratio 1 (earlier with round_to) Torch-Pruning refuses to empty a layer and the
+    # MACs jump back up, so the fraction is monotone only below the first ratio that reaches the target
+    lo = 0.0
+    for hi in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        if fraction(hi) <= macs_fraction:
+            break
+        lo = hi
+    else:
+        raise ValueError(f"no ratio up to 0.9 keeps at most {macs_fraction:.0%} of the MACs")
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if fraction(mid) <= macs_fraction:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -1,0 +1,207 @@
+"""Unstructured (weight-level) pruning with masks: iterative magnitude pruning and AP (SPEC §6.3).
+
+Each cycle removes `rate` of the surviving Conv/Linear weights: a share `ap_fraction` of them by the AP rule
+(among surviving *negative* weights, those whose change |w_end − w_start| over the last training phase was
+smallest), the rest by magnitude (smallest |w|), ranked over all layers ("global") or within each ("layer").
+Between cycles the caller trains (fine-tunes, or rewinds first with `rewind`) with the masks enforced.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+SCOPES = ("global", "layer")
+
+
+def prunable_weights(model: nn.Module, ignored_layers: Sequence[nn.Module] = ()) -> dict[str, nn.Parameter]:
+    """{"<module>.weight": weight} of every Conv/Linear layer not in ignored_layers, in module order."""
+    ignored = {id(m) for layer in ignored_layers for m in layer.modules()}
+    return {f"{name}.weight": m.weight for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and id(m) not in ignored}
+
+
+class WeightMasks:
+    """Binary masks {weight name: bool tensor} that keep pruned weights exactly zero through training."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = {name: mask.bool() for name, mask in masks.items()}
+
+    @classmethod
+    def dense(cls, model: nn.Module, ignored_layers: Sequence[nn.Module] = ()) -> "WeightMasks":
+        """All-ones masks over the prunable weights of `model`."""
+        weights = prunable_weights(model, ignored_layers)
+        return cls({name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()})
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(model.named_parameters())
+        missing = [name for name in self.masks if name not in params]
+        if missing:
+            raise ValueError(f"masks name weights the model does not have: {', '.join(missing[:5])}")
+        for name, mask in self.masks.items():
+            if params[name].shape != mask.shape:
+                raise ValueError(f"mask {name} has shape {tuple(mask.shape)}, weight has {tuple(params[name].shape)}")
+        return {name: params[name] for name in self.masks}
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero the masked weights in place."""
+        for name, param in self._params(model).items():
+            param.mul_(self.masks[name].to(param.device))
+
+    def enforce(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list:
+        """Mask gradients, and re-zero masked weights after every `optimizer.step()` (momentum, Adam moments and
+        weight decay would otherwise move them). Returns handles; call `.remove()` on each when done."""
+        self.apply(model)
+        handles = []
+        for name, param in self._params(model).items():
+            mask = self.masks[name].to(param.device)
+            handles.append(param.register_hook(lambda grad, mask=mask: grad * mask))
+        if optimizer is not None:
+            handles.append(optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.apply(model)))
+        return handles
+
+    @contextmanager
+    def enforced(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """Context manager form of `enforce`."""
+        handles = self.enforce(model, optimizer)
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def alive(self) -> int:
+        return sum(int(m.sum()) for m in self.masks.values())
+
+    def total(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def sparsity(self) -> float:
+        """Share of masked-out weights over all masked layers."""
+        return 1.0 - self.alive() / self.total()
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {name: 1.0 - m.float().mean().item() for name, m in self.masks.items()}
+
+    def save(self, path: str | Path) -> None:
+        save_file({name: m.to(torch.uint8).cpu().contiguous() for name, m in self.masks.items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WeightMasks":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"mask file {str(path)!r} does not exist")
+        return cls({name: t.bool() for name, t in load_file(str(path)).items()})
+
+
+def _scopes(names: list[str], scope: str) -> list[list[str]]:
+    """The sets of weights ranked together: all of them ("global") or each layer alone ("layer")."""
+    if scope == "global":
+        return [names]
+    if scope == "layer":
+        return [[name] for name in names]
+    raise ValueError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+
+
+def _lowest(scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Masks of the `count` lowest-scoring eligible entries over all given layers; ties broken by position, so
+    exactly `count` are chosen."""
+    names = list(scores)
+    flat = torch.cat([scores[n].flatten().cpu() for n in names])
+    candidates = torch.cat([eligible[n].flatten().cpu() for n in names]).nonzero().squeeze(1)
+    if count > len(candidates):
+        raise ValueError(f"asked to remove {count} weights but only {len(candidates)} are eligible")
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[candidates[torch.argsort(flat[candidates], stable=True)[:count]]] = True
+    out, start = {}, 0
+    for n in names:
+        out[n] = chosen[start:start + scores[n].numel()].view_as(scores[n]).to(scores[n].device)
+        start += scores[n].numel()
+    return out
+
+
+@torch.no_grad()
+def prune_cycle(model: nn.Module, masks: WeightMasks, *, rate: float, ap_fraction: float = 0.0,
+                start_weights: dict[str, torch.Tensor] | None = None, scope: str = "global") -> WeightMasks:
+    """Remove `rate` of the surviving weights (ap_fraction of them by AP, the rest by magnitude); returns the new
+    masks, already applied to the model.
+
+    start_weights: the weights at the start of the last training phase (`snapshot(model)` taken then); needed
+    when ap_fraction > 0.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate is the share of surviving weights to remove and must be in [0, 1), got {rate}")
+    if not 0.0 <= ap_fraction <= 1.0:
+        raise ValueError(f"ap_fraction is the AP share of each cycle's removals; it must be in [0, 1], "
+                         f"got {ap_fraction}")
+    if ap_fraction > 0 and start_weights is None:
+        raise ValueError("AP needs start_weights: snapshot(model) taken at the start of the last training phase")
+    weights = {n: p.detach() for n, p in masks._params(model).items()}
+    alive = {n: m.to(weights[n].device) for n, m in masks.masks.items()}
+    for names in _scopes(list(alive), scope):
+        total = round(rate * sum(int(alive[n].sum()) for n in names))
+        n_ap = round(ap_fraction * total)
+        removed = _lowest({n: weights[n].abs() for n in names}, alive, total - n_ap)
+        alive.update({n: alive[n] & ~removed[n] for n in names})
+        if n_ap:
+            change = {n: (weights[n] - start_weights[n].to(weights[n].device)).abs() for n in names}
+            removed = _lowest(change, {n: alive[n] & (weights[n] < 0) for n in names}, n_ap)
+            alive.update({n: alive[n] & ~removed[n] for n in names})
+    new_masks = WeightMasks(alive)
+    new_masks.apply(model)
+    return new_masks
+
+
+def cycle_rate(sparsity_now: float, sparsity_target: float) -> float:
+    """Share of the surviving weights to remove to go from one overall sparsity to a higher one."""
+    if not 0.0 <= sparsity_now <= sparsity_target < 1.0:
+        raise ValueError(f"need 0 <= current {sparsity_now} <= target {sparsity_target} < 1")
+    return 1.0 - (1.0 - sparsity_target) / (1.0 - sparsity_now)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state dict (start weights for AP, or a rewinding point)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def rewind(model: nn.Module, state: dict[str, torch.Tensor], masks: WeightMasks) -> None:
+    """Load `state` (initial or early weights) and re-apply the masks (lottery-ticket rewinding)."""
+    model.load_state_dict(state)
+    masks.apply(model)
+
+
+def iterative_pruning(
+    model: nn.Module,
+    targets: Sequence[float],
+    train: Callable[[nn.Module, WeightMasks], None],
+    *,
+    start_weights: dict[str, torch.Tensor],
+    ap_fraction: float = 0.0,
+    scope: str = "global",
+    masks: WeightMasks | None = None,
+    rewind_to: dict[str, torch.Tensor] | None = None,
+    after_cycle: Callable[[nn.Module, WeightMasks, float], None] | None = None,
+) -> WeightMasks:
+    """Prune a trained model through increasing overall sparsities `targets`, training after every cut.
+
+    `start_weights` are the weights the model had when its last training began (the AP reference point).
+    Each cycle: prune to the target (AP share `ap_fraction`), optionally rewind to `rewind_to`, snapshot the
+    start weights, `train(model, masks)` (which must enforce the masks, e.g. `fine_tune(..., masks=masks)`), then
+    `after_cycle(model, masks, target)` (evaluation, logging). Returns the final masks.
+    """
+    masks = masks if masks is not None else WeightMasks.dense(model)
+    for target in targets:
+        masks = prune_cycle(model, masks, rate=cycle_rate(masks.sparsity(), target), ap_fraction=ap_fraction,
+                            start_weights=start_weights, scope=scope)
+        if rewind_to is not None:
+            rewind(model, rewind_to, masks)
+        start_weights = snapshot(model)
+        train(model, masks)
+        if after_cycle is not None:
+            after_cycle(model, masks, target)
+    return masks

@@ -1,0 +1,243 @@
+"""Structural pruning on Torch-Pruning: counts by hand, bit-identity, output layers, GroupNorm, attention, save/load."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from pruning import (MatmulPruner, StructuredPruner, accumulate_gradients, count_macs_params, find_output_layers,
+                     load_pruned, measure_latency, prune_structured, ratio_for_macs, save_pruned)
+
+
+def tiny_classifier(c1: int = 8, c2: int = 8) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, 10))
+
+
+def hand_count(c1: int, c2: int, hw: int = 64) -> tuple[int, int]:
+    """(MACs, params) of tiny_classifier on one 8×8 image, as Torch-Pruning's counter defines them:
+    conv k²·Cin·Cout·HW + bias Cout·HW, ReLU and pooling one op per input element, linear in·out + out."""
+    params = (9 * c1 + c1) + (9 * c1 * c2 + c2) + (10 * c2 + 10)
+    macs = (9 * c1 * hw + c1 * hw) + c1 * hw + (9 * c1 * c2 * hw + c2 * hw) + c2 * hw + c2 * hw + (10 * c2 + 10)
+    return macs, params
+
+
+class GNNet(nn.Module):
+    """A UNet-like block stack with GroupNorm, SiLU, a residual and an output conv; called as model(x, t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(3, 32, 3, padding=1)
+        self.temb = nn.Linear(1, 32)
+        self.norm1 = nn.GroupNorm(8, 32)
+        self.conv1 = nn.Conv2d(32, 32, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, 32)
+        self.out = nn.Conv2d(32, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.temb(t[:, None])[:, :, None, None]
+        h = h + self.conv1(nn.functional.silu(self.norm1(h)))
+        return self.out(nn.functional.silu(self.norm2(h)))
+
+
+class NIN(nn.Module):
+    """x @ W + b on channels-last tokens, W stored (in, out), as in DDPM++ attention."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(ch, ch) / ch**0.5)
+        self.b = nn.Parameter(torch.zeros(ch))
+
+    def forward(self, tokens):
+        return tokens @ self.W + self.b
+
+
+class SkipAttnNet(nn.Module):
+    """UNet pattern: a skip concatenated into a GroupNorm, GroupNorm-ed single-head attention made of NIN layers."""
+
+    def __init__(self, skip: int = 16):
+        super().__init__()
+        self.inp = nn.Conv2d(3, skip, 3, padding=1)
+        self.down = nn.Conv2d(skip, 16, 3, padding=1)
+        self.attn_norm = nn.GroupNorm(4, 16)
+        self.q, self.k, self.v, self.o = NIN(16), NIN(16), NIN(16), NIN(16)
+        self.up_norm = nn.GroupNorm(8, 16 + skip)
+        self.up = nn.Conv2d(16 + skip, 16, 3, padding=1)
+        self.out_norm = nn.GroupNorm(4, 16)
+        self.out = nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        skip = self.inp(x)
+        h = self.down(skip)
+        b, c, hh, ww = h.shape
+        tokens = self.attn_norm(h).flatten(2).transpose(1, 2)
+        attended = nn.functional.scaled_dot_product_attention(self.q(tokens), self.k(tokens), self.v(tokens))
+        h = h + self.o(attended).transpose(1, 2).reshape(b, c, hh, ww)
+        h = self.up(nn.functional.silu(self.up_norm(torch.cat([h, skip], dim=1))))
+        return self.out(nn.functional.silu(self.out_norm(h)))
+
+
+def test_ratio_zero_changes_nothing():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 64, 10))
+    model.train()
+    x = torch.randn(4, 1, 8, 8)
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        expected = model.eval()(x)
+    model.train()
+    report = prune_structured(model, x[:1], ratio=0.0)
+    assert model.training, "tracing left the model in eval mode"
+    assert report["history"] == []
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "running stats or weights changed"
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), expected)
+
+
+def test_params_and_macs_drop_by_the_hand_counted_amount():
+    model = tiny_classifier()
+    x = torch.randn(1, 1, 8, 8)
+    assert count_macs_params(model, x) == hand_count(8, 8)
+    report = prune_structured(model, x, importance="l2", ratio=0.5)
+    assert (model[0].out_channels, model[2].in_channels, model[2].out_channels, model[6].in_features) == (4, 4, 4, 4)
+    assert (report["macs_before"], report["params_before"]) == hand_count(8, 8)
+    assert (report["macs_after"], report["params_after"]) == hand_count(4, 4)
+    assert count_macs_params(model, x) == hand_count(4, 4)
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_kept_channels_are_the_largest_l1_norm_ones():
+    model = nn.Sequential(nn.Conv2d(1, 6, 1), nn.ReLU(), nn.Conv2d(6, 2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([5.0, 0.1, 4.0, 0.2, 3.0, 0.3]).view(6, 1, 1, 1))
+        model[0].bias.zero_()
+        model[2].weight.fill_(1.0)
+    prune_structured(model, torch.randn(1, 1, 4, 4), importance="l1", ratio=0.5)
+    assert model[0].weight.flatten().tolist() == [5.0, 4.0, 3.0]
+
+
+def test_output_layers_are_found_by_tracing_and_kept():
+    model = tiny_classifier()
+    x = torch.randn(1, 1, 8, 8)
+    assert find_output_layers(model, x) == [model[6]]
+    head_bias = model[6].bias.detach().clone()
+    prune_structured(model, x, ratio=0.5, global_pruning=True)
+    assert model[6].out_features == 10 and torch.equal(model[6].bias, head_bias)
+
+    unet = GNNet()
+    example = (torch.randn(1, 3, 8, 8), torch.rand(1))
+    assert find_output_layers(unet, example) == [unet.out]
+    prune_structured(unet, example, ratio=0.25)
+    assert unet.out.out_channels == 3
+
+
+def test_groupnorm_stays_valid_and_round_to_is_refused():
+    model = GNNet()
+    example = (torch.randn(2, 3, 8, 8), torch.rand(2))
+    report = prune_structured(model, example, ratio=0.25)
+    for norm in (model.norm1, model.norm2):
+        assert norm.num_channels < 32 and norm.num_channels % norm.num_groups == 0
+        assert norm.weight.shape == (norm.num_channels,)
+    assert model(*example).shape == (2, 3, 8, 8)
+    assert report["macs_after"] < report["macs_before"]
+    with pytest.raises(ValueError, match="GroupNorm"):
+        StructuredPruner(GNNet(), example, ratio=0.25, round_to=8)
+
+
+def test_concat_fed_groupnorm_and_matmul_attention(tmp_path):
+    model = SkipAttnNet()
+    x = torch.randn(2, 3, 8, 8)
+    custom = {NIN: MatmulPruner("W", "b")}
+    with pytest.raises(ValueError, match="local pruning"):
+        StructuredPruner(SkipAttnNet(), x, ratio=0.25, global_pruning=True, custom_pruners=custom)
+    report = prune_structured(model, x, ratio=0.25, steps=2, custom_pruners=custom)
+    assert (model.inp.out_channels, model.down.out_channels, model.up.out_channels) == (12, 12, 12)
+    assert model.up_norm.num_channels == 24 and model.up_norm.num_groups == 8  # 3 + 3 channels per group pair
+    assert model.q.W.shape == (12, 16) and model.o.W.shape == (16, 12), "attention inputs/outputs follow h"
+    with torch.no_grad():
+        out = model(x)
+    save_pruned(tmp_path, model, arch={}, example_inputs=x, history=report["history"])
+    loaded = load_pruned(tmp_path, build=lambda arch: SkipAttnNet(), custom_pruners=custom)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    with pytest.raises(ValueError, match="straddle"):  # 16 + 8 channels into GroupNorm(8, 24): groups of 3
+        StructuredPruner(SkipAttnNet(skip=8), x, ratio=0.25, custom_pruners=custom)
+
+
+def test_round_to_keeps_channel_multiples():
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    prune_structured(model, torch.randn(1, 1, 8, 8), ratio=0.3, round_to=8)
+    assert model[0].out_channels % 8 == 0 and model[2].out_channels % 8 == 0 and model[0].out_channels < 32
+
+
+def test_taylor_without_gradients_is_a_clear_error():
+    model = tiny_classifier()
+    with pytest.raises(ValueError, match="backward"):
+        prune_structured(model, torch.randn(1, 1, 8, 8), importance="taylor", ratio=0.5)
+
+
+def test_taylor_with_accumulated_gradients_prunes():
+    model = tiny_classifier()
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
+    loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    calls = []
+
+    def gradients(m):
+        calls.append(accumulate_gradients(m, loss, batches, stop_ratio=None))
+
+    report = prune_structured(model, torch.randn(1, 1, 8, 8), importance="taylor", ratio=0.5, steps=2,
+                              compute_gradients=gradients)
+    assert len(calls) == 2 and report["params_after"] == hand_count(4, 4)[1]
+
+
+def test_iterative_steps_call_back_with_new_parameters():
+    model = tiny_classifier()
+    old_weight = model[0].weight
+    seen = []
+
+    def after_step(m, step_report):
+        seen.append((step_report.step, m[0].out_channels, m[0].weight is old_weight))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)  # built after the step, as required
+        m(torch.randn(2, 1, 8, 8)).sum().backward()
+        opt.step()
+
+    report = prune_structured(model, torch.randn(1, 1, 8, 8), ratio=0.5, steps=2, after_step=after_step)
+    assert seen == [(1, 6, False), (2, 4, False)], "pruned layers must hold new Parameter objects"
+    assert [r["ratio"] for r in report["per_step"]] == [0.25, 0.5]
+
+
+def test_save_load_replays_history_bit_identically(tmp_path):
+    model = GNNet()
+    example = (torch.randn(1, 3, 8, 8), torch.rand(1))
+    report = prune_structured(model, example, ratio=0.25, steps=2)
+    save_pruned(tmp_path, model, arch={"kind": "gnnet"}, example_inputs=example, history=report["history"])
+    loaded = load_pruned(tmp_path, build=lambda arch: GNNet())
+    x, t = torch.randn(4, 3, 8, 8), torch.rand(4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), model(x, t))
+    assert not (tmp_path / "masks.safetensors").exists()
+
+
+def test_timm_attention_heads_are_respected():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
+                              num_classes=10, in_chans=1)
+    x = torch.randn(1, 1, 16, 16)
+    with pytest.warns(UserWarning):  # Torch-Pruning reports the unwrapped pos_embed / cls_token it prunes
+        prune_structured(model, x, ratio=0.25)
+    attn = model.blocks[0].attn
+    assert attn.num_heads == 3 and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
+    assert attn.head_dim < 64 and model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_ratio_for_macs_and_latency():
+    model = tiny_classifier(16, 16)
+    x = torch.randn(1, 1, 8, 8)
+    ratio = ratio_for_macs(model, x, 0.5, iterations=6)
+    trial = copy.deepcopy(model)
+    prune_structured(trial, x, ratio=ratio)
+    assert count_macs_params(trial, x)[0] <= 0.5 * count_macs_params(model, x)[0]
+    assert count_macs_params(model, x) == hand_count(16, 16), "the model itself is left unpruned"
+    assert measure_latency(model, torch.randn(2, 1, 8, 8), warmup=1, repeats=3) > 0
