@@ -26,6 +26,35 @@ def cmd_teacher_train(args) -> None:
     print(json.dumps(train_teacher(_config(args, DEFAULTS), command=_command()), indent=1))
 
 
+def _stage(module: str, function: str, defaults: str = "DEFAULTS"):
+    """A sub-command that loads a config against `module.defaults` and prints what `module.function` returns."""
+    def run(args) -> None:
+        import importlib
+        import inspect
+
+        mod = importlib.import_module(module)
+        fn = getattr(mod, function)
+        extra = {"command": _command()} if "command" in inspect.signature(fn).parameters else {}
+        result = fn(_config(args, getattr(mod, defaults)), **extra)
+        print(json.dumps(result, indent=1, default=str))
+
+    return run
+
+
+def cmd_domain_net_train(args) -> None:
+    from slimflow.domain_net import train_domain_net
+
+    print(json.dumps(train_domain_net(args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                      seed=args.seed, data_root=args.data_root, widths=tuple(args.widths),
+                                      depths=tuple(args.depths)), indent=1, default=str))
+
+
+def cmd_export(args) -> None:
+    from slimflow.export import export_model
+
+    print(json.dumps(export_model(args.model, args.out, tuple(args.formats)), indent=1, default=str))
+
+
 def cmd_teacher_info(args) -> None:
     from teachers.inspect import describe_checkpoint, format_summary
 
@@ -85,6 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = sub.add_parser("teacher", help="train or inspect a teacher").add_subparsers(dest="action", required=True)
     _with_config(teacher.add_parser("train", help="train a 1-rectified-flow teacher"),
                  "configs/teacher/fmnist.yaml").set_defaults(func=cmd_teacher_train)
+
+    pairs = sub.add_parser("pairs", help="reflow pairs from a teacher").add_subparsers(dest="action", required=True)
+    _with_config(pairs.add_parser("generate", help="solve the teacher ODE for (noise seed, image) pairs"),
+                 "configs/pairs/fmnist.yaml").set_defaults(
+        func=_stage("slimflow.pipeline", "generate_pairs_from_config", "PAIRS_DEFAULTS"))
+    _with_config(sub.add_parser("anneal", help="annealing reflow: a small student from scratch on the pairs"),
+                 "configs/anneal/fmnist.yaml").set_defaults(func=_stage("slimflow.anneal", "anneal"))
+    _with_config(sub.add_parser("distill", help="flow-guided distillation into a one-step student"),
+                 "configs/distill/fmnist.yaml").set_defaults(func=_stage("slimflow.distill", "distill"))
+    _with_config(sub.add_parser("run", help="pairs -> anneal -> distill from one config"),
+                 "configs/quickstart.yaml").set_defaults(func=_stage("slimflow.pipeline", "run_pipeline"))
+    _with_config(sub.add_parser("bench", help="FID/KID/precision-recall vs params, MACs, NFE, latency"),
+                 "configs/bench/fmnist-cpu.yaml").set_defaults(func=_stage("slimflow.bench", "bench"))
+    domain = sub.add_parser("domain-net", help="the Fashion-MNIST feature network").add_subparsers(
+        dest="action", required=True)
+    p = domain.add_parser("train", help="train the classifier behind FID (domain) and the domain perceptual loss")
+    p.add_argument("--out", default="slimflow/assets/domain_net_fmnist.safetensors")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 2, 1])
+    p.set_defaults(func=cmd_domain_net_train)
+
+    p = sub.add_parser("export", help="export a one-step student to ONNX / torch.export and check parity")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", default="runs/export")
+    p.add_argument("--formats", nargs="+", default=["onnx", "torch_export"])
+    p.set_defaults(func=cmd_export)
 
     p = teacher.add_parser("info", help="say what a checkpoint is (format, architecture, params, time convention)")
     p.add_argument("path")
