@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError) as err:
         sys.exit(f"slimflow {args.command}: error: {err}")
     except KeyboardInterrupt as err:
         sys.exit(f"slimflow {args.command}: {err or 'interrupted'}")

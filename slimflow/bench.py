@@ -1,0 +1,318 @@
+"""Benchmark: sample quality (FID/KID/precision-recall per extractor) against size, MACs, NFE and latency.
+
+`bench(cfg)` evaluates each entry (a model file sampled with one solver setting) and writes to `cfg.out`:
+- `entries/<name>.json`: one entry's result with a fingerprint of everything it depends on (entry, model file
+  hash, feature extractors including the domain net's weights hash, reference, metric and cost settings,
+  device, torch version); a re-run skips entries whose fingerprint still matches, so an interrupted benchmark
+  resumes where it stopped, and recomputes the others.
+- `bench.csv`, `bench.md` (the table; metric columns are named by extractor, e.g. "FID (domain)"),
+- `fid_vs_params.png`, `fid_vs_latency.png` (log-x, labelled points, Pareto front highlighted; y is the FID
+  of the first extractor listed, x the latency at the smallest batch size),
+- `samples/<name>.png` (a grid of the entry's first samples) and TensorBoard under `tb/` (scalars, the figures
+  and the table; rewritten on each run),
+- `bench.json`: the rows, the config, the date and the machine.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
+
+from slimflow.checkpoint import atomic_write_text, read_model_file, sha256_file
+from slimflow.cost import measure_cost
+from slimflow.data import to_float
+from slimflow.engine import resolve_device
+from slimflow.images import save_grid
+from slimflow.metrics import (compute_metrics, metric_label, metric_labels, reference_images, resolve_extractor,
+                              sample_model)
+from slimflow.solvers import METHODS
+from teachers.zoo import load_model
+
+DEFAULTS: dict = {
+    "out": "runs/bench",
+    "device": "auto",
+    "reference": {"name": "fashion_mnist", "split": "test", "root": None, "image_size": 32, "n": None},
+    "metrics": {
+        "extractors": ["domain"],  # domain | inception; the first one is plotted
+        "n_samples": 2000,
+        "seed": 0,  # noise of sample i is drawn from (seed, i)
+        "batch_size": 256,  # sampling and feature extraction
+        "kid_subsets": 100,
+        "kid_subset_size": None,  # None: min(1000, n_samples, reference size)
+        "prc_neighborhood": 3,
+        "domain_weights": None,  # None: the committed domain net
+        "inception_weights": None,  # path to weights-inception-2015-12-05-6726825d.pth (else the torch hub cache)
+        "cache_dir": "runs/metrics-cache",
+    },
+    "cost": {"batch_sizes": [1, 64], "warmup": 2, "repeats": 10},
+    "grid": 64,  # samples per entry saved as samples/<name>.png (0: none)
+    "entries": [],  # each {name, model, method, steps, tol}
+}
+ENTRY_DEFAULTS = {"method": "euler", "steps": 1, "tol": 1e-5}
+ENTRY_KEYS = ("name", "model", *ENTRY_DEFAULTS)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+# ------------------------------------------------------------------------------------------- config
+def check_entries(entries: list) -> list[dict]:
+    """Entries with defaults filled in; unknown keys, missing name/model, bad names or methods are errors."""
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("bench needs a non-empty list `entries`, each {name, model, method, steps, tol}")
+    out, seen = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"entries[{i}] must be a mapping, got {entry!r}")
+        unknown = sorted(set(entry) - set(ENTRY_KEYS))
+        missing = [k for k in ("name", "model") if k not in entry]
+        if unknown or missing:
+            raise ValueError(f"entries[{i}] ({entry.get('name', '?')}): unknown keys {unknown}, missing {missing}; "
+                             f"an entry has {list(ENTRY_KEYS)}")
+        entry = {**ENTRY_DEFAULTS, **entry}
+        name = str(entry["name"])
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"entries[{i}]: name {name!r} must be letters, digits, '.', '_', '+' or '-' "
+                             "(it names files)")
+        if name in seen:
+            raise ValueError(f"entries[{i}]: name {name!r} is used twice")
+        if entry["method"] not in METHODS:
+            raise ValueError(f"entries[{i}] ({name}): unknown method {entry['method']!r}; choose one of {METHODS}")
+        seen.add(name)
+        out.append(entry)
+    return out
+
+
+def _model_hash(path: str | Path) -> str:
+    """Identity of a model source: sha256 of an exported file, or the checkpoint a run directory resolves to."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    sidecar, _ = read_model_file(path)
+    return f"{sidecar.get('source')}@{sidecar.get('step')}"
+
+
+def fingerprint(entry: dict, cfg: dict, device: torch.device, extractor_ids: dict[str, str]) -> str:
+    """Hash of everything an entry's result depends on (extractor_ids: the registered extractor names, which
+    include the domain net's weights hash)."""
+    blob = {"entry": entry, "model": _model_hash(entry["model"]), "extractors": extractor_ids,
+            "reference": cfg["reference"],
+            "metrics": {k: v for k, v in cfg["metrics"].items() if k != "cache_dir"}, "cost": cfg["cost"],
+            "device": str(device), "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- table
+def columns(cfg: dict) -> list[tuple[str, str]]:
+    """(result key, table header) of every column, metric columns named by their extractor."""
+    batches = sorted(cfg["cost"]["batch_sizes"])
+    cols = [("name", "name"), ("solver", "solver"), ("steps", "steps"), ("nfe", "NFE"), ("params", "params (M)"),
+            ("macs_per_nfe", "MACs/NFE (M)"), ("macs_per_sample", "MACs/sample (M)")]
+    cols += [(f"latency_ms_b{b}", f"latency b{b} (ms/img)") for b in batches]
+    cols.append((f"peak_mem_mib_b{batches[-1]}", f"peak mem b{batches[-1]} (MiB)"))
+    cols += [(label, label) for extractor in cfg["metrics"]["extractors"] for label in metric_labels(extractor)]
+    return cols
+
+
+def _format(key: str, value) -> str:
+    if value is None:
+        return "n/a"
+    if key in ("params", "macs_per_nfe", "macs_per_sample"):
+        return f"{value / 1e6:.3f}"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def write_csv(rows: list[dict], cols: list[tuple[str, str]], path: Path) -> None:
+    """Raw values (params and MACs as integers), one row per entry, headers as in the Markdown table."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([key if key in ("params", "macs_per_nfe", "macs_per_sample") else header for key, header in cols])
+    for row in rows:
+        writer.writerow(["" if row.get(key) is None else row.get(key) for key, _ in cols])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def markdown_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(header for _, header in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_format(key, row.get(key)) for key, _ in cols) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- plots
+def pareto_front(xs: list[float], ys: list[float]) -> list[bool]:
+    """True for each point no other point dominates (x' <= x and y' <= y with one strictly smaller): lower is
+    better on both axes. Points with a NaN coordinate are never on the front."""
+    points = list(zip(xs, ys))
+
+    def dominated(p: tuple[float, float]) -> bool:
+        return any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points if not any(map(math.isnan, q)))
+
+    return [not any(map(math.isnan, p)) and not dominated(p) for p in points]
+
+
+def plot_front(names: list[str], xs: list[float], ys: list[float], xlabel: str, ylabel: str, title: str) -> Figure:
+    """Scatter on log-x with every point labelled and the Pareto front (lower-left) highlighted."""
+    front = pareto_front(xs, ys)
+    fig = Figure(figsize=(7, 4.8), dpi=120)  # no pyplot: PNGs are drawn by the Agg canvas, no global backend
+    ax = fig.subplots()
+    ax.scatter([x for x, f in zip(xs, front) if not f], [y for y, f in zip(ys, front) if not f],
+               color="tab:gray", label="dominated", zorder=2)
+    order = sorted((x, y) for x, y, f in zip(xs, ys, front) if f)
+    ax.step([x for x, _ in order], [y for _, y in order], where="post", color="tab:red", alpha=0.5, zorder=1)
+    ax.scatter([x for x, _ in order], [y for _, y in order], color="tab:red", label="Pareto front", zorder=3)
+    for name, x, y in zip(names, xs, ys):
+        if not (math.isnan(x) or math.isnan(y)):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def evaluate_entry(entry: dict, cfg: dict, model: torch.nn.Module, out: Path) -> dict:
+    """Sample the entry, compute every extractor's metrics and the cost measures; one result row."""
+    m, c = cfg["metrics"], cfg["cost"]
+    started = time.time()
+    images, nfe = sample_model(model, m["n_samples"], entry["method"], entry["steps"], entry["tol"], m["seed"],
+                               m["batch_size"], progress=True)
+    if cfg["grid"]:
+        save_grid(to_float(images[:cfg["grid"]]), out / "samples" / f"{entry['name']}.png")
+    adaptive = entry["method"] == "dopri5"
+    row = {"name": entry["name"], "model": str(entry["model"]), "method": entry["method"],
+           "solver": f"dopri5 (tol {entry['tol']:g})" if adaptive else entry["method"],
+           "steps": None if adaptive else entry["steps"], "tol": entry["tol"] if adaptive else None, "nfe": nfe}
+    for extractor in m["extractors"]:
+        row.update(compute_metrics(
+            images, cfg["reference"], extractor, weights=m[f"{extractor}_weights"], cache_dir=m["cache_dir"],
+            device=next(model.parameters()).device, batch_size=m["batch_size"], kid_subsets=m["kid_subsets"],
+            kid_subset_size=m["kid_subset_size"], prc_neighborhood=m["prc_neighborhood"], seed=m["seed"]))
+    shape = tuple(images.shape[1:])
+    cost = measure_cost(model, shape, entry["method"], entry["steps"], entry["tol"], tuple(c["batch_sizes"]),
+                        c["warmup"], c["repeats"])
+    cost.pop("nfe")  # the table's NFE is the mean over the benchmark's own samples
+    row.update(cost, macs_per_sample=round(cost["macs_per_nfe"] * nfe), n_samples=m["n_samples"],
+               seconds=round(time.time() - started, 1))
+    return row
+
+
+def _machine(device: torch.device) -> dict:
+    return {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+def write_reports(rows: list[dict], cfg: dict, out: Path, header: str) -> dict[str, Path]:
+    """bench.csv, bench.md, both PNG figures and TensorBoard (scalars, figures, table)."""
+    cols = columns(cfg)
+    paths = {"csv": out / "bench.csv", "md": out / "bench.md", "fid_vs_params": out / "fid_vs_params.png",
+             "fid_vs_latency": out / "fid_vs_latency.png"}
+    write_csv(rows, cols, paths["csv"])
+    table = markdown_table(rows, cols)
+    atomic_write_text(paths["md"], header + "\n" + table)
+    fid = metric_label("fid", cfg["metrics"]["extractors"][0])
+    names = [r["name"] for r in rows]
+    ys = [float(r[fid]) for r in rows]
+    batch = min(cfg["cost"]["batch_sizes"])
+    figures = {
+        "fid_vs_params": plot_front(names, [float(r["params"]) for r in rows], ys, "parameters", fid,
+                                    f"{fid} vs parameters"),
+        "fid_vs_latency": plot_front(names, [float(r[f"latency_ms_b{batch}"]) for r in rows], ys,
+                                     f"latency (ms/image, batch {batch}, {rows[0]['device']})", fid,
+                                     f"{fid} vs latency"),
+    }
+    for stale in (out / "tb").glob("events.out.tfevents.*"):  # the event files show the current table only
+        stale.unlink()
+    writer = SummaryWriter(str(out / "tb"))
+    for row in rows:
+        for key, label in cols:
+            if isinstance(row.get(key), (int, float)) and key not in ("steps",):
+                writer.add_scalar(f"{_slug(label)}/{row['name']}", row[key], 0)
+    for name, fig in figures.items():
+        _save_figure(fig, paths[name])
+        writer.add_figure(name, fig, 0)  # closes the figure
+    writer.add_text("bench", header + "\n" + table, 0)
+    writer.close()
+    return paths
+
+
+def bench(cfg: dict, command: str | None = None) -> dict:
+    """Evaluate every entry of `cfg` (see DEFAULTS), skipping entries already computed with the same
+    fingerprint, and write the reports. Returns {"rows", "computed", "skipped", "files"}."""
+    cfg = copy.deepcopy(cfg)
+    entries = check_entries(cfg["entries"])
+    extractors = cfg["metrics"]["extractors"]
+    if not extractors:
+        raise ValueError("metrics.extractors is empty; choose one or more of domain, inception")
+    # missing weights or data stop the run before any sampling
+    extractor_ids = {e: resolve_extractor(e, cfg["metrics"].get(f"{e}_weights"))[0] for e in extractors}
+    reference_images(cfg["reference"])  # a missing data set too
+    device = resolve_device(cfg["device"])
+    out = Path(cfg["out"])
+    (out / "entries").mkdir(parents=True, exist_ok=True)
+    keys = [fingerprint(entry, cfg, device, extractor_ids) for entry in entries]  # also checks every model exists
+    rows, computed, skipped = [], [], []
+    models: dict[str, torch.nn.Module] = {}
+    for entry, key in zip(entries, keys):
+        path = out / "entries" / f"{entry['name']}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if cached.get("fingerprint") == key:
+                rows.append(cached["result"])
+                skipped.append(entry["name"])
+                print(f"bench: {entry['name']}: cached result in {path}", file=sys.stderr)
+                continue
+            print(f"bench: {entry['name']}: settings or model changed since {path}; recomputing", file=sys.stderr)
+        model_key = str(entry["model"])
+        if model_key not in models:
+            models = {model_key: load_model(entry["model"], device=device)}  # one model in memory at a time
+        print(f"bench: {entry['name']}: {entry['method']} on {entry['model']}", file=sys.stderr)
+        result = {**evaluate_entry(entry, cfg, models[model_key], out), "device": str(device)}
+        atomic_write_text(path, json.dumps({"fingerprint": key, "result": result}, indent=1) + "\n")
+        rows.append(result)
+        computed.append(entry["name"])
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    machine = _machine(device)
+    ref = cfg["reference"]
+    extractor_names = ", ".join(f"{e} = {name}" for e, name in extractor_ids.items())
+    header = (f"# Benchmark ({now})\n\nCommand: `{command or shlex.join(sys.orig_argv)}`\n\n"
+              f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
+              f"({machine['torch_threads']} threads), device {machine['device']}"
+              f"{', ' + machine['gpu'] if machine['gpu'] else ''}\n\n"
+              f"Reference: {ref['name']} {ref['split']} ({'all' if ref['n'] is None else ref['n']} images, "
+              f"{ref['image_size']}px); {cfg['metrics']['n_samples']} samples per entry, noise seed "
+              f"{cfg['metrics']['seed']}. Feature extractors (torch-fidelity names): {extractor_names}. "
+              f"MACs: Torch-Pruning count of one network evaluation (module ops; see slimflow.cost). Latency: "
+              f"median ms/image of a full generation. Peak memory: extra memory of one generation at the "
+              f"largest batch.\n")
+    files = write_reports(rows, cfg, out, header)
+    atomic_write_text(out / "bench.json", json.dumps({"date": now, "machine": machine, "config": cfg,
+                                                      "rows": rows}, indent=1, default=str) + "\n")
+    return {"rows": rows, "computed": computed, "skipped": skipped, "files": {k: str(v) for k, v in files.items()}}
