@@ -22,14 +22,11 @@ def fmnist_batch():
 
 
 @pytest.fixture
-def hub_dir(tmp_path):
-    """torch hub cache pointed at an empty temporary folder, restored afterwards."""
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(previous)
+def hub_dir(tmp_path, monkeypatch):
+    """torch hub cache pointed at an empty temporary folder through $TORCH_HOME (torch.hub.set_dir would pin the
+    directory for every later test), restored afterwards."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    return tmp_path / "hub"
 
 
 # ------------------------------------------------------------------------------------------------ pixel losses
