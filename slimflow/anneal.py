@@ -1,0 +1,295 @@
+"""Annealing reflow (SPEC §3.1): a small student trained from scratch on teacher pairs (z, x̂) whose noise is
+annealed from independent (β = 1, plain 1-RF on the teacher's images) to the paired noise (β = 0, plain reflow):
+
+    z̃ = sqrt(1 − β_k²)·z + β_k·ε',  ε' ~ N(0, I) fresh each step,
+    t ~ sampler, x_t = t·x̂ + (1 − t)·z̃,  loss D(v_θ(x_t, t), x̂ − z̃),
+
+with (z̃, x̂) flipped left-right together, per sample, with probability ½ (configurable off).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from slimflow import config as cfglib
+from slimflow.checkpoint import read_model_file, save_model
+from slimflow.engine import TRAIN_DEFAULTS, Trainer, batch_indices
+from slimflow.flow import sample_time
+from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber
+from slimflow.pairs import SETTINGS_KEYS, PairStore, PairStoreError, state_dict_hash
+from slimflow.sample import sample
+from teachers.train import flow_matching_batch, random_hflip, velocity_loss
+from teachers.zoo import build_model, resolve_model_config
+
+BETA_SCHEDULES = ("linear", "exp", "cosine", "constant")
+ANNEAL_LOSSES = (*PIXEL_KINDS, "lpips_huber")
+TIME_CONVENTION = "t=0 noise, t=1 data"
+# Settings a run may change between sessions without changing what it computes.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts",
+                     "train.device", "sample.")
+
+DEFAULTS: dict = {
+    "out": "runs/anneal",
+    "pairs": "runs/pairs",  # a finished pair store (slimflow pairs generate)
+    "teacher": None,  # optional teacher file: the store must have been made by it (hash check)
+    "model": {"_open": True, "preset": "fmnist-student-s"},
+    "init": None,  # optional model file: tensors of matching name and shape are copied into the student
+    "beta": {"schedule": "linear", "steps": None, "value": 1.0},  # steps N (None: train.steps); value: constant β
+    "flow": {"time_sampler": "uniform", "eps": 1e-3, "a": 4.0, "loss": "l2",
+             "perceptual": "domain", "perceptual_options": {"_open": True}, "one_over_t": False},
+    "hflip": True,
+    "train": copy.deepcopy(TRAIN_DEFAULTS),
+    "sample": {"n": 64, "seed": 0},  # 1-step grids of the EMA student during training
+}
+
+
+# ------------------------------------------------------------------------------------------ pure pieces
+def beta_schedule(kind: str, step: int, n: int, value: float = 1.0) -> float:
+    """β_k of the noise annealing at step k over N steps: linear 1 − min(1, k/N), exp e^{−k/N},
+    cosine (1 + cos(π·min(1, k/N)))/2, or constant `value`."""
+    if kind not in BETA_SCHEDULES:
+        raise ValueError(f"unknown beta schedule {kind!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+    if kind == "constant":
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"constant beta must lie in [0, 1], got {value}")
+        return float(value)
+    if n < 1:
+        raise ValueError(f"beta schedule {kind!r} needs N >= 1 steps, got {n}")
+    progress = step / n
+    if kind == "linear":
+        return 1.0 - min(1.0, progress)
+    if kind == "exp":
+        return math.exp(-progress)
+    return (1.0 + math.cos(math.pi * min(1.0, progress))) / 2.0
+
+
+def perturb_noise(z: torch.Tensor, beta: float, generator: torch.Generator) -> torch.Tensor:
+    """sqrt(1 − β²)·z + β·ε' with ε' ~ N(0, I) drawn from `generator` (unit variance is kept for any β in [0, 1]).
+    β = 0 returns z itself; ε' is drawn on the generator's device, then moved to z's."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if beta == 0.0:
+        return z
+    fresh = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+    return math.sqrt(1.0 - beta * beta) * z + beta * fresh
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+def check_flow_config(flow_cfg: dict) -> None:
+    kind = flow_cfg["loss"]
+    if kind not in ANNEAL_LOSSES:
+        raise ValueError(f"unknown annealing loss {kind!r}; choose one of {', '.join(ANNEAL_LOSSES)} (a perceptual "
+                         f"distance alone compares images, not velocities: use lpips_huber with flow.perceptual)")
+    if kind == "lpips_huber" and flow_cfg["perceptual"] not in PERCEPTUAL_KINDS:
+        raise ValueError(f"flow.perceptual must be one of {PERCEPTUAL_KINDS}, got {flow_cfg['perceptual']!r}")
+
+
+def check_anneal_config(cfg: dict) -> None:
+    """The β schedule and loss settings of an anneal config (before any work is done)."""
+    check_flow_config(cfg["flow"])
+    beta = cfg["beta"]
+    if beta["schedule"] not in BETA_SCHEDULES:
+        raise ValueError(f"unknown beta.schedule {beta['schedule']!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+    if beta["schedule"] == "constant" and not 0.0 <= beta["value"] <= 1.0:
+        raise ValueError(f"beta.value (the constant β) must lie in [0, 1], got {beta['value']}")
+
+
+def anneal_loss(flow_cfg: dict, device: torch.device | None = None) -> Callable:
+    """loss_fn(model, batch) for the engine, from `flow.loss`: a pixel distance on velocities (l2, l1,
+    pseudo_huber) or rfpp's LPIPS–Huber (`flow.perceptual` net on `device`, `flow.one_over_t`)."""
+    check_flow_config(flow_cfg)
+    if flow_cfg["loss"] in PIXEL_KINDS:
+        pixel = velocity_loss(flow_cfg["loss"])
+
+        def loss_fn(model, batch):
+            return pixel(model, batch), {"beta": batch["beta"]}
+
+        return loss_fn
+    perceptual = distance(flow_cfg["perceptual"], **flow_cfg["perceptual_options"]).to(device)
+
+    def loss_fn(model, batch):
+        x_t, t, target = batch["x_t"], batch["t"], batch["target"]
+        v = model(x_t, t)
+        rest = (1.0 - t).view(-1, *[1] * (x_t.dim() - 1))
+        # clean image predicted from x_t, and the pair's image x̂ = x_t + (1 − t)·(x̂ − z̃)
+        loss = lpips_huber(x_t + rest * v, x_t + rest * target, v, target, t, perceptual, flow_cfg["one_over_t"])
+        return loss.mean(), {"beta": batch["beta"]}
+
+    return loss_fn
+
+
+def make_anneal_batch(store: PairStore, cfg: dict) -> Callable[[int, torch.Generator], dict]:
+    """make_batch(step, generator) for the engine: pairs of epoch-permuted indices, β-annealed noise, per-sample
+    joint flip, training times — every random draw from `generator`."""
+    train, beta_cfg, flow = cfg["train"], cfg["beta"], cfg["flow"]
+    batch_size, seed = train["batch_size"], train["seed"]
+    n_anneal = beta_cfg["steps"] or train["steps"]
+
+    def make_batch(step: int, gen: torch.Generator) -> dict:
+        z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
+        beta = beta_schedule(beta_cfg["schedule"], step, n_anneal, beta_cfg["value"])
+        z = perturb_noise(z, beta, gen)
+        if cfg["hflip"]:
+            z, x = random_hflip(z, gen, x)
+        t = sample_time(batch_size, flow["time_sampler"], eps=flow["eps"], a=flow["a"], generator=gen)
+        return {**flow_matching_batch(z, x, t), "beta": beta}
+
+    return make_batch
+
+
+def train_annealed(model: torch.nn.Module, store: PairStore, cfg: dict, out: str | Path, run_config: dict,
+                   sample_fn: Callable | None = None) -> tuple[Trainer, dict]:
+    """Annealing reflow of `model` (any velocity network) on `store` with the engine; resumes from `out`.
+    `cfg` needs beta, flow, hflip and train (see DEFAULTS); `run_config` is what checkpoints record."""
+    check_anneal_config(cfg)
+    trainer = Trainer(model, cfg["train"], out, run_config, sample_fn=sample_fn)
+    return trainer, trainer.fit(make_anneal_batch(store, cfg), anneal_loss(cfg["flow"], trainer.device))
+
+
+# ------------------------------------------------------------------------------------------ run folders
+def full_config(defaults: dict, cfg: dict) -> dict:
+    """`cfg` merged onto `defaults` (unknown keys are errors), without the open-mapping markers."""
+    return cfglib.strip_markers(cfglib.merge(defaults, cfg))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def plain_config(cfg: dict) -> dict:
+    """The config as it reads back from YAML/JSON (tuples become lists)."""
+    return json.loads(json.dumps(cfg))
+
+
+def start_run_dir(out: Path, run_config: dict) -> None:
+    """Create `out` and write config.yaml. A run already there must have been started with the same settings,
+    except those in RESUMABLE_CHANGES; otherwise it is an error naming the differences (never a mixed run)."""
+    path = out / "config.yaml"
+    if path.is_file():
+        old, new = _flat(yaml.safe_load(path.read_text()) or {}), _flat(plain_config(run_config))
+        diffs = [f"{key}: run has {old.get(key)!r}, requested {new.get(key)!r}" for key in sorted(set(old) | set(new))
+                 if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+        if diffs:
+            raise ValueError(f"{out} holds a run started with other settings; resuming it would mix them. Use another "
+                             f"out, or delete {out} to start over. Differences:\n  " + "\n  ".join(diffs))
+    out.mkdir(parents=True, exist_ok=True)
+    cfglib.dump(plain_config(run_config), path)
+
+
+def export_is_current(export: Path, cfg: dict) -> bool:
+    """True when `export` exists and its sidecar records exactly `cfg` (the stage is finished)."""
+    sidecar = export.with_suffix(".json")
+    if not export.is_file() or not sidecar.is_file():
+        return False
+    return json.loads(sidecar.read_text()).get("config") == plain_config(cfg)
+
+
+def open_pairs(path: str | Path, teacher: str | Path | None = None) -> PairStore:
+    """The finished pair store at `path`; with `teacher`, it must have been made by that teacher's weights."""
+    store = PairStore(path)
+    if teacher is not None:
+        from teachers.inspect import load_teacher
+
+        if not Path(teacher).exists():
+            raise FileNotFoundError(f"teacher file {str(teacher)!r} does not exist (needed to check that the pairs in "
+                                    f"{path} were made by it)")
+        wanted = state_dict_hash(load_teacher(teacher))
+        if store.manifest["teacher_hash"] != wanted:
+            raise PairStoreError(f"the pair store {path} was made by another teacher (teacher_hash "
+                                 f"{store.manifest['teacher_hash'][:16]}…, {teacher} hashes to {wanted[:16]}…); "
+                                 "generate pairs with this teacher into another folder")
+    return store
+
+
+def pairs_hash(store: PairStore) -> str:
+    """sha256 of what defines a store's pairs: its manifest's settings and every shard's checksum (not timings)."""
+    manifest = store.manifest
+    content = {**{key: manifest[key] for key in SETTINGS_KEYS}, "shards": [r["sha256"] for r in manifest["shards"]]}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def pairs_record(store: PairStore) -> dict:
+    """What a student's sidecar records about the pairs it was trained on."""
+    return {"dir": str(store.root), "hash": pairs_hash(store), "teacher_hash": store.manifest["teacher_hash"],
+            "count": len(store), "solver": store.manifest["solver"]}
+
+
+def copy_matching(model: torch.nn.Module, path: str | Path) -> dict:
+    """Copy into `model` every tensor of the model file `path` whose name and shape match; report what was copied."""
+    _, weights = read_model_file(path)
+    own = model.state_dict()
+    matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matching, strict=False)
+    skipped = sorted(set(own) - set(matching))
+    more = [f"... {len(skipped) - 20} more"] if len(skipped) > 20 else []
+    return {"from": str(path), "copied_tensors": len(matching), "model_tensors": len(own),
+            "copied_values": sum(v.numel() for v in matching.values()), "not_copied": skipped[:20] + more}
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def one_step_sampler(n: int, shape: tuple[int, ...], seed: int) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """sample_fn for the engine: one Euler step from the noise of (seed, 0..n-1)."""
+    return lambda net: sample(net, n, shape, method="euler", steps=1, seed=seed)[0]
+
+
+def command_line(command: str | None) -> str:
+    return command or " ".join(map(shlex.quote, sys.argv))
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def anneal(cfg: dict, command: str | None = None) -> dict:
+    """Annealing reflow from `cfg` (see DEFAULTS): train the student on the pair store, export its EMA weights to
+    `out/annealed_ema.safetensors` (+ sidecar, kind "annealed-student"), write `out/summary.json`, return it."""
+    cfg = full_config(DEFAULTS, cfg)
+    out = Path(cfg["out"])
+    check_anneal_config(cfg)
+    store = open_pairs(cfg["pairs"], cfg["teacher"])
+    model_cfg = resolve_model_config(cfg["model"])
+    model_cfg.update(in_channels=store.shape[0], resolution=store.shape[-1])
+    run_config = {**cfg, "model": model_cfg, "pairs_hash": pairs_hash(store)}
+    start_run_dir(out, run_config)
+    torch.manual_seed(cfg["train"]["seed"])  # initial weights are a function of the seed
+    model = build_model(model_cfg)
+    init = copy_matching(model, cfg["init"]) if cfg["init"] else None
+    started = time.time()
+    s = cfg["sample"]
+    trainer, result = train_annealed(model, store, cfg, out, run_config,
+                                     one_step_sampler(s["n"], store.shape, s["seed"]))
+    summary = {"kind": "annealed-student", "params": param_count(model), "steps": result["steps"],
+               "resumed": result["resumed"], "img_per_s": result["img_per_s"],
+               "seconds_this_session": time.time() - started,
+               "final": result["history"][-1] if result["history"] else None, "init": init}
+    if trainer.rank == 0:
+        export = out / "annealed_ema.safetensors"
+        save_model(export, trainer.ema or trainer.model, {
+            "model": model_cfg, "kind": "annealed-student", "time_convention": TIME_CONVENTION,
+            "pairs": pairs_record(store), "steps": result["steps"], "init": init, "config": plain_config(cfg),
+            "command": command_line(command)})
+        summary["export"] = str(export)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    barrier()
+    return summary

@@ -1,0 +1,183 @@
+"""Flow-guided distillation (SPEC §3.2): the one-step student starts from the annealed model; a frozen copy of
+that model (its EMA weights) is the guide v_φ. With the student evaluated at the one-step time t₀:
+
+    L_distill = D(z + v_φ'(z, t₀), x̂)                        on the teacher pairs (z, x̂)
+    ŝ = v_φ'(e, t₀),  x_t' = e + t'·s₁,  y = x_t' + (1 − t')·v_φ(x_t', t')   (y without gradient)
+    L_2step   = D(e + ŝ, y)                                   on fresh noise e, t' ~ U(t_min, t_max)
+    L = w_distill·L_distill + w_2step·L_2step
+
+s₁ is the student's ŝ (variant "reference", the reference code) or the guide's v_φ(e, t₀) (variant "paper").
+t₀ (`loss.one_step_time`) defaults to 0, the time the project's one-step sampler (`slimflow.sample`, one Euler
+step from t = 0) calls the network at; the reference code used ε = 1e-3 for both. D is any two-image distance of `slimflow.losses`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slimflow.anneal import (TIME_CONVENTION, barrier, command_line, full_config, one_step_sampler, open_pairs,
+                             pairs_hash, pairs_record, param_count, plain_config, start_run_dir)
+from slimflow.checkpoint import load_state_checked, read_model_file, save_model, sha256_file
+from slimflow.engine import TRAIN_DEFAULTS, Trainer, batch_indices
+from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, Distance, distance
+from slimflow.pairs import PairStore, PairStoreError
+from teachers.unet import build_unet
+
+VARIANTS = ("reference", "paper")
+DISTANCES = (*PIXEL_KINDS, *PERCEPTUAL_KINDS)
+
+DEFAULTS: dict = {
+    "out": "runs/distill",
+    "pairs": "runs/pairs",  # the teacher pairs (z, x̂)
+    "teacher": None,  # optional teacher file: the store must have been made by it (hash check)
+    "student": "runs/anneal/annealed_ema.safetensors",  # the annealed model: student init and (frozen) guide
+    "loss": {"distance": "l2", "options": {"_open": True}, "w_distill": 1.0, "w_2step": 1.0,
+             "variant": "reference", "t_min": 0.2, "t_max": 0.8, "one_step_time": 0.0},
+    "train": copy.deepcopy(TRAIN_DEFAULTS),
+    "sample": {"n": 64, "seed": 0},
+}
+
+
+# ------------------------------------------------------------------------------------------ pure pieces
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
+
+
+def two_step_target(guide: Callable, e: torch.Tensor, first_velocity: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Two Euler steps from e: to x_t = e + t·s₁ with `first_velocity` s₁, then to 1 with the guide:
+    y = x_t + (1 − t)·guide(x_t, t); t of shape (B,)."""
+    tb = _per_sample(t, e)
+    x_t = e + tb * first_velocity
+    return x_t + (1 - tb) * guide(x_t, t)
+
+
+def distill_terms(student: Callable, guide: Callable, batch: dict, variant: str = "reference",
+                  t0: float = 0.0) -> dict[str, torch.Tensor]:
+    """The compared images of both terms: one_step vs pair_image (L_distill), two_step vs two_step_target
+    (L_2step). The student runs once on [z; e]; the target is computed without gradient."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown distillation variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    z, e = batch["z"], batch["e"]
+    both = torch.cat([z, e])
+    times = torch.full((both.shape[0],), t0, dtype=z.dtype, device=z.device)
+    v_z, s_hat = student(both, times).split(z.shape[0])
+    with torch.no_grad():
+        first = s_hat.detach() if variant == "reference" else guide(e, times[: e.shape[0]])
+        y = two_step_target(guide, e, first, batch["t2"])
+    return {"one_step": z + v_z, "pair_image": batch["x_hat"], "two_step": e + s_hat, "two_step_target": y}
+
+
+def distill_loss(guide: torch.nn.Module, d: Distance, loss_cfg: dict) -> Callable:
+    """loss_fn(model, batch) for the engine: w_distill·mean D(one_step, x̂) + w_2step·mean D(e + ŝ, y)."""
+
+    def loss_fn(model, batch):
+        terms = distill_terms(model, guide, batch, loss_cfg["variant"], loss_cfg["one_step_time"])
+        one = d(terms["one_step"], terms["pair_image"]).mean()
+        two = d(terms["two_step"], terms["two_step_target"]).mean()
+        loss = loss_cfg["w_distill"] * one + loss_cfg["w_2step"] * two
+        return loss, {"distill": one.detach(), "two_step": two.detach()}
+
+    return loss_fn
+
+
+def make_distill_batch(store: PairStore, train_cfg: dict, loss_cfg: dict) -> Callable[[int, torch.Generator], dict]:
+    """make_batch(step, generator): pairs of epoch-permuted indices, fresh noise e and t' ~ U(t_min, t_max)."""
+    batch_size, seed = train_cfg["batch_size"], train_cfg["seed"]
+    low, high = loss_cfg["t_min"], loss_cfg["t_max"]
+
+    def make_batch(step: int, gen: torch.Generator) -> dict:
+        z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
+        e = torch.randn(z.shape, generator=gen)
+        t2 = low + (high - low) * torch.rand(batch_size, generator=gen)
+        return {"z": z, "x_hat": x, "e": e, "t2": t2}
+
+    return make_batch
+
+
+def check_loss_config(loss_cfg: dict) -> None:
+    kind = loss_cfg["distance"]
+    if kind == "lpips_huber":
+        raise ValueError("loss.distance 'lpips_huber' does not apply to distillation: it weights its Huber term by "
+                         "the training time t, and the one-step student is only evaluated at t0 ≈ 0, where that term "
+                         f"vanishes and what is left is the perceptual distance itself. Use one of {DISTANCES}")
+    if kind not in DISTANCES:
+        raise ValueError(f"unknown distillation distance {kind!r}; choose one of {', '.join(DISTANCES)}")
+    if loss_cfg["variant"] not in VARIANTS:
+        raise ValueError(f"unknown loss.variant {loss_cfg['variant']!r}; choose one of {', '.join(VARIANTS)}")
+    if not 0.0 <= loss_cfg["t_min"] < loss_cfg["t_max"] <= 1.0:
+        raise ValueError(f"loss.t_min and loss.t_max must satisfy 0 <= t_min < t_max <= 1, got "
+                         f"{loss_cfg['t_min']} and {loss_cfg['t_max']}")
+    if not 0.0 <= loss_cfg["one_step_time"] < loss_cfg["t_min"]:
+        raise ValueError(f"loss.one_step_time must lie in [0, t_min), got {loss_cfg['one_step_time']}")
+
+
+def train_distilled(student: torch.nn.Module, guide: torch.nn.Module, store: PairStore, cfg: dict, out: str | Path,
+                    run_config: dict, sample_fn: Callable | None = None) -> tuple[Trainer, dict]:
+    """Flow-guided distillation of `student` (any velocity network) with the frozen `guide`; resumes from `out`.
+    `cfg` needs loss and train (see DEFAULTS)."""
+    check_loss_config(cfg["loss"])
+    d = distance(cfg["loss"]["distance"], **cfg["loss"]["options"])
+    trainer = Trainer(student, cfg["train"], out, run_config, sample_fn=sample_fn)
+    guide = guide.to(trainer.device).eval().requires_grad_(False)
+    if isinstance(d, torch.nn.Module):
+        d = d.to(trainer.device)
+    result = trainer.fit(make_distill_batch(store, cfg["train"], cfg["loss"]), distill_loss(guide, d, cfg["loss"]))
+    return trainer, result
+
+
+# ------------------------------------------------------------------------------------------ from config
+def load_student(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """A trainable UNet with the weights of the model file `path`, and the file's sidecar."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"annealed model {str(path)!r} does not exist; run `slimflow anneal` first or set "
+                                "student= to an exported model file")
+    sidecar, weights = read_model_file(path)
+    if not sidecar.get("model"):
+        raise ValueError(f"{str(path)!r} does not record its model config")
+    model = build_unet(sidecar["model"])
+    load_state_checked(model, weights, str(path))
+    return model, sidecar
+
+
+def distill(cfg: dict, command: str | None = None) -> dict:
+    """Flow-guided distillation from `cfg` (see DEFAULTS): export the EMA student to
+    `out/distilled_ema.safetensors` (+ sidecar, kind "distilled-student"), write `out/summary.json`, return it."""
+    cfg = full_config(DEFAULTS, cfg)
+    check_loss_config(cfg["loss"])
+    out = Path(cfg["out"])
+    store = open_pairs(cfg["pairs"], cfg["teacher"])
+    student, sidecar = load_student(cfg["student"])
+    made_from = (sidecar.get("pairs") or {}).get("teacher_hash")
+    if made_from is not None and made_from != store.manifest["teacher_hash"]:
+        raise PairStoreError(f"the pair store {cfg['pairs']} was made by another teacher than the pairs "
+                             f"{cfg['student']} was trained on (teacher_hash {store.manifest['teacher_hash'][:16]}… vs "
+                             f"{made_from[:16]}…); distill on pairs of the same teacher")
+    guide = copy.deepcopy(student)
+    model_cfg = sidecar["model"]
+    student_sha256 = sha256_file(cfg["student"])
+    run_config = {**cfg, "model": model_cfg, "student_sha256": student_sha256, "pairs_hash": pairs_hash(store)}
+    start_run_dir(out, run_config)
+    started = time.time()
+    s = cfg["sample"]
+    trainer, result = train_distilled(student, guide, store, cfg, out, run_config,
+                                      one_step_sampler(s["n"], store.shape, s["seed"]))
+    summary = {"kind": "distilled-student", "params": param_count(student), "steps": result["steps"],
+               "resumed": result["resumed"], "img_per_s": result["img_per_s"],
+               "seconds_this_session": time.time() - started,
+               "final": result["history"][-1] if result["history"] else None}
+    if trainer.rank == 0:
+        export = out / "distilled_ema.safetensors"
+        save_model(export, trainer.ema or trainer.model, {
+            "model": model_cfg, "kind": "distilled-student", "time_convention": TIME_CONVENTION,
+            "one_step_time": cfg["loss"]["one_step_time"], "pairs": pairs_record(store),
+            "guide": {"file": str(cfg["student"]), "sha256": student_sha256, "kind": sidecar.get("kind")},
+            "steps": result["steps"], "config": plain_config(cfg), "command": command_line(command)})
+        summary["export"] = str(export)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    barrier()
+    return summary

@@ -1,0 +1,142 @@
+"""`run`: pairs → anneal → distill → grids on a tiny random teacher; skipping, resuming after SIGINT, bad input."""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimflow.checkpoint import latest_checkpoint, read_meta, read_model_file, save_model
+from slimflow.pairs import PairStoreError
+from slimflow.pipeline import generate_pairs_from_config, run_pipeline, solver_kwargs
+from teachers.unet import UNet
+
+TRAIN = {"batch_size": 8, "warmup": 2, "log_every": 5, "ckpt_every": 2, "keep_ckpts": 1,
+         "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999}}
+STUDENT = {"preset": None, "nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+ANNEAL_STEPS = 30
+
+
+def tiny_teacher(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    teacher = UNet(1, 8, 8, [1, 2], 1, [], 0.0)
+    return save_model(path, teacher, {"model": teacher.config, "kind": "test-teacher"})
+
+
+def config(out: Path, teacher: Path, **changes) -> dict:
+    cfg = {"out": str(out), "teacher": str(teacher),
+           "pairs": {"n": 24, "solver": {"method": "heun", "steps": 2}, "shard_size": 8, "batch_size": 8},
+           "anneal": {"model": STUDENT, "train": {**TRAIN, "steps": ANNEAL_STEPS}, "sample": {"n": 4}},
+           "distill": {"train": {**TRAIN, "steps": 4}, "sample": {"n": 4}},
+           "grids": {"n": 6, "seed": 3}}
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    teacher = tiny_teacher(root / "teacher.safetensors", seed=0)
+    cfg = config(root / "run", teacher)
+    return cfg, run_pipeline(cfg)
+
+
+def test_run_writes_every_output(finished):
+    cfg, summary = finished
+    out = Path(cfg["out"])
+    assert (out / "config.yaml").is_file() and json.loads((out / "summary.json").read_text()) == summary
+    assert json.loads((out / "pairs" / "manifest.json").read_text())["status"] == "complete"
+    for stage, export in (("anneal", "annealed_ema"), ("distill", "distilled_ema")):
+        folder = out / stage
+        assert (folder / "config.yaml").is_file() and (folder / "summary.json").is_file()
+        assert latest_checkpoint(folder / "checkpoints") is not None
+        assert any(p.name.startswith("events.out.tfevents") for p in (folder / "tb").iterdir())
+        assert list((folder / "samples").glob("step_*.png"))
+        assert (folder / f"{export}.safetensors").is_file() and (folder / f"{export}.json").is_file()
+    kinds = {read_model_file(out / "anneal" / "annealed_ema.safetensors")[0]["kind"],
+             read_model_file(out / "distill" / "distilled_ema.safetensors")[0]["kind"]}
+    assert kinds == {"annealed-student", "distilled-student"}
+    for name in ("teacher_1step", "teacher_ode", "annealed_1step", "distilled_1step", "side_by_side"):
+        assert Path(summary["stages"]["grids"]["files"][name]).is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+
+    stages = summary["stages"]
+    assert [stages[s]["status"] for s in ("pairs", "anneal", "distill", "grids")] == ["ran"] * 4
+    assert stages["pairs"]["nfe_per_pair"] == 4.0 and stages["pairs"]["pairs_per_s"] > 0
+    assert stages["grids"]["teacher_ode_nfe"] == 4.0
+    assert stages["anneal"]["steps"] == ANNEAL_STEPS and stages["distill"]["steps"] == 4
+    assert set(stages["distill"]["final_losses"]) == {"loss", "distill", "two_step"}
+    assert all(stages[s]["wall_s"] >= 0 for s in stages)
+    teacher_params = sum(w.numel() for w in read_model_file(cfg["teacher"])[1].values())
+    assert summary["params"]["teacher"] == teacher_params
+    assert summary["params"]["annealed"] == summary["params"]["distilled"] < teacher_params
+    # all grids share the noise: the teacher's ODE images are the first pairs (same seed and solver)
+    assert set(stages["grids"]["l2_to_teacher_ode"]) == {"teacher_1step", "annealed_1step", "distilled_1step"}
+
+
+def test_second_call_skips_finished_stages(finished):
+    cfg, _ = finished
+    export = Path(cfg["out"]) / "distill" / "distilled_ema.safetensors"
+    before = export.stat().st_mtime_ns
+    again = run_pipeline(cfg)
+    assert {s: again["stages"][s]["status"] for s in again["stages"]} == \
+        {"pairs": "skipped", "anneal": "skipped", "distill": "skipped", "grids": "skipped"}
+    assert export.stat().st_mtime_ns == before
+
+
+def interrupt_when(path: Path) -> threading.Thread:
+    """SIGINT this process as soon as `path` exists (the engine stops after the current step and saves)."""
+
+    def watch():
+        deadline = time.time() + 300
+        while not path.exists() and time.time() < deadline:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_interrupted_anneal_stage_resumes_to_the_same_student(finished, tmp_path):
+    cfg, reference = finished
+    cfg = {**cfg, "out": str(tmp_path / "run")}
+    watcher = interrupt_when(tmp_path / "run" / "anneal" / "checkpoints" / "latest")
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGINT"):
+        run_pipeline(cfg)
+    watcher.join()
+    stopped_at = read_meta(latest_checkpoint(tmp_path / "run" / "anneal" / "checkpoints"))["step"]
+    assert 2 <= stopped_at < ANNEAL_STEPS
+    assert not (tmp_path / "run" / "anneal" / "annealed_ema.safetensors").exists()
+
+    summary = run_pipeline(cfg)
+    assert summary["stages"]["pairs"]["status"] == "skipped"
+    assert summary["stages"]["anneal"]["status"] == "resumed" and summary["stages"]["distill"]["status"] == "ran"
+    resumed = read_model_file(tmp_path / "run" / "anneal" / "annealed_ema.safetensors")[1]
+    uninterrupted = read_model_file(Path(reference["stages"]["anneal"]["export"]))[1]
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_bad_input_is_refused_with_a_clear_error(finished, tmp_path):
+    cfg, _ = finished
+    with pytest.raises(FileNotFoundError, match="teacher file .*absent.safetensors.*slimflow teacher train"):
+        run_pipeline({**cfg, "out": str(tmp_path / "a"), "teacher": str(tmp_path / "absent.safetensors")})
+    # the run folder's pairs were made by the first teacher
+    other = tiny_teacher(tmp_path / "other.safetensors", seed=1)
+    with pytest.raises(PairStoreError, match="teacher_hash"):
+        run_pipeline({**cfg, "teacher": str(other)})
+    with pytest.raises(ValueError, match="unknown distillation distance 'lpips-vgg16'"):
+        run_pipeline({**cfg, "out": str(tmp_path / "b"), "distill": {"loss": {"distance": "lpips-vgg16"}}})
+    assert not (tmp_path / "b").exists(), "settings are checked before any work"
+    with pytest.raises(ValueError, match="unknown solver.method 'rk4'"):
+        generate_pairs_from_config({"out": str(tmp_path / "c"), "teacher": cfg["teacher"], "solver": {"method": "rk4"}})
+
+
+def test_solver_settings_passed_to_the_pair_store():
+    solver = {"method": "dopri5", "steps": 8, "rtol": 1e-4, "atol": 1e-6, "max_steps": 100}
+    assert solver_kwargs(solver) == {"method": "dopri5", "rtol": 1e-4, "atol": 1e-6, "max_steps": 100}
+    assert solver_kwargs({**solver, "method": "midpoint"}) == {"method": "midpoint", "steps": 8}
