@@ -23,7 +23,7 @@ from slimflow.anneal import barrier, command_line, export_is_current, full_confi
 from slimflow.checkpoint import latest_checkpoint, read_model_file, sha256_file
 from slimflow.engine import resolve_device
 from slimflow.images import grid_image, save_grid
-from slimflow.losses import l2
+from slimflow.losses import distance, l2
 from slimflow.pairs import PairStore, generate_pairs, state_dict_hash
 from slimflow.sample import sample
 from slimflow.solvers import FIXED_STEP_METHODS, METHODS
@@ -168,15 +168,23 @@ def _train_stage(runner, cfg: dict, export: Path, inputs_current: bool, command:
             "export": str(export)}
 
 
+def _check_settings(cfg: dict) -> None:
+    """Every stage's settings, and the weights its distances need, before any work (not after an hour of it)."""
+    solver_kwargs(cfg["pairs"]["solver"])
+    anneal_stage.anneal_loss(cfg["anneal"]["flow"])
+    anneal_stage.check_anneal_config(cfg["anneal"])
+    loss = cfg["distill"]["loss"]
+    distill_stage.check_loss_config(loss)
+    distance(loss["distance"], **loss["options"])
+
+
 def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     """pairs → anneal → distill → grids from the teacher file in `cfg` (see DEFAULTS) into `cfg.out`; writes and
     returns the summary (sizes, wall time per stage, pairs/s, NFE/pair, final losses, paths). `command` is recorded
     in the students' sidecars (default: this process's command line)."""
     command = command_line(command)
     cfg = full_config(DEFAULTS, cfg)
-    solver_kwargs(cfg["pairs"]["solver"])  # settings of every stage are checked before any work
-    anneal_stage.check_anneal_config(cfg["anneal"])
-    distill_stage.check_loss_config(cfg["distill"]["loss"])
+    _check_settings(cfg)
     teacher = load_teacher_file(cfg["teacher"])
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,7 @@ def interrupt_when(path: Path) -> threading.Thread:
     def watch():
         deadline = time.time() + 300
         while not path.exists() and time.time() < deadline:
-            time.sleep(0.001)
+            time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGINT)
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -132,6 +132,10 @@ def test_bad_input_is_refused_with_a_clear_error(finished, tmp_path):
     with pytest.raises(ValueError, match="unknown distillation distance 'lpips-vgg16'"):
         run_pipeline({**cfg, "out": str(tmp_path / "b"), "distill": {"loss": {"distance": "lpips-vgg16"}}})
     assert not (tmp_path / "b").exists(), "settings are checked before any work"
+    missing = {"distance": "domain", "options": {"weights_path": str(tmp_path / "no_domain_net.safetensors")}}
+    with pytest.raises(FileNotFoundError, match="no_domain_net.safetensors"):
+        run_pipeline({**cfg, "out": str(tmp_path / "b"), "distill": {"loss": missing}})
+    assert not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match="unknown solver.method 'rk4'"):
         generate_pairs_from_config({"out": str(tmp_path / "c"), "teacher": cfg["teacher"], "solver": {"method": "rk4"}})
 
