@@ -11,7 +11,6 @@ from teachers.unet import PRESETS, build_unet
 _FIXTURE_NAME = "ddpmpp_reference_shapes.json"
 _FIXTURE_CANDIDATES = (
     Path(__file__).parent / "fixtures" / _FIXTURE_NAME,
-    Path("/work/shared/fixtures") / _FIXTURE_NAME,
 )
 
 

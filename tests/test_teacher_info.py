@@ -14,7 +14,7 @@ from slimflow.checkpoint import CheckpointError, rng_state, save_model, save_tra
 from teachers.inspect import ddpmpp_config_guess, describe_checkpoint, detect_format, format_summary, load_teacher
 from teachers.unet import build_unet
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ddpmpp_reference_shapes.json"
+FIXTURE = Path(__file__).parent / "fixtures" / "ddpmpp_reference_shapes.json"
 TINY = {"in_channels": 3, "resolution": 16, "nf": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 2,
         "attn_resolutions": [8]}
 
@@ -88,7 +88,6 @@ def test_reference_checkpoint_loads_as_a_teacher(tmp_path, tiny_unet):
         describe_checkpoint(tmp_path / "bad_ema.pth")
 
 
-@pytest.mark.skipif(not FIXTURE.is_file(), reason=f"reference shapes fixture {FIXTURE} is not present")
 def test_architecture_guess_for_the_five_slimflow_configurations():
     fixture = json.loads(FIXTURE.read_text())
     for name, entry in fixture.items():

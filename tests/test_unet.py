@@ -10,7 +10,6 @@ from teachers.unet import PRESETS, UNet, build_unet, timestep_embedding, varianc
 _FIXTURE_NAME = "ddpmpp_reference_shapes.json"
 _FIXTURE_CANDIDATES = (
     Path(__file__).parent / "fixtures" / _FIXTURE_NAME,
-    Path("/work/shared/fixtures") / _FIXTURE_NAME,
 )
 
 # SPEC §3.3 parameter counts (32×32, 3 channels).
