@@ -85,16 +85,21 @@ class FrozenDistance(nn.Module):
         self.eval()
 
 
+def pretrained_file_location(filename: str, given: str | Path | None, given_label: str) -> tuple[Path, str]:
+    """(path, where it comes from) of a pretrained weights file: `given` if set, else the torch hub cache
+    (`torch.hub.get_dir()/checkpoints/<filename>`, which follows $TORCH_HOME). Nothing is downloaded."""
+    if given is not None:
+        return Path(given), f"the given {given_label}"
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename, "the torch hub cache"
+
+
 def lpips_backbone_file(kind: str, backbone_path: str | Path | None = None) -> Path:
     """The torchvision ImageNet weights file an LPIPS kind needs: `backbone_path` if given, else the torch hub
     cache (`torch.hub.get_dir()/checkpoints/<torchvision file name>`). MissingWeightsError when it is absent."""
     arch = LPIPS_NETS[kind][1]
     weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
     filename = os.path.basename(weights.url)
-    if backbone_path is not None:
-        path, where = Path(backbone_path), "the given backbone_path"
-    else:
-        path, where = Path(torch.hub.get_dir()) / "checkpoints" / filename, "the torch hub cache"
+    path, where = pretrained_file_location(filename, backbone_path, "backbone_path")
     if path.is_file():
         return path
     raise MissingWeightsError(

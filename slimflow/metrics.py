@@ -37,6 +37,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from slimflow.checkpoint import sha256_file
 from slimflow.data import load_images, to_uint8
 from slimflow.domain_net import DEFAULT_WEIGHTS, MissingWeightsError, load_domain_net
+from slimflow.losses import pretrained_file_location
 from slimflow.engine import resolve_device
 from slimflow.sample import sample
 from teachers.zoo import load_model
@@ -100,10 +101,7 @@ class DomainNetFeatures(FeatureExtractorBase):
 def inception_weights_file(path: str | Path | None = None) -> Path:
     """torch-fidelity's InceptionV3 weights: `path` if given, else the torch hub cache (`torch.hub.get_dir()/
     checkpoints/`, where torch-fidelity's own download would put it). MissingWeightsError when absent."""
-    if path is not None:
-        found, where = Path(path), "the given path"
-    else:
-        found, where = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE, "the torch hub cache"
+    found, where = pretrained_file_location(INCEPTION_FILE, path, "path")
     if found.is_file():
         return found
     raise MissingWeightsError(
