@@ -206,7 +206,7 @@ def train_domain_net(out_path: str | Path, epochs: int = 8, batch_size: int = 12
                  f"data_root={None if data_root is None else str(data_root)!r}, widths={tuple(widths)}, "
                  f"depths={tuple(depths)}, device={device!r})"),
         "command": shlex.join(sys.orig_argv),
-        "wall_time_s": round(time.time() - started, 1),
+        "wall_time_s": round(time.time() - started, 3),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"device": str(dev), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__},
