@@ -41,8 +41,7 @@ def save_pruned(out_dir: str | Path, model: nn.Module, *, arch: Mapping, example
     meta = {
         "format": FORMAT,
         "arch": dict(arch),
-        "example_inputs": [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
-                           for x in as_args(example_inputs)],
+        "example_inputs": input_specs(example_inputs),
         "history": history or [],
         "masks": masks is not None,
         "extra": dict(extra or {}),
@@ -68,6 +67,27 @@ def read_meta(out_dir: str | Path) -> dict:
     return meta
 
 
+def input_specs(example_inputs: Any) -> list[dict]:
+    """JSON-able shapes and dtypes of example inputs (what `replay_history` traces with)."""
+    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in as_args(example_inputs)]
+
+
+def replay_history(model: nn.Module, history: list, input_specs: list[dict], *,
+                   custom_pruners: dict | None = None) -> nn.Module:
+    """Remove the channels recorded in `history` from the unpruned `model` (in place), exactly as before: trace it
+    on zero inputs of `input_specs` and replay Torch-Pruning's history. An empty history changes nothing."""
+    if not history:
+        return model
+    inputs = tuple(torch.zeros(x["shape"], dtype=getattr(torch, x["dtype"])) for x in input_specs)
+    was_training = model.training
+    with torch.enable_grad():  # Torch-Pruning traces through autograd
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, customized_pruners=custom_pruners)
+        graph.load_pruning_history(history)
+    sync_attention_dims(model)
+    model.train(was_training)  # tracing left it in eval()
+    return model
+
+
 def load_pruned(out_dir: str | Path, build: Callable[[Mapping], nn.Module] = build_model, *,
                 custom_pruners: dict | None = None) -> nn.Module:
     """Rebuild the unpruned network with `build(arch)`, replay the pruning history, load the weights (CPU).
@@ -77,14 +97,7 @@ def load_pruned(out_dir: str | Path, build: Callable[[Mapping], nn.Module] = bui
     out_dir = Path(out_dir)
     meta = read_meta(out_dir)
     model = build(meta["arch"])
-    if meta["history"]:
-        inputs = tuple(torch.zeros(x["shape"], dtype=getattr(torch, x["dtype"])) for x in meta["example_inputs"])
-        with torch.enable_grad():  # Torch-Pruning traces through autograd
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs,
-                                                          customized_pruners=custom_pruners)
-            graph.load_pruning_history(meta["history"])
-        sync_attention_dims(model)
-        model.train()  # tracing left it in eval()
+    replay_history(model, meta["history"], meta["example_inputs"], custom_pruners=custom_pruners)
     try:
         load_model(model, str(out_dir / "model.safetensors"), strict=True)
     except (RuntimeError, KeyError) as err:

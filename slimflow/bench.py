@@ -1,11 +1,13 @@
 """Benchmark: sample quality (FID/KID/precision-recall per extractor) against size, MACs, NFE and latency.
 
-`bench(cfg)` evaluates each entry (a model file sampled with one solver setting) and writes to `cfg.out`:
+`bench(cfg)` first runs the `prepare` stages that make the models (pipelines, pruning; each resumes or is skipped
+when current), then evaluates each entry (a model file sampled with one solver setting) and writes to `cfg.out`:
 - `entries/<name>.json`: one entry's result with a fingerprint of everything it depends on (entry, model file
   hash, feature extractors including the domain net's weights hash, reference, metric and cost settings,
   device, torch version); a re-run skips entries whose fingerprint still matches, so an interrupted benchmark
   resumes where it stopped, and recomputes the others.
-- `bench.csv`, `bench.md` (the table; metric columns are named by extractor, e.g. "FID (domain)"),
+- `bench.csv`, `bench.md` (the table; metric columns are named by extractor, e.g. "FID (domain)"; the `compare`
+  pairs as a second table with the relative FID change),
 - `fid_vs_params.png`, `fid_vs_latency.png` (log-x, labelled points, Pareto front highlighted; y is the FID
   of the first extractor listed, x the latency at the smallest batch size),
 - `samples/<name>.png` (a grid of the entry's first samples) and TensorBoard under `tb/` (scalars, the figures
@@ -62,7 +64,15 @@ DEFAULTS: dict = {
     "cost": {"batch_sizes": [1, 64], "warmup": 2, "repeats": 10},
     "grid": 64,  # samples per entry saved as samples/<name>.png (0: none)
     "entries": [],  # each {name, model, method, steps, tol}
+    # Runs that make the entries' models, in order, before any evaluation: each {stage, config, overrides}
+    # with stage one of PREPARE_STAGES; each is skipped or resumed when its outputs are current or partial.
+    "prepare": [],
+    # Pairs of entries to set side by side in bench.md: each {label, baseline, candidate} (entry names).
+    "compare": [],
 }
+# stage -> (module, function, defaults, check): the functions `slimflow run` and `slimflow prune` call
+PREPARE_STAGES = {"run": ("slimflow.pipeline", "run_pipeline", "DEFAULTS", "check_config"),
+                  "prune": ("pruning.flow", "prune_student", "DEFAULTS", "check_config")}
 ENTRY_DEFAULTS = {"method": "euler", "steps": 1, "tol": 1e-5}
 ENTRY_KEYS = ("name", "model", *ENTRY_DEFAULTS)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -94,6 +104,55 @@ def check_entries(entries: list) -> list[dict]:
         seen.add(name)
         out.append(entry)
     return out
+
+
+def check_prepare(items: list) -> list[dict]:
+    """The `prepare` items with their configs loaded (defaults ← config file ← overrides) and checked by their
+    stage, so a bad setting in the last stage stops the benchmark before the first one runs."""
+    import importlib
+
+    from slimflow.config import load_config
+
+    if not isinstance(items, list):
+        raise ValueError("prepare must be a list of {stage, config, overrides}")
+    loaded = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - {"stage", "config", "overrides"} or "stage" not in item:
+            raise ValueError(f"prepare[{i}] must be a mapping with keys stage, config, overrides; got {item!r}")
+        if item["stage"] not in PREPARE_STAGES:
+            raise ValueError(f"prepare[{i}]: unknown stage {item['stage']!r}; choose one of {', '.join(PREPARE_STAGES)}")
+        module, function, defaults, check = PREPARE_STAGES[item["stage"]]
+        mod = importlib.import_module(module)
+        cfg = load_config(getattr(mod, defaults), item.get("config"), item.get("overrides") or [])
+        getattr(mod, check)(cfg)
+        loaded.append({"stage": item["stage"], "run": getattr(mod, function), "config": cfg,
+                       "label": " ".join([item["stage"], str(item.get("config")), *(item.get("overrides") or [])])})
+    return loaded
+
+
+def run_prepare(items: list[dict], command: str | None) -> list[dict]:
+    """Run each loaded prepare item in order; returns what each returned (their summaries)."""
+    done = []
+    for i, item in enumerate(items):
+        print(f"bench: prepare {i + 1}/{len(items)}: {item['label']}", file=sys.stderr)
+        done.append(item["run"](item["config"], command=f"{command or shlex.join(sys.orig_argv)} (prepare {i + 1})"))
+    return done
+
+
+def comparison_table(rows: list[dict], pairs: list, extractor: str) -> str:
+    """Markdown: for each {label, baseline, candidate}, both FIDs of `extractor` and the candidate's relative
+    change (negative: the candidate is better)."""
+    by_name = {r["name"]: r for r in rows}
+    fid = metric_label("fid", extractor)
+    lines = [f"| comparison | baseline | {fid} | candidate | {fid} | change |", "|---|---|---|---|---|---|"]
+    for i, pair in enumerate(pairs):
+        missing = [pair.get(k) for k in ("baseline", "candidate") if pair.get(k) not in by_name]
+        if missing:
+            raise ValueError(f"compare[{i}] names entries that are not in the benchmark: {missing}")
+        a, b = by_name[pair["baseline"]][fid], by_name[pair["candidate"]][fid]
+        lines.append(f"| {pair.get('label', '')} | {pair['baseline']} | {a:.4g} | {pair['candidate']} | {b:.4g} | "
+                     f"{100 * (b - a) / a:+.1f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def _model_hash(path: str | Path) -> str:
@@ -229,13 +288,13 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
-def write_reports(rows: list[dict], cfg: dict, out: Path, header: str) -> dict[str, Path]:
-    """bench.csv, bench.md, both PNG figures and TensorBoard (scalars, figures, table)."""
+def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: str = "") -> dict[str, Path]:
+    """bench.csv, bench.md (header, table, footer), both PNG figures and TensorBoard (scalars, figures, table)."""
     cols = columns(cfg)
     paths = {"csv": out / "bench.csv", "md": out / "bench.md", "fid_vs_params": out / "fid_vs_params.png",
              "fid_vs_latency": out / "fid_vs_latency.png"}
     write_csv(rows, cols, paths["csv"])
-    table = markdown_table(rows, cols)
+    table = markdown_table(rows, cols) + footer
     atomic_write_text(paths["md"], header + "\n" + table)
     fid = metric_label("fid", cfg["metrics"]["extractors"][0])
     names = [r["name"] for r in rows]
@@ -268,12 +327,18 @@ def bench(cfg: dict, command: str | None = None) -> dict:
     fingerprint, and write the reports. Returns {"rows", "computed", "skipped", "files"}."""
     cfg = copy.deepcopy(cfg)
     entries = check_entries(cfg["entries"])
+    prepare = check_prepare(cfg["prepare"])
+    unknown = [n for pair in cfg["compare"] for n in (pair.get("baseline"), pair.get("candidate"))
+               if n not in {e["name"] for e in entries}]
+    if unknown:
+        raise ValueError(f"compare names entries that are not in `entries`: {unknown}")
     extractors = cfg["metrics"]["extractors"]
     if not extractors:
         raise ValueError("metrics.extractors is empty; choose one or more of domain, inception")
     # missing weights or data stop the run before any sampling
     extractor_ids = {e: resolve_extractor(e, cfg["metrics"].get(f"{e}_weights"))[0] for e in extractors}
     reference_images(cfg["reference"])  # a missing data set too
+    run_prepare(prepare, command)
     device = resolve_device(cfg["device"])
     out = Path(cfg["out"])
     (out / "entries").mkdir(parents=True, exist_ok=True)
@@ -312,7 +377,9 @@ def bench(cfg: dict, command: str | None = None) -> dict:
               f"MACs: Torch-Pruning count of one network evaluation (module ops; see slimflow.cost). Latency: "
               f"median ms/image of a full generation. Peak memory: extra memory of one generation at the "
               f"largest batch.\n")
-    files = write_reports(rows, cfg, out, header)
+    footer = ("\n## Comparisons\n\n" + comparison_table(rows, cfg["compare"], extractors[0])
+              if cfg["compare"] else "")
+    files = write_reports(rows, cfg, out, header, footer)
     atomic_write_text(out / "bench.json", json.dumps({"date": now, "machine": machine, "config": cfg,
                                                       "rows": rows}, indent=1, default=str) + "\n")
     return {"rows": rows, "computed": computed, "skipped": skipped, "files": {k: str(v) for k, v in files.items()}}

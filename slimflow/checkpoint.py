@@ -226,7 +226,8 @@ def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         ckpt = latest_checkpoint(root) or path
         meta, tensors = load_training_checkpoint(ckpt)
-        return {"model": meta["config"].get("model", {}), "step": meta["step"], "source": str(ckpt)}, \
+        return {"model": meta["config"].get("model", {}), "pruning": meta["config"].get("pruning"),
+                "step": meta["step"], "source": str(ckpt)}, \
             tensors.get("ema", tensors["model"])
     if not path.is_file():
         raise CheckpointError(f"no model file at {str(path)!r}")

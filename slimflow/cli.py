@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "configs/distill/fmnist.yaml").set_defaults(func=_stage("slimflow.distill", "distill"))
     _with_config(sub.add_parser("run", help="pairs -> anneal -> distill from one config"),
                  "configs/quickstart.yaml").set_defaults(func=_stage("slimflow.pipeline", "run_pipeline"))
+    _with_config(sub.add_parser("prune", help="prune a flow student's channels, then recover it by distillation"),
+                 "configs/prune/fmnist.yaml").set_defaults(func=_stage("pruning.flow", "prune_student"))
     _with_config(sub.add_parser("bench", help="FID/KID/precision-recall vs params, MACs, NFE, latency"),
                  "configs/bench/fmnist-cpu.yaml").set_defaults(func=_stage("slimflow.bench", "bench"))
     domain = sub.add_parser("domain-net", help="the Fashion-MNIST feature network").add_subparsers(

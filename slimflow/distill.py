@@ -26,7 +26,7 @@ from slimflow.checkpoint import load_state_checked, read_model_file, save_model,
 from slimflow.engine import TRAIN_DEFAULTS, Trainer, batch_indices
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, Distance, distance
 from slimflow.pairs import PairStore, PairStoreError
-from teachers.unet import build_unet
+from teachers.zoo import build_from_sidecar
 
 VARIANTS = ("reference", "paper")
 DISTANCES = (*PIXEL_KINDS, *PERCEPTUAL_KINDS)
@@ -73,9 +73,15 @@ def distill_terms(student: Callable, guide: Callable, batch: dict, variant: str 
 
 
 def distill_loss(guide: torch.nn.Module, d: Distance, loss_cfg: dict) -> Callable:
-    """loss_fn(model, batch) for the engine: w_distill·mean D(one_step, x̂) + w_2step·mean D(e + ŝ, y)."""
+    """loss_fn(model, batch) for the engine: w_distill·mean D(one_step, x̂) + w_2step·mean D(e + ŝ, y); with
+    w_2step = 0 only the first term is computed (the student runs on z alone, the guide not at all)."""
 
     def loss_fn(model, batch):
+        if loss_cfg["w_2step"] == 0:  # plain distillation (the ablation baseline): no guide, no second batch
+            z = batch["z"]
+            times = torch.full((z.shape[0],), loss_cfg["one_step_time"], dtype=z.dtype, device=z.device)
+            one = d(z + model(z, times), batch["x_hat"]).mean()
+            return loss_cfg["w_distill"] * one, {"distill": one.detach()}
         terms = distill_terms(model, guide, batch, loss_cfg["variant"], loss_cfg["one_step_time"])
         one = d(terms["one_step"], terms["pair_image"]).mean()
         two = d(terms["two_step"], terms["two_step_target"]).mean()
@@ -139,7 +145,7 @@ def load_student(path: str | Path) -> tuple[torch.nn.Module, dict]:
     sidecar, weights = read_model_file(path)
     if not sidecar.get("model"):
         raise ValueError(f"{str(path)!r} does not record its model config")
-    model = build_unet(sidecar["model"])
+    model = build_from_sidecar(sidecar)  # a pruned student too
     load_state_checked(model, weights, str(path))
     return model, sidecar
 
@@ -173,7 +179,8 @@ def distill(cfg: dict, command: str | None = None) -> dict:
     if trainer.rank == 0:
         export = out / "distilled_ema.safetensors"
         save_model(export, trainer.ema or trainer.model, {
-            "model": model_cfg, "kind": "distilled-student", "time_convention": TIME_CONVENTION,
+            "model": model_cfg, **({"pruning": sidecar["pruning"]} if sidecar.get("pruning") else {}),
+            "kind": "distilled-student", "time_convention": TIME_CONVENTION,
             "one_step_time": cfg["loss"]["one_step_time"], "pairs": pairs_record(store),
             "guide": {"file": str(cfg["student"]), "sha256": student_sha256, "kind": sidecar.get("kind")},
             "steps": result["steps"], "config": plain_config(cfg), "command": command_line(command)})

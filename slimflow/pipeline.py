@@ -1,6 +1,6 @@
 """Pair generation from a config, and `run`: teacher → pairs → anneal → distill → comparison grids, in one folder.
 
-Run folder (`out`): config.yaml, pairs/ (the pair store), anneal/ and distill/ (each: config.yaml, checkpoints/,
+Run folder (`out`): config.yaml, pairs/ (the pair store, unless pairs.dir puts it elsewhere), anneal/ and distill/ (each: config.yaml, checkpoints/,
 tb/, samples/, the exported EMA model, summary.json), grids/ (teacher 1-step, teacher many-step, annealed and
 distilled student 1-step, all from the same noise, and side_by_side.png), tb/ (the grids), summary.json.
 Each stage is skipped when its output is complete and current, resumed from its checkpoints when partial.
@@ -43,7 +43,8 @@ PAIRS_DEFAULTS: dict = {
 DEFAULTS: dict = {
     "out": "runs/run",
     "teacher": PAIRS_DEFAULTS["teacher"],
-    "pairs": {k: copy.deepcopy(v) for k, v in PAIRS_DEFAULTS.items() if k not in ("out", "teacher")},
+    # pairs.dir: where the pair store lives (None: <out>/pairs); runs that name the same dir share one store
+    "pairs": {"dir": None, **{k: copy.deepcopy(v) for k, v in PAIRS_DEFAULTS.items() if k not in ("out", "teacher")}},
     "anneal": {k: copy.deepcopy(v) for k, v in anneal_stage.DEFAULTS.items() if k not in ("out", "pairs", "teacher")},
     "distill": {k: copy.deepcopy(v) for k, v in distill_stage.DEFAULTS.items()
                 if k not in ("out", "pairs", "teacher", "student")},
@@ -178,6 +179,11 @@ def _check_settings(cfg: dict) -> None:
     distance(loss["distance"], **loss["options"])
 
 
+def check_config(cfg: dict) -> None:
+    """Raise on any bad setting of a `run` config (see DEFAULTS) or a distance whose weights are missing."""
+    _check_settings(full_config(DEFAULTS, cfg))
+
+
 def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     """pairs → anneal → distill → grids from the teacher file in `cfg` (see DEFAULTS) into `cfg.out`; writes and
     returns the summary (sizes, wall time per stage, pairs/s, NFE/pair, final losses, paths). `command` is recorded
@@ -191,9 +197,10 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     began = time.time()
     stages: dict[str, dict] = {}
 
-    pairs_dir = out / "pairs"
+    pairs_settings = {k: v for k, v in cfg["pairs"].items() if k != "dir"}
+    pairs_dir = Path(cfg["pairs"]["dir"]) if cfg["pairs"]["dir"] else out / "pairs"
     before = (_read_json(pairs_dir / "manifest.json") or {}).get("status")
-    manifest = generate_pairs_from_config({**cfg["pairs"], "out": str(pairs_dir), "teacher": cfg["teacher"]})
+    manifest = generate_pairs_from_config({**pairs_settings, "out": str(pairs_dir), "teacher": cfg["teacher"]})
     status = {"complete": "skipped", "running": "resumed"}.get(before, "ran")
     stages["pairs"] = {"status": status, "wall_s": manifest["seconds_this_session"],
                        "count": manifest["count"], "solver": manifest["solver"],

@@ -35,6 +35,17 @@ def load_model(path: str | Path, expect: dict | None = None, device: str | torch
         raise CheckpointError(f"{str(path)!r} does not record its model config")
     if expect is not None:
         check_config(resolve_model_config(expect), config, str(path))
-    model = build_unet(config)
+    model = build_from_sidecar(sidecar)
     load_state_checked(model, weights, str(path))
     return model.to(device).eval().requires_grad_(False)
+
+
+def build_from_sidecar(sidecar: dict) -> torch.nn.Module:
+    """The (untrained) network a model file's sidecar describes: its UNet config, with the channels of its
+    `pruning` record removed when the model was pruned (see pruning.flow)."""
+    model = build_unet(sidecar["model"])
+    if sidecar.get("pruning"):
+        from pruning.flow import apply_pruning_record
+
+        apply_pruning_record(model, sidecar["pruning"])
+    return model

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from slimflow.bench import DEFAULTS, bench, check_entries, pareto_front
+from slimflow.bench import DEFAULTS, bench, check_entries, check_prepare, pareto_front
 from slimflow.checkpoint import save_model
 from slimflow.config import load_config
 from slimflow.data import load_images, to_float
@@ -30,10 +30,24 @@ def test_cpu_preset_is_valid():
     cfg = load_config(DEFAULTS, PRESET)
     entries = check_entries(cfg["entries"])
     teacher = [e for e in entries if e["model"] == "teachers/weights/fmnist_teacher.safetensors"]
-    assert {(e["method"], e["steps"]) for e in teacher if e["method"] == "euler"} == {("euler", 1), ("euler", 4),
-                                                                                     ("euler", 16)}
-    assert any(e["method"] == "dopri5" for e in teacher)
+    assert {(e["method"], e["steps"]) for e in teacher} == {("euler", 1), ("euler", 4), ("euler", 16), ("euler", 32)}
     assert cfg["metrics"]["extractors"][0] == "domain"
+    # every student entry is made by a prepare stage; the two ablation variants share one pair store
+    stages = check_prepare(cfg["prepare"])
+    outs = [item["config"]["out"] for item in stages]
+    assert all(any(e["model"].startswith(out + "/") for out in outs) for e in entries if e not in teacher)
+    assert len({item["config"]["pairs"]["dir"] for item in stages if item["stage"] == "run"}) == 1
+    by_out = {item["config"]["out"]: item["config"] for item in stages}
+    for size in ("s", "m"):
+        a, b = by_out[f"runs/ablation/{size}-reflow-l2"], by_out[f"runs/ablation/{size}-slimflow"]
+        assert a["anneal"]["model"] == b["anneal"]["model"] == {"preset": f"fmnist-student-{size}"}
+        assert (a["anneal"]["beta"]["schedule"], a["anneal"]["beta"]["value"], a["anneal"]["hflip"]) == ("constant", 0.0,
+                                                                                                     False)
+        assert (a["distill"]["loss"]["distance"], a["distill"]["loss"]["w_2step"]) == ("l2", 0.0)
+        assert b["anneal"]["beta"]["schedule"] == "linear" and b["anneal"]["hflip"] is True
+        assert b["distill"]["loss"]["w_2step"] > 0 and b["distill"]["loss"]["distance"] == "domain"
+        assert a["anneal"]["train"] == b["anneal"]["train"] and a["distill"]["train"] == b["distill"]["train"]
+        assert a["pairs"] == b["pairs"]
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -120,3 +134,35 @@ def test_bench_writes_reports_and_skips_cached_entries(tmp_path, domain_weights)
     third = bench(cfg, command="pytest")
     assert third["computed"] == ["small-euler-1"] and third["skipped"] == names[:2] + names[3:]
     assert json.loads((out / "entries" / "small-euler-1.json").read_text())["result"]["nfe"] == 2.0
+
+
+def test_prepare_makes_the_models_and_compare_sets_entries_side_by_side(tmp_path, domain_weights):
+    student = _tiny_model(tmp_path / "student.safetensors", 8, 3)
+    cfg = load_config(DEFAULTS)
+    pruned = str(tmp_path / "prune" / "pruned.safetensors")
+    cfg.update(out=str(tmp_path / "bench"), device="cpu", grid=0, entries=[
+        {"name": "student", "model": student}, {"name": "pruned", "model": pruned}])
+    cfg["reference"]["n"] = 128
+    cfg["metrics"].update(n_samples=64, batch_size=64, kid_subsets=5, domain_weights=domain_weights,
+                          cache_dir=str(tmp_path / "cache"))
+    cfg["cost"].update(batch_sizes=[1], warmup=1, repeats=2)
+    cfg["prepare"] = [{"stage": "prune", "overrides": [f"out={tmp_path / 'prune'}", f"student={student}",
+                                                       "prune.macs_fraction=0.5", "recover.mode=none"]}]
+    cfg["compare"] = [{"label": "pruning", "baseline": "student", "candidate": "prune"}]
+    with pytest.raises(ValueError, match=r"compare names entries that are not in `entries`: \['prune'\]"):
+        bench(cfg)
+    assert not (tmp_path / "prune").exists()  # checked before any work
+    second = {"stage": "prune", "overrides": [f"out={tmp_path / 'other'}", "prune.importance=magnitude"]}
+    with pytest.raises(ValueError, match="unknown prune.importance 'magnitude'"):
+        bench({**cfg, "compare": [], "prepare": [cfg["prepare"][0], second]})
+    assert not (tmp_path / "prune").exists()  # the first stage did not run either
+
+    cfg["compare"][0]["candidate"] = "pruned"
+    result = bench(cfg, command="pytest")
+    assert Path(pruned).is_file() and result["computed"] == ["student", "pruned"]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["pruned"]["macs_per_nfe"] <= 0.5 * rows["student"]["macs_per_nfe"]
+    a, b = rows["student"]["FID (domain)"], rows["pruned"]["FID (domain)"]
+    table = (tmp_path / "bench" / "bench.md").read_text()
+    assert f"| pruning | student | {a:.4g} | pruned | {b:.4g} | {100 * (b - a) / a:+.1f}% |" in table
+    assert table.index("## Comparisons") > table.index("| name")

@@ -97,6 +97,19 @@ def test_l2_loss_and_gradient_match_closed_forms_and_only_the_student_learns(var
     assert guide.w.grad is None
 
 
+
+def test_zero_two_step_weight_is_plain_distillation_without_calling_the_guide():
+    student = LinearField(2.0)
+
+    def guide(x, t):
+        raise AssertionError("the guide must not run when w_2step = 0")
+
+    batch = batch_of()
+    cfg = {"variant": "reference", "one_step_time": 0.0, "w_distill": 0.7, "w_2step": 0.0}
+    loss, parts = distill_loss(guide, l2, cfg)(student, batch)
+    one = (3 * batch["z"] - batch["x_hat"]).square().mean()
+    assert set(parts) == {"distill"} and loss.item() == pytest.approx(0.7 * one.item(), rel=1e-5)
+
 def test_batches_draw_fresh_noise_and_times_from_the_generator(tmp_path):
     generate_pairs(lambda x, t: 1.0 - x, tmp_path, n=16, shape=SHAPE, seed=0, solver={"method": "euler", "steps": 2},
                    shard_size=16, batch_size=16, teacher_hash="field", progress=False)

@@ -1,0 +1,284 @@
+"""Prune a flow student (the project's UNet) by channels, then recover it.
+
+`prune_student(cfg)` (`slimflow prune --config ...`):
+1. loads the student model file (annealed or distilled; a velocity network v(x, t));
+2. prunes channels with Torch-Pruning (UNet-aware: the attention's NIN matrices go through `MatmulPruner`,
+   GroupNorm groups stay whole, the output conv is kept; local ranking, which UNet skip concatenations need),
+   either to a channel `ratio` or to a `macs_fraction` of the MACs; importance magnitude (l1/l2), lamp, random,
+   or taylor from the flow-matching loss on the pairs, accumulated over timesteps (Diff-Pruning style);
+3. writes `pruned.safetensors`: an ordinary model file whose sidecar records the unpruned config and the pruning
+   history, which `teachers.zoo.load_model` replays, so sample, bench, export and distill read it unchanged;
+4. recovers it (`recover.mode`): `one_step`: distillation from the unpruned student, D(z + v_p(z, t0),
+   z + v_u(z, t0)) on fresh noise z (data-free; for one-step students); `flow`: the reflow loss on the pairs
+   (for multi-step students); `none`. Training resumes from `recover/checkpoints`;
+5. exports `recovered_ema.safetensors` and writes `summary.json`: params/MACs/latency before and after, the
+   one-step distance to the unpruned student before and after recovery, and a grid of the three models.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .measure import count_macs_params, measure_latency
+from .serialization import input_specs, replay_history
+from .structured import IMPORTANCES, MatmulPruner, prune_structured, ratio_for_macs
+from .taylor import accumulate_gradients
+
+RECOVER_MODES = ("one_step", "flow", "none")
+KIND = "pruned-student"
+
+
+def _defaults() -> dict:
+    from slimflow.engine import TRAIN_DEFAULTS
+
+    return {
+        "out": "runs/prune",
+        "student": "runs/run/distill/distilled_ema.safetensors",  # a model file (or a training run directory)
+        "pairs": None,  # pair store: needed by importance taylor and recover.mode flow
+        "prune": {
+            "importance": "l2",  # l1 | l2 | lamp | random | taylor
+            "ratio": None,  # share of channels removed per layer; or, when None:
+            "macs_fraction": 0.5,  # the smallest ratio whose pruning keeps at most this share of the MACs
+            "steps": 1,
+            "taylor": {"batches": 8, "batch_size": 32, "eps": 1e-3, "seed": 0},  # t from 1 to eps, one per batch
+        },
+        "recover": {
+            "mode": "one_step",
+            "distance": "l2",  # one_step: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex (flow: l2)
+            "options": {"_open": True},
+            "train": {**copy.deepcopy(TRAIN_DEFAULTS), "steps": 500, "batch_size": 32, "lr": 3e-4, "warmup": 25,
+                      "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999}, "ckpt_every": 100},
+        },
+        "compare": {"n": 64, "seed": 0},  # noise of the grid and of the distance to the unpruned student
+    }
+
+
+DEFAULTS = _defaults()
+
+
+# ------------------------------------------------------------------------------------------ UNet specifics
+def unet_custom_pruners() -> dict:
+    """How Torch-Pruning prunes the layers of teachers.unet it does not know: NIN is x @ W + b."""
+    from teachers.unet import NIN
+
+    return {NIN: MatmulPruner("W", "b")}
+
+
+def example_inputs(model_config: dict, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, t) zeros for tracing a UNet of `model_config`."""
+    c, r = model_config["in_channels"], model_config["resolution"]
+    return torch.zeros(batch, c, r, r), torch.zeros(batch)
+
+
+def apply_pruning_record(model: nn.Module, record: dict) -> nn.Module:
+    """Remove the channels a pruned model file's `pruning` record lists from the unpruned UNet `model`."""
+    return replay_history(model, record["history"], record["example_inputs"], custom_pruners=unet_custom_pruners())
+
+
+# ------------------------------------------------------------------------------------------ pure pieces
+def one_step_images(model: Callable, z: torch.Tensor, t0: float = 0.0) -> torch.Tensor:
+    """z + v(z, t0): the image a one-step student makes from noise z."""
+    return z + model(z, torch.full((z.shape[0],), t0, dtype=z.dtype, device=z.device))
+
+
+def taylor_batches(store, n_batches: int, batch_size: int, eps: float, seed: int):
+    """Flow-matching batches from the pairs at times t = 1 … eps (one per batch, high t first, as Diff-Pruning
+    runs from the low-noise end) for Taylor gradients."""
+    from slimflow.engine import batch_indices
+    from teachers.train import flow_matching_batch
+
+    for k, t in enumerate(torch.linspace(1.0, eps, n_batches)):
+        z, x = store.batch(batch_indices(k, batch_size, len(store), seed))
+        yield flow_matching_batch(z, x, torch.full((batch_size,), float(t)))
+
+
+def flow_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return (model(batch["x_t"], batch["t"]) - batch["target"]).square().mean()
+
+
+def one_step_recovery_loss(original: nn.Module, d: Callable, t0: float) -> Callable:
+    """loss_fn(model, batch) for the engine: mean D(pruned one-step image, unpruned one-step image) on batch z."""
+
+    def loss_fn(model, batch):
+        with torch.no_grad():
+            target = one_step_images(original, batch["z"], t0)
+        return d(one_step_images(model, batch["z"], t0), target).mean()
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------ stages
+def check_config(cfg: dict) -> None:
+    """Raise on any bad setting of a `prune` config (see DEFAULTS), before any work."""
+    from slimflow.anneal import full_config
+
+    _check(full_config(DEFAULTS, cfg))
+
+
+def _check(cfg: dict) -> None:
+    p, r = cfg["prune"], cfg["recover"]
+    if p["importance"] not in IMPORTANCES:
+        raise ValueError(f"unknown prune.importance {p['importance']!r}; choose one of {', '.join(IMPORTANCES)}")
+    if p["ratio"] is None and p["macs_fraction"] is None:
+        raise ValueError("set prune.ratio (share of channels removed) or prune.macs_fraction (share of MACs kept)")
+    if r["mode"] not in RECOVER_MODES:
+        raise ValueError(f"unknown recover.mode {r['mode']!r}; choose one of {', '.join(RECOVER_MODES)}")
+    if r["mode"] == "one_step":
+        from slimflow.losses import distance
+
+        distance(r["distance"], **r["options"])  # an unknown distance or missing LPIPS weights stop here
+    needs_pairs = p["importance"] == "taylor" or r["mode"] == "flow"
+    if needs_pairs and not cfg["pairs"]:
+        raise ValueError("prune.importance taylor and recover.mode flow read the pair store: set pairs= to one "
+                         "(slimflow pairs generate)")
+
+
+def _settings_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=None) -> tuple[nn.Module, dict]:
+    """A pruned copy of `student` and the pruning report (ratio used, MACs/params before/after, history)."""
+    model = copy.deepcopy(student).float().train().requires_grad_(True)  # Torch-Pruning traces through autograd
+    inputs = example_inputs(model_config)
+    kwargs = {"importance": prune_cfg["importance"], "global_pruning": False, "custom_pruners": unet_custom_pruners()}
+    ratio = prune_cfg["ratio"]
+    if ratio is None:  # searched with l2 magnitude (the search prunes copies once, without gradients)
+        ratio = ratio_for_macs(model, inputs, prune_cfg["macs_fraction"], **{**kwargs, "importance": "l2"})
+    compute_gradients = None
+    if prune_cfg["importance"] == "taylor":
+        t = prune_cfg["taylor"]
+
+        def compute_gradients(m):
+            accumulate_gradients(m, flow_loss, taylor_batches(store, t["batches"], t["batch_size"], t["eps"],
+                                                              t["seed"]))
+    report = prune_structured(model, inputs, ratio=ratio, steps=prune_cfg["steps"],
+                              compute_gradients=compute_gradients, **kwargs)
+    return model.eval(), {**report, "ratio": ratio, "example_inputs": input_specs(inputs)}
+
+
+def prune_student(cfg: dict, command: str | None = None) -> dict:
+    """Prune and recover the student of `cfg` (see DEFAULTS) into `cfg.out`; returns and writes the summary."""
+    from slimflow.anneal import (barrier, command_line, export_is_current, full_config, open_pairs, pairs_hash,
+                                 plain_config, start_run_dir)
+    from slimflow.checkpoint import read_model_file, save_model, sha256_file
+    from slimflow.engine import Trainer, resolve_device
+    from slimflow.images import save_grid
+    from slimflow.losses import distance, l2
+    from slimflow.pairs import noise_for
+    from teachers.zoo import load_model
+
+    cfg = full_config(DEFAULTS, cfg)
+    _check(cfg)
+    out = Path(cfg["out"])
+    command = command_line(command)
+    store = open_pairs(cfg["pairs"]) if cfg["pairs"] else None
+    r = cfg["recover"]
+    d = distance(r["distance"], **r["options"]) if r["mode"] == "one_step" else None  # missing weights: now
+    sidecar, _ = read_model_file(cfg["student"])
+    if sidecar.get("pruning"):
+        raise ValueError(f"{cfg['student']} is already pruned; prune the unpruned student (or recover this one)")
+    student = load_model(cfg["student"])
+    model_config = sidecar["model"]
+    t0 = float(sidecar.get("one_step_time") or 0.0)
+    source = {"file": str(cfg["student"]), "sha256": sha256_file(cfg["student"]) if Path(cfg["student"]).is_file()
+              else f"{sidecar.get('source')}@{sidecar.get('step')}", "kind": sidecar.get("kind")}
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"kind": KIND, "student": source, "out": str(out)}
+
+    # -- prune (skipped when pruned.safetensors was made from this student with these settings)
+    pruned_path = out / "pruned.safetensors"
+    prune_key = _settings_hash(source["sha256"], cfg["prune"], store is not None and pairs_hash(store))
+    started = time.time()
+    if pruned_path.is_file() and (read_model_file(pruned_path)[0].get("pruning") or {}).get("key") == prune_key:
+        record = read_model_file(pruned_path)[0]["pruning"]
+        status = "skipped"
+    else:
+        pruned, report = prune_model(student, model_config, cfg["prune"], store)
+        record = {"key": prune_key, "history": report.pop("history"), "example_inputs": report.pop("example_inputs"),
+                  "report": report, "source": source}
+        save_model(pruned_path, pruned, {
+            "model": model_config, "pruning": record, "kind": KIND, "time_convention": sidecar.get("time_convention"),
+            "one_step_time": t0, "pairs": sidecar.get("pairs"), "config": plain_config(cfg), "command": command})
+        status = "ran"
+    summary["prune"] = {"status": status, "seconds": time.time() - started, "file": str(pruned_path),
+                        **{k: record["report"][k] for k in ("importance", "ratio", "steps", "params_before",
+                                                            "params_after", "macs_before", "macs_after")}}
+    pruned = load_model(pruned_path)
+
+    # -- recover
+    recovered_path = out / "recovered_ema.safetensors"
+    recover_cfg = {**cfg, "pruned_sha256": sha256_file(pruned_path)}
+    if r["mode"] != "none":
+        started = time.time()
+        if export_is_current(recovered_path, recover_cfg):
+            summary["recover"] = {"status": "skipped"}
+        else:
+            # train settings at the top level, where start_run_dir allows steps/logging to change on resume
+            run_config = {**recover_cfg, "recover": {k: v for k, v in r.items() if k != "train"}, "train": r["train"],
+                          "model": model_config, "pruning": record}
+            start_run_dir(out / "recover", run_config)
+            model = load_model(pruned_path).train().requires_grad_(True)
+            trainer = Trainer(model, r["train"], out / "recover", run_config)
+            if r["mode"] == "one_step":
+                original = student.to(trainer.device)
+                loss_fn = one_step_recovery_loss(original, d.to(trainer.device) if isinstance(d, nn.Module) else d, t0)
+                shape = tuple(example_inputs(model_config)[0].shape[1:])
+                batch_size = r["train"]["batch_size"]
+
+                def make_batch(step, gen):
+                    return {"z": torch.randn((batch_size, *shape), generator=gen)}
+            else:
+                from slimflow.engine import batch_indices
+                from teachers.train import flow_matching_batch
+
+                loss_fn, batch_size, seed = flow_loss, r["train"]["batch_size"], r["train"]["seed"]
+
+                def make_batch(step, gen):
+                    z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
+                    return flow_matching_batch(z, x, 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=gen))
+            result = trainer.fit(make_batch, loss_fn)
+            if trainer.rank == 0:
+                save_model(recovered_path, trainer.ema or trainer.model, {
+                    "model": model_config, "pruning": record, "kind": "recovered-" + KIND,
+                    "time_convention": sidecar.get("time_convention"), "one_step_time": t0,
+                    "pairs": sidecar.get("pairs"), "recovered_from": str(pruned_path), "steps": result["steps"],
+                    "config": plain_config(recover_cfg), "command": command})
+            barrier()
+            summary["recover"] = {"status": "ran", "steps": result["steps"], "img_per_s": result["img_per_s"],
+                                  "final": result["history"][-1] if result["history"] else None}
+        summary["recover"].update(seconds=time.time() - started, file=str(recovered_path))
+
+    # -- compare: cost and distance of the one-step images to the unpruned student's, same noise
+    device = resolve_device(r["train"]["device"])
+    shape = tuple(example_inputs(model_config)[0].shape[1:])
+    z = noise_for(torch.arange(cfg["compare"]["n"]), cfg["compare"]["seed"], list(shape)).to(device)
+    models = {"unpruned": student, "pruned": pruned}
+    if recovered_path.is_file() and r["mode"] != "none":
+        models["recovered"] = load_model(recovered_path)
+    with torch.no_grad():
+        images = {name: one_step_images(m.to(device).eval(), z, t0).cpu() for name, m in models.items()}
+    inputs = tuple(x.to(device) for x in example_inputs(model_config))
+    summary["models"] = {}
+    for name, m in models.items():
+        macs, params = count_macs_params(m, inputs)
+        summary["models"][name] = {
+            "params": params, "macs": macs, "latency_ms_b1": measure_latency(m, inputs, warmup=3, repeats=10),
+            "l2_to_unpruned": l2(images[name], images["unpruned"]).mean().item()}
+        save_grid(images[name], out / "grids" / f"{name}.png")
+    if _rank() == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -1,0 +1,150 @@
+"""Pruning a flow student: UNet-aware channel pruning, model files that load pruned, recovery by distillation."""
+import json
+
+import pytest
+import torch
+
+from pruning import count_macs_params
+from pruning.flow import example_inputs, one_step_images, prune_model, prune_student
+from slimflow.checkpoint import read_model_file, save_model
+from slimflow.distill import load_student
+from slimflow.pairs import generate_pairs
+from teachers.unet import AttnBlock, build_unet
+from teachers.zoo import load_model
+
+TINY = {"in_channels": 1, "resolution": 16, "nf": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
+        "attn_resolutions": [8], "dropout": 0.0}  # attention at 8x8: the NIN layers are pruned too
+PRUNE = {"importance": "l2", "ratio": None, "macs_fraction": 0.5, "steps": 1}
+RECOVER = {"mode": "one_step", "distance": "l2",
+           "train": {"steps": 60, "batch_size": 16, "lr": 3e-3, "warmup": 5, "log_every": 20, "ckpt_every": 30,
+                     "ema": {"kind": "none"}}}
+
+
+@pytest.fixture(scope="module")
+def student_file(tmp_path_factory):
+    """A tiny one-step student with random weights, so v(z, 0) is far from 0 and every channel matters."""
+    torch.manual_seed(0)
+    model = build_unet(TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    root = tmp_path_factory.mktemp("student")
+    return save_model(root / "student.safetensors", model, {"model": model.config, "kind": "distilled-student",
+                                                            "one_step_time": 0.0})
+
+
+def outputs(model, seed=1):
+    x, _ = example_inputs(TINY, batch=3)
+    g = torch.Generator().manual_seed(seed)
+    z, t = torch.randn(x.shape, generator=g), torch.rand(3, generator=g)
+    with torch.no_grad():
+        return model(z, t)
+
+
+def test_ratio_zero_changes_nothing(student_file):
+    student = load_model(student_file)
+    pruned, report = prune_model(student, TINY, {**PRUNE, "ratio": 0.0})
+    assert report["params_after"] == report["params_before"] and report["macs_after"] == report["macs_before"]
+    assert torch.equal(outputs(pruned), outputs(student))
+
+
+def test_pruned_model_file_loads_bit_identically_everywhere(student_file, tmp_path):
+    student = load_model(student_file)
+    pruned, report = prune_model(student, TINY, PRUNE)
+    macs, params = count_macs_params(pruned, example_inputs(TINY))
+    assert (macs, params) == (report["macs_after"], report["params_after"])
+    assert macs <= 0.5 * report["macs_before"] and params < report["params_before"]
+    # the attention blocks' NIN matrices lost channels together with the convolutions around them
+    before = [m.NIN_0.W.shape for m in student.modules() if isinstance(m, AttnBlock)]
+    after = [m.NIN_0.W.shape for m in pruned.modules() if isinstance(m, AttnBlock)]
+    assert len(after) == len(before) == 3 and all(a[0] < b[0] for a, b in zip(after, before))
+
+    record = {"history": report["history"], "example_inputs": report["example_inputs"]}
+    path = save_model(tmp_path / "pruned.safetensors", pruned, {"model": TINY, "pruning": record, "kind": "t"})
+    for loaded in (load_model(path), load_student(path)[0].eval()):  # bench/export/sample, and distill
+        assert torch.equal(outputs(loaded), outputs(pruned))
+    # a pruned file whose record does not match its weights is refused, not half-loaded
+    bad = json.loads(path.with_suffix(".json").read_text())
+    bad["pruning"]["history"] = []
+    path.with_suffix(".json").write_text(json.dumps(bad))
+    with pytest.raises(Exception, match="shape|size"):
+        load_model(path)
+
+
+def test_prune_student_recovers_towards_the_unpruned_student_and_resumes(student_file, tmp_path):
+    cfg = {"out": str(tmp_path / "p"), "student": str(student_file), "prune": PRUNE, "recover": RECOVER,
+           "compare": {"n": 16, "seed": 0}}
+    summary = prune_student(cfg)
+    m = summary["models"]
+    assert summary["prune"]["status"] == "ran" and summary["recover"]["status"] == "ran"
+    assert m["pruned"]["params"] == summary["prune"]["params_after"] < m["unpruned"]["params"]
+    assert m["recovered"]["macs"] == m["pruned"]["macs"] <= 0.5 * m["unpruned"]["macs"]
+    assert m["unpruned"]["l2_to_unpruned"] == 0.0
+    assert m["recovered"]["l2_to_unpruned"] < 0.5 * m["pruned"]["l2_to_unpruned"], m
+    assert all((tmp_path / "p" / "grids" / f"{k}.png").is_file() for k in m)
+
+    # the recovered file is a one-step generator any stage reads; same noise -> same images as its weights say
+    recovered = load_model(tmp_path / "p" / "recovered_ema.safetensors")
+    z = torch.randn(4, 1, 16, 16)
+    assert one_step_images(recovered, z).shape == z.shape
+    assert read_model_file(tmp_path / "p" / "recovered_ema.safetensors")[0]["pruning"]["history"]
+
+    again = prune_student(cfg)
+    assert again["prune"]["status"] == "skipped" and again["recover"]["status"] == "skipped"
+    assert again["models"]["recovered"]["l2_to_unpruned"] == pytest.approx(m["recovered"]["l2_to_unpruned"])
+
+
+def test_interrupted_recovery_resumes_to_the_same_weights(student_file, tmp_path):
+    base = {"student": str(student_file), "prune": PRUNE, "compare": {"n": 4, "seed": 0}}
+    short = {**RECOVER, "train": {**RECOVER["train"], "steps": 30}}
+    prune_student({**base, "out": str(tmp_path / "a"), "recover": short})  # stops at step 30 (a checkpoint)
+    resumed = prune_student({**base, "out": str(tmp_path / "a"), "recover": RECOVER})
+    straight = prune_student({**base, "out": str(tmp_path / "b"), "recover": RECOVER})
+    assert resumed["prune"]["status"] == "skipped" and resumed["recover"]["status"] == "ran"
+    _, wa = read_model_file(tmp_path / "a" / "recovered_ema.safetensors")
+    _, wb = read_model_file(tmp_path / "b" / "recovered_ema.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+
+
+def test_taylor_importance_from_the_flow_loss_on_pairs(student_file, tmp_path):
+    student = load_model(student_file)
+    generate_pairs(student, tmp_path / "pairs", n=32, shape=[1, 16, 16], seed=0,
+                   solver={"method": "euler", "steps": 2}, shard_size=32, batch_size=32, progress=False)
+    cfg = {"out": str(tmp_path / "p"), "student": str(student_file), "pairs": str(tmp_path / "pairs"),
+           "prune": {**PRUNE, "importance": "taylor", "taylor": {"batches": 3, "batch_size": 8}},
+           "recover": {"mode": "flow", "train": {**RECOVER["train"], "steps": 4}}, "compare": {"n": 4, "seed": 0}}
+    summary = prune_student(cfg)
+    assert summary["prune"]["importance"] == "taylor"
+    assert summary["models"]["pruned"]["macs"] <= 0.5 * summary["models"]["unpruned"]["macs"]
+    # the magnitude ranking removes other channels than the gradient-based one
+    magnitude = prune_student({**cfg, "out": str(tmp_path / "m"), "prune": PRUNE, "recover": {"mode": "none"}})
+    a = read_model_file(tmp_path / "p" / "pruned.safetensors")[0]["pruning"]["history"]
+    b = read_model_file(tmp_path / "m" / "pruned.safetensors")[0]["pruning"]["history"]
+    assert a != b and "recovered" not in magnitude["models"]
+
+
+def test_bad_settings_stop_before_any_work(student_file, tmp_path):
+    base = {"out": str(tmp_path / "p"), "student": str(student_file)}
+    with pytest.raises(ValueError, match="pair store"):
+        prune_student({**base, "prune": {"importance": "taylor"}})
+    with pytest.raises(ValueError, match="unknown recover.mode 'finetune'"):
+        prune_student({**base, "recover": {"mode": "finetune"}})
+    with pytest.raises(ValueError, match="unknown distance 'ssim'"):
+        prune_student({**base, "recover": {"distance": "ssim"}})
+    with pytest.raises(ValueError, match="unknown prune.importance 'hessian'"):
+        prune_student({**base, "prune": {"importance": "hessian"}})
+    assert not (tmp_path / "p").exists()
+    prune_student({**base, "prune": PRUNE, "recover": {"mode": "none"}, "compare": {"n": 4, "seed": 0}})
+    with pytest.raises(ValueError, match="already pruned"):
+        prune_student({**base, "out": str(tmp_path / "q"), "student": str(tmp_path / "p" / "pruned.safetensors")})
+
+
+def test_a_recovered_pruned_student_exports_to_onnx_with_parity(student_file, tmp_path):
+    pytest.importorskip("onnxscript", reason="ONNX export needs the optional extra slimflow[onnx]")
+    pytest.importorskip("onnxruntime", reason="the ONNX parity check needs the optional extra slimflow[onnx]")
+    from slimflow.export import export_model
+
+    prune_student({"out": str(tmp_path / "p"), "student": str(student_file), "prune": PRUNE,
+                   "recover": {**RECOVER, "train": {**RECOVER["train"], "steps": 2}}, "compare": {"n": 4, "seed": 0}})
+    report = export_model(tmp_path / "p" / "recovered_ema.safetensors", tmp_path / "export", warmup=1, repeats=2)
+    assert report["onnx"]["max_abs_diff"] < 1e-4 and report["torch_export"]["max_abs_diff"] < 1e-4
