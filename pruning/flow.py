@@ -41,7 +41,7 @@ def _defaults() -> dict:
     return {
         "out": "runs/prune",
         "student": "runs/run/distill/distilled_ema.safetensors",  # a model file (or a training run directory)
-        "pairs": None,  # pair store: needed by importance taylor and recover.mode flow
+        "pairs": None,  # pair store: read only by importance taylor and recover.mode flow
         "prune": {
             "importance": "l2",  # l1 | l2 | lamp | random | taylor
             "ratio": None,  # share of channels removed per layer; or, when None:
@@ -179,10 +179,11 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
     _check(cfg)
     out = Path(cfg["out"])
     command = command_line(command)
-    store = open_pairs(cfg["pairs"]) if cfg["pairs"] else None
     r = cfg["recover"]
     d = distance(r["distance"], **r["options"]) if r["mode"] == "one_step" else None  # missing weights: now
     sidecar, _ = read_model_file(cfg["student"])
+    needs_pairs = cfg["prune"]["importance"] == "taylor" or r["mode"] == "flow"
+    store = open_pairs(cfg["pairs"]) if needs_pairs else None
     if sidecar.get("pruning"):
         raise ValueError(f"{cfg['student']} is already pruned; prune the unpruned student (or recover this one)")
     student = load_model(cfg["student"])

@@ -209,10 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from slimflow.checkpoint import CheckpointError
     from slimflow.config import ConfigError
+    from slimflow.engine import NonFiniteLossError
+    from slimflow.pairs import PairStoreError
 
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError) as err:
+    except (ConfigError, CheckpointError, PairStoreError, NonFiniteLossError, FileNotFoundError, ValueError,
+            ImportError) as err:
         sys.exit(f"slimflow {args.command}: error: {err}")
     except KeyboardInterrupt as err:
         sys.exit(f"slimflow {args.command}: {err or 'interrupted'}")

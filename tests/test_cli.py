@@ -40,3 +40,13 @@ def test_teacher_info_and_sample_on_the_committed_teacher(tmp_path, capsys):
     main(["sample", "--model", TEACHER, "--steps", "2", "--n", "4", "--out", str(tmp_path / "g.png"),
           "--npz", str(tmp_path / "s.npz")])
     assert (tmp_path / "g.png").stat().st_size > 0 and (tmp_path / "s.npz").stat().st_size > 0
+
+
+def test_prune_names_a_missing_student(tmp_path, capsys):
+    message = _fails(["prune", f"out={tmp_path / 'p'}", f"student={tmp_path / 'none.safetensors'}"], capsys)
+    assert "no model file" in message and "none.safetensors" in message
+    assert "unknown config key 'prune.ratoi'" in _fails(["prune", "prune.ratoi=0.3"], capsys)
+    # a pair store that is not there (taylor importance reads it) is one line too, not a traceback
+    message = _fails(["prune", f"out={tmp_path / 'p'}", f"student={TEACHER}", "prune.importance=taylor",
+                      f"pairs={tmp_path / 'nopairs'}"], capsys)
+    assert "nopairs" in message
