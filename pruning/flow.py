@@ -166,117 +166,140 @@ def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=N
 
 def prune_student(cfg: dict, command: str | None = None) -> dict:
     """Prune and recover the student of `cfg` (see DEFAULTS) into `cfg.out`; returns and writes the summary."""
-    from slimflow.anneal import (barrier, command_line, export_is_current, full_config, open_pairs, pairs_hash,
-                                 plain_config, start_run_dir)
-    from slimflow.checkpoint import read_model_file, save_model, sha256_file
-    from slimflow.engine import Trainer, resolve_device
-    from slimflow.images import save_grid
-    from slimflow.losses import distance, l2
-    from slimflow.pairs import noise_for
+    from slimflow.anneal import command_line, full_config, open_pairs
+    from slimflow.checkpoint import read_model_file, sha256_file
     from teachers.zoo import load_model
 
     cfg = full_config(DEFAULTS, cfg)
     _check(cfg)
-    out = Path(cfg["out"])
     command = command_line(command)
-    r = cfg["recover"]
-    d = distance(r["distance"], **r["options"]) if r["mode"] == "one_step" else None  # missing weights: now
     sidecar, _ = read_model_file(cfg["student"])
-    needs_pairs = cfg["prune"]["importance"] == "taylor" or r["mode"] == "flow"
-    store = open_pairs(cfg["pairs"]) if needs_pairs else None
     if sidecar.get("pruning"):
         raise ValueError(f"{cfg['student']} is already pruned; prune the unpruned student (or recover this one)")
+    needs_pairs = cfg["prune"]["importance"] == "taylor" or cfg["recover"]["mode"] == "flow"
+    store = open_pairs(cfg["pairs"]) if needs_pairs else None
     student = load_model(cfg["student"])
-    model_config = sidecar["model"]
-    t0 = float(sidecar.get("one_step_time") or 0.0)
-    source = {"file": str(cfg["student"]), "sha256": sha256_file(cfg["student"]) if Path(cfg["student"]).is_file()
-              else f"{sidecar.get('source')}@{sidecar.get('step')}", "kind": sidecar.get("kind")}
+    source = {"file": str(cfg["student"]), "kind": sidecar.get("kind"),
+              "sha256": sha256_file(cfg["student"]) if Path(cfg["student"]).is_file()
+              else f"{sidecar.get('source')}@{sidecar.get('step')}"}
+    out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"kind": KIND, "student": source, "out": str(out)}
-
-    # -- prune (skipped when pruned.safetensors was made from this student with these settings)
-    pruned_path = out / "pruned.safetensors"
-    prune_key = _settings_hash(source["sha256"], cfg["prune"], store is not None and pairs_hash(store))
-    started = time.time()
-    if pruned_path.is_file() and (read_model_file(pruned_path)[0].get("pruning") or {}).get("key") == prune_key:
-        record = read_model_file(pruned_path)[0]["pruning"]
-        status = "skipped"
-    else:
-        pruned, report = prune_model(student, model_config, cfg["prune"], store)
-        record = {"key": prune_key, "history": report.pop("history"), "example_inputs": report.pop("example_inputs"),
-                  "report": report, "source": source}
-        save_model(pruned_path, pruned, {
-            "model": model_config, "pruning": record, "kind": KIND, "time_convention": sidecar.get("time_convention"),
-            "one_step_time": t0, "pairs": sidecar.get("pairs"), "config": plain_config(cfg), "command": command})
-        status = "ran"
-    summary["prune"] = {"status": status, "seconds": time.time() - started, "file": str(pruned_path),
-                        **{k: record["report"][k] for k in ("importance", "ratio", "steps", "params_before",
-                                                            "params_after", "macs_before", "macs_after")}}
-    pruned = load_model(pruned_path)
-
-    # -- recover
-    recovered_path = out / "recovered_ema.safetensors"
-    recover_cfg = {**cfg, "pruned_sha256": sha256_file(pruned_path)}
-    if r["mode"] != "none":
-        started = time.time()
-        if export_is_current(recovered_path, recover_cfg):
-            summary["recover"] = {"status": "skipped"}
-        else:
-            # train settings at the top level, where start_run_dir allows steps/logging to change on resume
-            run_config = {**recover_cfg, "recover": {k: v for k, v in r.items() if k != "train"}, "train": r["train"],
-                          "model": model_config, "pruning": record}
-            start_run_dir(out / "recover", run_config)
-            model = load_model(pruned_path).train().requires_grad_(True)
-            trainer = Trainer(model, r["train"], out / "recover", run_config)
-            if r["mode"] == "one_step":
-                original = student.to(trainer.device)
-                loss_fn = one_step_recovery_loss(original, d.to(trainer.device) if isinstance(d, nn.Module) else d, t0)
-                shape = tuple(example_inputs(model_config)[0].shape[1:])
-                batch_size = r["train"]["batch_size"]
-
-                def make_batch(step, gen):
-                    return {"z": torch.randn((batch_size, *shape), generator=gen)}
-            else:
-                from slimflow.engine import batch_indices
-                from teachers.train import flow_matching_batch
-
-                loss_fn, batch_size, seed = flow_loss, r["train"]["batch_size"], r["train"]["seed"]
-
-                def make_batch(step, gen):
-                    z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
-                    return flow_matching_batch(z, x, 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=gen))
-            result = trainer.fit(make_batch, loss_fn)
-            if trainer.rank == 0:
-                save_model(recovered_path, trainer.ema or trainer.model, {
-                    "model": model_config, "pruning": record, "kind": "recovered-" + KIND,
-                    "time_convention": sidecar.get("time_convention"), "one_step_time": t0,
-                    "pairs": sidecar.get("pairs"), "recovered_from": str(pruned_path), "steps": result["steps"],
-                    "config": plain_config(recover_cfg), "command": command})
-            barrier()
-            summary["recover"] = {"status": "ran", "steps": result["steps"], "img_per_s": result["img_per_s"],
-                                  "final": result["history"][-1] if result["history"] else None}
-        summary["recover"].update(seconds=time.time() - started, file=str(recovered_path))
-
-    # -- compare: cost and distance of the one-step images to the unpruned student's, same noise
-    device = resolve_device(r["train"]["device"])
-    shape = tuple(example_inputs(model_config)[0].shape[1:])
-    z = noise_for(torch.arange(cfg["compare"]["n"]), cfg["compare"]["seed"], list(shape)).to(device)
-    models = {"unpruned": student, "pruned": pruned}
-    if recovered_path.is_file() and r["mode"] != "none":
-        models["recovered"] = load_model(recovered_path)
-    with torch.no_grad():
-        images = {name: one_step_images(m.to(device).eval(), z, t0).cpu() for name, m in models.items()}
-    inputs = tuple(x.to(device) for x in example_inputs(model_config))
-    summary["models"] = {}
-    for name, m in models.items():
-        macs, params = count_macs_params(m, inputs)
-        summary["models"][name] = {
-            "params": params, "macs": macs, "latency_ms_b1": measure_latency(m, inputs, warmup=3, repeats=10),
-            "l2_to_unpruned": l2(images[name], images["unpruned"]).mean().item()}
-        save_grid(images[name], out / "grids" / f"{name}.png")
+    summary["prune"], pruned_path = _prune_stage(cfg, student, sidecar, source, store, command)
+    if cfg["recover"]["mode"] != "none":
+        summary["recover"] = _recover_stage(cfg, student, sidecar, pruned_path, store, command)
+    summary["models"] = _compare_stage(cfg, student, sidecar, pruned_path)
     if _rank() == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _file_meta(sidecar: dict) -> dict:
+    """What a pruned or recovered file keeps from the student's sidecar."""
+    return {"model": sidecar["model"], "time_convention": sidecar.get("time_convention"),
+            "one_step_time": float(sidecar.get("one_step_time") or 0.0), "pairs": sidecar.get("pairs")}
+
+
+def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, store, command: str) -> tuple[dict, Path]:
+    """Write out/pruned.safetensors unless it was made from this student with these settings."""
+    from slimflow.anneal import pairs_hash, plain_config
+    from slimflow.checkpoint import read_model_file, save_model
+
+    path = Path(cfg["out"]) / "pruned.safetensors"
+    key = _settings_hash(source["sha256"], cfg["prune"], store is not None and pairs_hash(store))
+    started = time.time()
+    record = (read_model_file(path)[0].get("pruning") or {}) if path.is_file() else {}
+    status = "skipped"
+    if record.get("key") != key:
+        pruned, report = prune_model(student, sidecar["model"], cfg["prune"], store)
+        record = {"key": key, "history": report.pop("history"), "example_inputs": report.pop("example_inputs"),
+                  "report": report, "source": source}
+        save_model(path, pruned, {**_file_meta(sidecar), "pruning": record, "kind": KIND,
+                                  "config": plain_config(cfg), "command": command})
+        status = "ran"
+    report = record["report"]
+    return {"status": status, "seconds": time.time() - started, "file": str(path),
+            **{k: report[k] for k in ("importance", "ratio", "steps", "params_before", "params_after", "macs_before",
+                                      "macs_after")}}, path
+
+
+def _recover_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path, store, command: str) -> dict:
+    """Train the pruned model (resuming from out/recover) and export out/recovered_ema.safetensors, unless that
+    export was made from this pruned file with these settings."""
+    from slimflow.anneal import barrier, export_is_current, one_step_sampler, plain_config, start_run_dir
+    from slimflow.checkpoint import read_model_file, save_model, sha256_file
+    from slimflow.engine import Trainer, batch_indices
+    from slimflow.losses import distance
+    from teachers.train import flow_matching_batch
+    from teachers.zoo import load_model
+
+    out, r = Path(cfg["out"]), cfg["recover"]
+    path = out / "recovered_ema.safetensors"
+    recover_cfg = {**cfg, "pruned_sha256": sha256_file(pruned_path)}
+    started = time.time()
+    if export_is_current(path, recover_cfg):
+        return {"status": "skipped", "seconds": time.time() - started, "file": str(path)}
+    record = read_model_file(pruned_path)[0]["pruning"]
+    # train settings at the top level, where start_run_dir allows steps/logging to change on resume
+    run_config = {**recover_cfg, "recover": {k: v for k, v in r.items() if k != "train"}, "train": r["train"],
+                  "model": sidecar["model"], "pruning": record}
+    start_run_dir(out / "recover", run_config)
+    meta = _file_meta(sidecar)
+    shape = tuple(example_inputs(sidecar["model"])[0].shape[1:])
+    batch_size, seed = r["train"]["batch_size"], r["train"]["seed"]
+    model = load_model(pruned_path).train().requires_grad_(True)
+    trainer = Trainer(model, r["train"], out / "recover", run_config,
+                      sample_fn=one_step_sampler(cfg["compare"]["n"], shape, cfg["compare"]["seed"]))
+    if r["mode"] == "one_step":
+        d = distance(r["distance"], **r["options"])
+        d = d.to(trainer.device) if isinstance(d, nn.Module) else d
+        loss_fn = one_step_recovery_loss(student.to(trainer.device), d, meta["one_step_time"])
+
+        def make_batch(step, gen):
+            return {"z": torch.randn((batch_size, *shape), generator=gen)}
+    else:
+        loss_fn = flow_loss
+
+        def make_batch(step, gen):
+            z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
+            return flow_matching_batch(z, x, 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=gen))
+    result = trainer.fit(make_batch, loss_fn)
+    if trainer.rank == 0:
+        save_model(path, trainer.ema or trainer.model, {
+            **meta, "pruning": record, "kind": "recovered-" + KIND, "recovered_from": str(pruned_path),
+            "steps": result["steps"], "config": plain_config(recover_cfg), "command": command})
+    barrier()
+    return {"status": "ran", "seconds": time.time() - started, "file": str(path), "steps": result["steps"],
+            "img_per_s": result["img_per_s"], "final": result["history"][-1] if result["history"] else None}
+
+
+def _compare_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path) -> dict:
+    """Params, MACs, latency (batch 1) of the unpruned, pruned and recovered models, and the mean l2 of their
+    one-step images to the unpruned student's on the same noise; grids of those images in out/grids."""
+    from slimflow.engine import resolve_device
+    from slimflow.images import save_grid
+    from slimflow.losses import l2
+    from slimflow.pairs import noise_for
+    from teachers.zoo import load_model
+
+    out = Path(cfg["out"])
+    device = resolve_device(cfg["recover"]["train"]["device"])
+    inputs = tuple(x.to(device) for x in example_inputs(sidecar["model"]))
+    z = noise_for(torch.arange(cfg["compare"]["n"]), cfg["compare"]["seed"], list(inputs[0].shape[1:])).to(device)
+    models = {"unpruned": student, "pruned": load_model(pruned_path)}
+    if cfg["recover"]["mode"] != "none":
+        models["recovered"] = load_model(out / "recovered_ema.safetensors")
+    t0 = _file_meta(sidecar)["one_step_time"]
+    with torch.no_grad():
+        images = {name: one_step_images(m.to(device).eval(), z, t0).cpu() for name, m in models.items()}
+    rows = {}
+    for name, m in models.items():
+        macs, params = count_macs_params(m, inputs)
+        rows[name] = {"params": params, "macs": macs,
+                      "latency_ms_b1": measure_latency(m, inputs, warmup=3, repeats=10),
+                      "l2_to_unpruned": l2(images[name], images["unpruned"]).mean().item()}
+        save_grid(images[name], out / "grids" / f"{name}.png")
+    return rows
 
 
 def _rank() -> int:
