@@ -31,6 +31,7 @@ from slimflow.solvers import FIXED_STEP_METHODS, METHODS
 PAIRS_DEFAULTS: dict = {
     "out": "runs/pairs",
     "teacher": "teachers/weights/fmnist_teacher.safetensors",
+    "teacher_resolution": None,  # image size of a reference DDPM++ .pth teacher (it does not record it)
     "n": 2000,
     "seed": 0,
     "solver": {"method": "euler", "steps": 16, "rtol": 1e-5, "atol": 1e-5, "max_steps": 10_000},
@@ -43,8 +44,10 @@ PAIRS_DEFAULTS: dict = {
 DEFAULTS: dict = {
     "out": "runs/run",
     "teacher": PAIRS_DEFAULTS["teacher"],
+    "teacher_resolution": None,  # image size of a reference DDPM++ .pth teacher (it does not record it)
     # pairs.dir: where the pair store lives (None: <out>/pairs); runs that name the same dir share one store
-    "pairs": {"dir": None, **{k: copy.deepcopy(v) for k, v in PAIRS_DEFAULTS.items() if k not in ("out", "teacher")}},
+    "pairs": {"dir": None, **{k: copy.deepcopy(v) for k, v in PAIRS_DEFAULTS.items()
+                                  if k not in ("out", "teacher", "teacher_resolution")}},
     "anneal": {k: copy.deepcopy(v) for k, v in anneal_stage.DEFAULTS.items() if k not in ("out", "pairs", "teacher")},
     "distill": {k: copy.deepcopy(v) for k, v in distill_stage.DEFAULTS.items()
                 if k not in ("out", "pairs", "teacher", "student")},
@@ -64,14 +67,15 @@ def solver_kwargs(solver: dict) -> dict:
     return {"method": method, "rtol": solver["rtol"], "atol": solver["atol"], "max_steps": solver["max_steps"]}
 
 
-def load_teacher_file(path: str | Path) -> torch.nn.Module:
-    """The teacher at `path` (any format `teachers.inspect.load_teacher` reads) with a known sample shape."""
+def load_teacher_file(path: str | Path, resolution: int | None = None) -> torch.nn.Module:
+    """The teacher at `path` (any format `teachers.inspect.load_teacher` reads) with a known sample shape;
+    `resolution` is needed by reference DDPM++ checkpoints only."""
     from teachers.inspect import load_teacher
 
     if not Path(path).exists():
         raise FileNotFoundError(f"teacher file {str(path)!r} does not exist; train one with `slimflow teacher train` "
                                 "or set teacher= to a model file")
-    teacher = load_teacher(path)
+    teacher = load_teacher(path, resolution=resolution)
     if getattr(teacher, "sample_shape", None) is None:
         raise ValueError(f"the teacher {str(path)!r} does not record its sample shape (C, H, W)")
     return teacher
@@ -81,7 +85,7 @@ def generate_pairs_from_config(cfg: dict) -> dict:
     """Solve the teacher ODE for `n` pairs into the store `out` (see PAIRS_DEFAULTS); resumable. Returns the
     manifest plus this call's wall time (seconds_this_session)."""
     cfg = full_config(PAIRS_DEFAULTS, cfg)
-    teacher = load_teacher_file(cfg["teacher"])
+    teacher = load_teacher_file(cfg["teacher"], cfg["teacher_resolution"])
     device = resolve_device(cfg["device"])
     started = time.time()
     manifest = generate_pairs(teacher.to(device), cfg["out"], n=cfg["n"], shape=list(teacher.sample_shape),
@@ -191,7 +195,7 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     command = command_line(command)
     cfg = full_config(DEFAULTS, cfg)
     _check_settings(cfg)
-    teacher = load_teacher_file(cfg["teacher"])
+    teacher = load_teacher_file(cfg["teacher"], cfg["teacher_resolution"])
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     began = time.time()
@@ -200,7 +204,11 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     pairs_settings = {k: v for k, v in cfg["pairs"].items() if k != "dir"}
     pairs_dir = Path(cfg["pairs"]["dir"]) if cfg["pairs"]["dir"] else out / "pairs"
     before = (_read_json(pairs_dir / "manifest.json") or {}).get("status")
-    manifest = generate_pairs_from_config({**pairs_settings, "out": str(pairs_dir), "teacher": cfg["teacher"]})
+    manifest = generate_pairs_from_config({**pairs_settings, "out": str(pairs_dir), "teacher": cfg["teacher"],
+                                           "teacher_resolution": cfg["teacher_resolution"]})
+    # the stages re-check the store's teacher hash from the teacher file; a reference .pth needs its resolution
+    # for that, which they do not take, and the store was made by this very teacher a moment ago
+    checked_teacher = cfg["teacher"] if cfg["teacher_resolution"] is None else None
     status = {"complete": "skipped", "running": "resumed"}.get(before, "ran")
     stages["pairs"] = {"status": status, "wall_s": manifest["seconds_this_session"],
                        "count": manifest["count"], "solver": manifest["solver"],
@@ -209,13 +217,13 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     current_pairs = pairs_hash(PairStore(pairs_dir))
 
     anneal_cfg = full_config(anneal_stage.DEFAULTS, {**cfg["anneal"], "out": str(out / "anneal"),
-                                                     "pairs": str(pairs_dir), "teacher": cfg["teacher"]})
+                                                     "pairs": str(pairs_dir), "teacher": checked_teacher})
     annealed = out / "anneal" / "annealed_ema.safetensors"
     fresh = annealed.is_file() and (_sidecar(annealed).get("pairs") or {}).get("hash") == current_pairs
     stages["anneal"] = _train_stage(anneal_stage.anneal, anneal_cfg, annealed, fresh, f"{command} (stage anneal)")
 
     distill_cfg = full_config(distill_stage.DEFAULTS, {**cfg["distill"], "out": str(out / "distill"),
-                                                       "pairs": str(pairs_dir), "teacher": cfg["teacher"],
+                                                       "pairs": str(pairs_dir), "teacher": checked_teacher,
                                                        "student": str(annealed)})
     distilled = out / "distill" / "distilled_ema.safetensors"
     fresh = distilled.is_file() and (_sidecar(distilled).get("guide") or {}).get("sha256") == sha256_file(annealed)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slimflow.checkpoint import latest_checkpoint, read_meta, read_model_file, save_model
-from slimflow.pairs import PairStoreError
+from slimflow.pairs import PairStoreError, state_dict_hash
 from slimflow.pipeline import generate_pairs_from_config, run_pipeline, solver_kwargs
 from teachers.unet import UNet
 
@@ -144,3 +144,21 @@ def test_solver_settings_passed_to_the_pair_store():
     solver = {"method": "dopri5", "steps": 8, "rtol": 1e-4, "atol": 1e-6, "max_steps": 100}
     assert solver_kwargs(solver) == {"method": "dopri5", "rtol": 1e-4, "atol": 1e-6, "max_steps": 100}
     assert solver_kwargs({**solver, "method": "midpoint"}) == {"method": "midpoint", "steps": 8}
+
+
+def test_a_reference_checkpoint_teacher_needs_and_takes_its_resolution(tmp_path):
+    """A score_sde/RectifiedFlow .pth (no recorded image size) is a teacher once teacher_resolution is given."""
+    torch.manual_seed(0)
+    net = UNet(1, 8, 8, [1, 2], 1, [], 0.0)
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"model": state, "ema": {"decay": 0.999, "num_updates": 1,
+                                        "shadow_params": [p.detach().clone() for p in net.parameters()]},
+                "step": 1}, tmp_path / "checkpoint_1.pth")
+    cfg = config(tmp_path / "run", tmp_path / "checkpoint_1.pth")
+    cfg["anneal"]["train"]["steps"] = 2
+    with pytest.raises(ValueError, match="pass resolution="):
+        run_pipeline(cfg)
+    summary = run_pipeline({**cfg, "teacher_resolution": 8})
+    manifest = json.loads((tmp_path / "run" / "pairs" / "manifest.json").read_text())
+    assert manifest["count"] == 24 and summary["params"]["teacher"] == sum(p.numel() for p in net.parameters())
+    assert manifest["teacher_hash"] == state_dict_hash(net)
