@@ -162,3 +162,18 @@ def test_a_reference_checkpoint_teacher_needs_and_takes_its_resolution(tmp_path)
     manifest = json.loads((tmp_path / "run" / "pairs" / "manifest.json").read_text())
     assert manifest["count"] == 24 and summary["params"]["teacher"] == sum(p.numel() for p in net.parameters())
     assert manifest["teacher_hash"] == state_dict_hash(net)
+
+
+def test_runs_naming_one_pairs_dir_share_the_store(finished, tmp_path):
+    cfg, reference = finished
+    shared = Path(reference["stages"]["pairs"]["dir"])
+    manifest = (shared / "manifest.json").read_text()
+    variant = {**cfg, "out": str(tmp_path / "variant"), "pairs": {**cfg["pairs"], "dir": str(shared)},
+               "anneal": {**cfg["anneal"], "hflip": False, "train": {**cfg["anneal"]["train"], "steps": 2}}}
+    summary = run_pipeline(variant)
+    assert summary["stages"]["pairs"]["status"] == "skipped" and summary["stages"]["pairs"]["dir"] == str(shared)
+    assert not (tmp_path / "variant" / "pairs").exists() and (shared / "manifest.json").read_text() == manifest
+    assert summary["stages"]["anneal"]["status"] == "ran"
+    # other pair settings on the shared store are refused, not mixed into it
+    with pytest.raises(PairStoreError, match="other settings"):
+        run_pipeline({**variant, "out": str(tmp_path / "v2"), "pairs": {**variant["pairs"], "n": 32}})
