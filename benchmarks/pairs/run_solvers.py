@@ -4,11 +4,11 @@ teacher's exact ODE solution.
 For each solver setting, `slimflow.pairs.generate_pairs` writes a store of N pairs from the committed Fashion-MNIST
 teacher (noise of (seed, 0..N-1)); its manifest gives pairs/s and mean NFE/pair. The error is the mean squared
 difference per pixel of the stored images (float16, as the presets store them: rounding adds at most ~1e-7) to a
-reference solution on the same noise: dopri5 with rtol = atol = 1e-6.
+reference solution on the same noise: dopri5 with rtol = atol = 1e-5 (~400 NFE).
 Outputs: solvers.json, solvers.csv, solvers.md next to this script.
 
 Run from the repository root (one thread, as the README's numbers):
-    OMP_NUM_THREADS=1 python benchmarks/pairs/run_solvers.py [--n 200]
+    OMP_NUM_THREADS=1 python benchmarks/pairs/run_solvers.py [--n 64]
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ TEACHER = "teachers/weights/fmnist_teacher.safetensors"
 SETTINGS = [
     {"method": "euler", "steps": 8}, {"method": "euler", "steps": 16}, {"method": "euler", "steps": 32},
     {"method": "heun", "steps": 8}, {"method": "midpoint", "steps": 8}, {"method": "rf_solver", "steps": 8},
-    {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}, {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5},
+    {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}, {"method": "dopri5", "rtol": 1e-4, "atol": 1e-4},
 ]
+REFERENCE = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "max_steps": 10_000}
 
 
 def label(solver: dict) -> str:
@@ -47,16 +48,16 @@ def label(solver: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="pairs per solver")
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--n", type=int, default=64, help="pairs per solver")
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     teacher = load_model(TEACHER)
     shape = [teacher.config["in_channels"], teacher.config["resolution"], teacher.config["resolution"]]
     noise = noise_for(torch.arange(args.n), 0, shape)
     started = time.time()
     with torch.no_grad():
-        exact = torch.cat([solve(teacher, noise[i:i + args.batch_size], method="dopri5", rtol=1e-6, atol=1e-6,
-                                 max_steps=10_000).x for i in range(0, args.n, args.batch_size)])
+        exact = torch.cat([solve(teacher, noise[i:i + args.batch_size], **REFERENCE).x
+                           for i in range(0, args.n, args.batch_size)])
     reference_seconds = time.time() - started
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +84,7 @@ def main() -> None:
              f"Command: `{command.strip()}`  ", f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch "
              f"{machine['torch']} ({machine['torch_threads']} thread)  ",
              f"Teacher: `{TEACHER}`; {args.n} pairs per solver, batch {args.batch_size}. Error: mean squared "
-             "difference per pixel (images in [-1, 1]) to dopri5 at tol 1e-6 on the same noise.", "",
+             "difference per pixel (images in [-1, 1]) to dopri5 at tol 1e-5 on the same noise.", "",
              "| solver | pairs/s | NFE/pair | MSE to exact |", "|---|---|---|---|"]
     lines += [f"| {r['solver']} | {r['pairs_per_s']:.2f} | {r['nfe_per_pair']:g} | {r['mse_to_exact']:.2e} |"
               for r in rows]
