@@ -88,6 +88,8 @@ def test_prune_student_recovers_towards_the_unpruned_student_and_resumes(student
     z = torch.randn(4, 1, 16, 16)
     assert one_step_images(recovered, z).shape == z.shape
     assert read_model_file(tmp_path / "p" / "recovered_ema.safetensors")[0]["pruning"]["history"]
+    # the recovery's training run directory loads too (its checkpoints record the pruning), with the same EMA
+    assert torch.equal(outputs(load_model(tmp_path / "p" / "recover")), outputs(recovered))
 
     again = prune_student(cfg)
     assert again["prune"]["status"] == "skipped" and again["recover"]["status"] == "skipped"
