@@ -225,23 +225,27 @@ def pareto_front(xs: list[float], ys: list[float]) -> list[bool]:
 
 
 def plot_front(names: list[str], xs: list[float], ys: list[float], xlabel: str, ylabel: str, title: str) -> Figure:
-    """Scatter on log-x with every point labelled and the Pareto front (lower-left) highlighted."""
+    """Scatter on log-x with every point numbered, the numbers listed with their names beside the axes, and the
+    Pareto front (lower-left) highlighted."""
     front = pareto_front(xs, ys)
-    fig = Figure(figsize=(7, 4.8), dpi=120)  # no pyplot: PNGs are drawn by the Agg canvas, no global backend
-    ax = fig.subplots()
+    fig = Figure(figsize=(9.5, 4.8), dpi=120)  # no pyplot: PNGs are drawn by the Agg canvas, no global backend
+    ax = fig.add_axes((0.08, 0.11, 0.6, 0.8))
     ax.scatter([x for x, f in zip(xs, front) if not f], [y for y, f in zip(ys, front) if not f],
                color="tab:gray", label="dominated", zorder=2)
     order = sorted((x, y) for x, y, f in zip(xs, ys, front) if f)
     ax.step([x for x, _ in order], [y for _, y in order], where="post", color="tab:red", alpha=0.5, zorder=1)
     ax.scatter([x for x, _ in order], [y for _, y in order], color="tab:red", label="Pareto front", zorder=3)
-    for name, x, y in zip(names, xs, ys):
+    legend = []
+    for i, (name, x, y, f) in enumerate(zip(names, xs, ys, front), start=1):
         if not (math.isnan(x) or math.isnan(y)):
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        legend.append(f"{i:>2}  {name}{'  *' if f else ''}")
+    fig.text(0.71, 0.91, "\n".join(legend + ["", "* on the Pareto front"]), fontsize=7, family="monospace",
+             va="top")
     ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
