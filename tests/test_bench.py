@@ -166,3 +166,13 @@ def test_prepare_makes_the_models_and_compare_sets_entries_side_by_side(tmp_path
     table = (tmp_path / "bench" / "bench.md").read_text()
     assert f"| pruning | student | {a:.4g} | pruned | {b:.4g} | {100 * (b - a) / a:+.1f}% |" in table
     assert table.index("## Comparisons") > table.index("| name")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_bench_preset_loads(preset):
+    cfg = load_config(DEFAULTS, preset)
+    names = {e["name"] for e in check_entries(cfg["entries"])}
+    check_prepare(cfg["prepare"])
+    assert all({c["baseline"], c["candidate"]} <= names for c in cfg["compare"])
+    weights = cfg["metrics"]["domain_weights"]
+    assert weights is None or Path(PRESET.parents[2] / weights).is_file()
