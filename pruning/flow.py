@@ -26,6 +26,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimflow.anneal import (barrier, command_line, export_is_current, full_config, one_step_sampler, open_pairs,
+                             pairs_hash, plain_config, start_run_dir)
+from slimflow.checkpoint import model_identity, read_model_file, save_model, sha256_file
+from slimflow.distill import one_step_images
+from slimflow.engine import TRAIN_DEFAULTS, Trainer, batch_indices, dist_info, resolve_device
+from slimflow.images import save_grid
+from slimflow.losses import distance, l2
+from slimflow.pairs import noise_for
+from teachers.train import flow_matching_batch
+from teachers.unet import NIN
+from teachers.zoo import load_model
+
 from .measure import count_macs_params, measure_latency
 from .serialization import input_specs, replay_history
 from .structured import IMPORTANCES, MatmulPruner, prune_structured, ratio_for_macs
@@ -34,42 +46,33 @@ from .taylor import accumulate_gradients
 RECOVER_MODES = ("one_step", "flow", "none")
 KIND = "pruned-student"
 
-
-def _defaults() -> dict:
-    from slimflow.engine import TRAIN_DEFAULTS
-
-    return {
-        "out": "runs/prune",
-        "student": "runs/run/distill/distilled_ema.safetensors",  # a model file (or a training run directory)
-        "pairs": None,  # pair store: read only by importance taylor and recover.mode flow
-        "prune": {
-            "importance": "l2",  # l1 | l2 | lamp | random | taylor
-            "ratio": None,  # share of channels removed per layer; or, when None:
-            # the smallest ratio whose pruning keeps at most this share of the MACs; channels go in whole
-            # GroupNorm groups, so narrow students move in coarse steps (student-m: 100%, 57%, 25% of the MACs)
-            "macs_fraction": 0.5,
-            "steps": 1,
-            "taylor": {"batches": 8, "batch_size": 32, "eps": 1e-3, "seed": 0},  # t from 1 to eps, one per batch
-        },
-        "recover": {
-            "mode": "one_step",
-            "distance": "l2",  # one_step: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex (flow: l2)
-            "options": {"_open": True},
-            "train": {**copy.deepcopy(TRAIN_DEFAULTS), "steps": 500, "batch_size": 32, "lr": 3e-4, "warmup": 25,
-                      "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999}, "ckpt_every": 100},
-        },
-        "compare": {"n": 64, "seed": 0},  # noise of the grid and of the distance to the unpruned student
-    }
-
-
-DEFAULTS = _defaults()
+DEFAULTS: dict = {
+    "out": "runs/prune",
+    "student": "runs/run/distill/distilled_ema.safetensors",  # a model file (or a training run directory)
+    "pairs": None,  # pair store: read only by importance taylor and recover.mode flow
+    "prune": {
+        "importance": "l2",  # l1 | l2 | lamp | random | taylor
+        "ratio": None,  # share of channels removed per layer; or, when None:
+        # the smallest ratio whose pruning keeps at most this share of the MACs; channels go in whole
+        # GroupNorm groups, so narrow students move in coarse steps (student-m: 100%, 57%, 25% of the MACs)
+        "macs_fraction": 0.5,
+        "steps": 1,
+        "taylor": {"batches": 8, "batch_size": 32, "eps": 1e-3, "seed": 0},  # t from 1 to eps, one per batch
+    },
+    "recover": {
+        "mode": "one_step",
+        "distance": "l2",  # one_step: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex (flow: l2)
+        "options": {"_open": True},
+        "train": {**copy.deepcopy(TRAIN_DEFAULTS), "steps": 500, "batch_size": 32, "lr": 3e-4, "warmup": 25,
+                  "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999}, "ckpt_every": 100},
+    },
+    "compare": {"n": 64, "seed": 0},  # noise of the grid and of the distance to the unpruned student
+}
 
 
 # ------------------------------------------------------------------------------------------ UNet specifics
 def unet_custom_pruners() -> dict:
     """How Torch-Pruning prunes the layers of teachers.unet it does not know: NIN is x @ W + b."""
-    from teachers.unet import NIN
-
     return {NIN: MatmulPruner("W", "b")}
 
 
@@ -85,17 +88,9 @@ def apply_pruning_record(model: nn.Module, record: dict) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ pure pieces
-def one_step_images(model: Callable, z: torch.Tensor, t0: float = 0.0) -> torch.Tensor:
-    """z + v(z, t0): the image a one-step student makes from noise z."""
-    return z + model(z, torch.full((z.shape[0],), t0, dtype=z.dtype, device=z.device))
-
-
 def taylor_batches(store, n_batches: int, batch_size: int, eps: float, seed: int):
     """Flow-matching batches from the pairs at times t = 1 … eps (one per batch, high t first, as Diff-Pruning
     runs from the low-noise end) for Taylor gradients."""
-    from slimflow.engine import batch_indices
-    from teachers.train import flow_matching_batch
-
     for k, t in enumerate(torch.linspace(1.0, eps, n_batches)):
         z, x = store.batch(batch_indices(k, batch_size, len(store), seed))
         yield flow_matching_batch(z, x, torch.full((batch_size,), float(t)))
@@ -119,9 +114,11 @@ def one_step_recovery_loss(original: nn.Module, d: Callable, t0: float) -> Calla
 # ------------------------------------------------------------------------------------------ stages
 def check_config(cfg: dict) -> None:
     """Raise on any bad setting of a `prune` config (see DEFAULTS), before any work."""
-    from slimflow.anneal import full_config
-
     _check(full_config(DEFAULTS, cfg))
+
+
+def _needs_pairs(cfg: dict) -> bool:
+    return cfg["prune"]["importance"] == "taylor" or cfg["recover"]["mode"] == "flow"
 
 
 def _check(cfg: dict) -> None:
@@ -133,11 +130,8 @@ def _check(cfg: dict) -> None:
     if r["mode"] not in RECOVER_MODES:
         raise ValueError(f"unknown recover.mode {r['mode']!r}; choose one of {', '.join(RECOVER_MODES)}")
     if r["mode"] == "one_step":
-        from slimflow.losses import distance
-
         distance(r["distance"], **r["options"])  # an unknown distance or missing LPIPS weights stop here
-    needs_pairs = p["importance"] == "taylor" or r["mode"] == "flow"
-    if needs_pairs and not cfg["pairs"]:
+    if _needs_pairs(cfg) and not cfg["pairs"]:
         raise ValueError("prune.importance taylor and recover.mode flow read the pair store: set pairs= to one "
                          "(slimflow pairs generate)")
 
@@ -168,30 +162,23 @@ def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=N
 
 def prune_student(cfg: dict, command: str | None = None) -> dict:
     """Prune and recover the student of `cfg` (see DEFAULTS) into `cfg.out`; returns and writes the summary."""
-    from slimflow.anneal import command_line, full_config, open_pairs
-    from slimflow.checkpoint import read_model_file, sha256_file
-    from teachers.zoo import load_model
-
     cfg = full_config(DEFAULTS, cfg)
     _check(cfg)
     command = command_line(command)
     sidecar, _ = read_model_file(cfg["student"])
     if sidecar.get("pruning"):
         raise ValueError(f"{cfg['student']} is already pruned; prune the unpruned student (or recover this one)")
-    needs_pairs = cfg["prune"]["importance"] == "taylor" or cfg["recover"]["mode"] == "flow"
-    store = open_pairs(cfg["pairs"]) if needs_pairs else None
+    store = open_pairs(cfg["pairs"]) if _needs_pairs(cfg) else None
     student = load_model(cfg["student"])
-    source = {"file": str(cfg["student"]), "kind": sidecar.get("kind"),
-              "sha256": sha256_file(cfg["student"]) if Path(cfg["student"]).is_file()
-              else f"{sidecar.get('source')}@{sidecar.get('step')}"}
+    source = {"file": str(cfg["student"]), "kind": sidecar.get("kind"), "sha256": model_identity(cfg["student"])}
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"kind": KIND, "student": source, "out": str(out)}
-    summary["prune"], pruned_path = _prune_stage(cfg, student, sidecar, source, store, command)
+    summary["prune"], pruned_path, record = _prune_stage(cfg, student, sidecar, source, store, command)
     if cfg["recover"]["mode"] != "none":
-        summary["recover"] = _recover_stage(cfg, student, sidecar, pruned_path, store, command)
+        summary["recover"] = _recover_stage(cfg, student, sidecar, pruned_path, record, store, command)
     summary["models"] = _compare_stage(cfg, student, sidecar, pruned_path)
-    if _rank() == 0:
+    if dist_info()[0] == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -202,11 +189,10 @@ def _file_meta(sidecar: dict) -> dict:
             "one_step_time": float(sidecar.get("one_step_time") or 0.0), "pairs": sidecar.get("pairs")}
 
 
-def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, store, command: str) -> tuple[dict, Path]:
-    """Write out/pruned.safetensors unless it was made from this student with these settings."""
-    from slimflow.anneal import pairs_hash, plain_config
-    from slimflow.checkpoint import read_model_file, save_model
-
+def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, store,
+                 command: str) -> tuple[dict, Path, dict]:
+    """Write out/pruned.safetensors unless it was made from this student with these settings; returns the stage
+    summary, the file and its pruning record."""
     path = Path(cfg["out"]) / "pruned.safetensors"
     key = _settings_hash(source["sha256"], cfg["prune"], store is not None and pairs_hash(store))
     started = time.time()
@@ -222,26 +208,19 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
     report = record["report"]
     return {"status": status, "seconds": time.time() - started, "file": str(path),
             **{k: report[k] for k in ("importance", "ratio", "steps", "params_before", "params_after", "macs_before",
-                                      "macs_after")}}, path
+                                      "macs_after")}}, path, record
 
 
-def _recover_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path, store, command: str) -> dict:
+def _recover_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path, record: dict, store,
+                   command: str) -> dict:
     """Train the pruned model (resuming from out/recover) and export out/recovered_ema.safetensors, unless that
     export was made from this pruned file with these settings."""
-    from slimflow.anneal import barrier, export_is_current, one_step_sampler, plain_config, start_run_dir
-    from slimflow.checkpoint import read_model_file, save_model, sha256_file
-    from slimflow.engine import Trainer, batch_indices
-    from slimflow.losses import distance
-    from teachers.train import flow_matching_batch
-    from teachers.zoo import load_model
-
     out, r = Path(cfg["out"]), cfg["recover"]
     path = out / "recovered_ema.safetensors"
     recover_cfg = {**cfg, "pruned_sha256": sha256_file(pruned_path)}
     started = time.time()
     if export_is_current(path, recover_cfg):
         return {"status": "skipped", "seconds": time.time() - started, "file": str(path)}
-    record = read_model_file(pruned_path)[0]["pruning"]
     # train settings at the top level, where start_run_dir allows steps/logging to change on resume
     run_config = {**recover_cfg, "recover": {k: v for k, v in r.items() if k != "train"}, "train": r["train"],
                   "model": sidecar["model"], "pruning": record}
@@ -278,12 +257,6 @@ def _recover_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Pa
 def _compare_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path) -> dict:
     """Params, MACs, latency (batch 1) of the unpruned, pruned and recovered models, and the mean l2 of their
     one-step images to the unpruned student's on the same noise; grids of those images in out/grids."""
-    from slimflow.engine import resolve_device
-    from slimflow.images import save_grid
-    from slimflow.losses import l2
-    from slimflow.pairs import noise_for
-    from teachers.zoo import load_model
-
     out = Path(cfg["out"])
     device = resolve_device(cfg["recover"]["train"]["device"])
     inputs = tuple(x.to(device) for x in example_inputs(sidecar["model"]))
@@ -303,8 +276,3 @@ def _compare_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Pa
         save_grid(images[name], out / "grids" / f"{name}.png")
     return rows
 
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

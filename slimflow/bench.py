@@ -35,7 +35,7 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
-from slimflow.checkpoint import atomic_write_text, read_model_file, sha256_file
+from slimflow.checkpoint import atomic_write_text, model_identity
 from slimflow.cost import measure_cost
 from slimflow.data import to_float
 from slimflow.engine import resolve_device
@@ -120,7 +120,8 @@ def check_prepare(items: list) -> list[dict]:
         if not isinstance(item, dict) or set(item) - {"stage", "config", "overrides"} or "stage" not in item:
             raise ValueError(f"prepare[{i}] must be a mapping with keys stage, config, overrides; got {item!r}")
         if item["stage"] not in PREPARE_STAGES:
-            raise ValueError(f"prepare[{i}]: unknown stage {item['stage']!r}; choose one of {', '.join(PREPARE_STAGES)}")
+            raise ValueError(f"prepare[{i}]: unknown stage {item['stage']!r}; "
+                             f"choose one of {', '.join(PREPARE_STAGES)}")
         module, function, defaults, check = PREPARE_STAGES[item["stage"]]
         mod = importlib.import_module(module)
         cfg = load_config(getattr(mod, defaults), item.get("config"), item.get("overrides") or [])
@@ -130,13 +131,11 @@ def check_prepare(items: list) -> list[dict]:
     return loaded
 
 
-def run_prepare(items: list[dict], command: str | None) -> list[dict]:
-    """Run each loaded prepare item in order; returns what each returned (their summaries)."""
-    done = []
+def run_prepare(items: list[dict], command: str | None) -> None:
+    """Run each loaded prepare item in order (each writes its own summary)."""
     for i, item in enumerate(items):
         print(f"bench: prepare {i + 1}/{len(items)}: {item['label']}", file=sys.stderr)
-        done.append(item["run"](item["config"], command=f"{command or shlex.join(sys.orig_argv)} (prepare {i + 1})"))
-    return done
+        item["run"](item["config"], command=f"{command or shlex.join(sys.orig_argv)} (prepare {i + 1})")
 
 
 def comparison_table(rows: list[dict], pairs: list, extractor: str) -> str:
@@ -145,29 +144,17 @@ def comparison_table(rows: list[dict], pairs: list, extractor: str) -> str:
     by_name = {r["name"]: r for r in rows}
     fid = metric_label("fid", extractor)
     lines = [f"| comparison | baseline | {fid} | candidate | {fid} | change |", "|---|---|---|---|---|---|"]
-    for i, pair in enumerate(pairs):
-        missing = [pair.get(k) for k in ("baseline", "candidate") if pair.get(k) not in by_name]
-        if missing:
-            raise ValueError(f"compare[{i}] names entries that are not in the benchmark: {missing}")
+    for pair in pairs:  # names checked by bench() before any work
         a, b = by_name[pair["baseline"]][fid], by_name[pair["candidate"]][fid]
         lines.append(f"| {pair.get('label', '')} | {pair['baseline']} | {a:.4g} | {pair['candidate']} | {b:.4g} | "
                      f"{100 * (b - a) / a:+.1f}% |")
     return "\n".join(lines) + "\n"
 
 
-def _model_hash(path: str | Path) -> str:
-    """Identity of a model source: sha256 of an exported file, or the checkpoint a run directory resolves to."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    sidecar, _ = read_model_file(path)
-    return f"{sidecar.get('source')}@{sidecar.get('step')}"
-
-
 def fingerprint(entry: dict, cfg: dict, device: torch.device, extractor_ids: dict[str, str]) -> str:
     """Hash of everything an entry's result depends on (extractor_ids: the registered extractor names, which
     include the domain net's weights hash)."""
-    blob = {"entry": entry, "model": _model_hash(entry["model"]), "extractors": extractor_ids,
+    blob = {"entry": entry, "model": model_identity(entry["model"]), "extractors": extractor_ids,
             "reference": cfg["reference"],
             "metrics": {k: v for k, v in cfg["metrics"].items() if k != "cache_dir"}, "cost": cfg["cost"],
             "device": str(device), "torch": torch.__version__}

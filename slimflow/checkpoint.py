@@ -219,6 +219,15 @@ def save_model(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
     return path
 
 
+def model_identity(path: str | Path) -> str:
+    """Identity of a model source: sha256 of an exported file, or the checkpoint a run directory resolves to."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    sidecar, _ = read_model_file(path)
+    return f"{sidecar.get('source')}@{sidecar.get('step')}"
+
+
 def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(sidecar, weights) of an exported model, or the EMA (else raw) weights of a training checkpoint."""
     path = Path(path)

@@ -48,6 +48,11 @@ def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
+def one_step_images(model: Callable, z: torch.Tensor, t0: float = 0.0) -> torch.Tensor:
+    """z + v(z, t0): the image a one-step student makes from noise z."""
+    return z + model(z, torch.full((z.shape[0],), t0, dtype=z.dtype, device=z.device))
+
+
 def two_step_target(guide: Callable, e: torch.Tensor, first_velocity: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Two Euler steps from e: to x_t = e + t·s₁ with `first_velocity` s₁, then to 1 with the guide:
     y = x_t + (1 − t)·guide(x_t, t); t of shape (B,)."""
@@ -78,9 +83,7 @@ def distill_loss(guide: torch.nn.Module, d: Distance, loss_cfg: dict) -> Callabl
 
     def loss_fn(model, batch):
         if loss_cfg["w_2step"] == 0:  # plain distillation (the ablation baseline): no guide, no second batch
-            z = batch["z"]
-            times = torch.full((z.shape[0],), loss_cfg["one_step_time"], dtype=z.dtype, device=z.device)
-            one = d(z + model(z, times), batch["x_hat"]).mean()
+            one = d(one_step_images(model, batch["z"], loss_cfg["one_step_time"]), batch["x_hat"]).mean()
             return loss_cfg["w_distill"] * one, {"distill": one.detach()}
         terms = distill_terms(model, guide, batch, loss_cfg["variant"], loss_cfg["one_step_time"])
         one = d(terms["one_step"], terms["pair_image"]).mean()

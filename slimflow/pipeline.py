@@ -1,8 +1,9 @@
 """Pair generation from a config, and `run`: teacher → pairs → anneal → distill → comparison grids, in one folder.
 
-Run folder (`out`): config.yaml, pairs/ (the pair store, unless pairs.dir puts it elsewhere), anneal/ and distill/ (each: config.yaml, checkpoints/,
-tb/, samples/, the exported EMA model, summary.json), grids/ (teacher 1-step, teacher many-step, annealed and
-distilled student 1-step, all from the same noise, and side_by_side.png), tb/ (the grids), summary.json.
+Run folder (`out`): config.yaml, pairs/ (the pair store, unless pairs.dir puts it elsewhere), anneal/ and distill/
+(each: config.yaml, checkpoints/, tb/, samples/, the exported EMA model, summary.json), grids/ (teacher 1-step,
+teacher many-step, annealed and distilled student 1-step, all from the same noise, and side_by_side.png), tb/ (the
+grids), summary.json.
 Each stage is skipped when its output is complete and current, resumed from its checkpoints when partial.
 """
 from __future__ import annotations

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pruning import count_macs_params
-from pruning.flow import example_inputs, one_step_images, prune_model, prune_student
+from pruning.flow import example_inputs, prune_model, prune_student
 from slimflow.checkpoint import read_model_file, save_model
-from slimflow.distill import load_student
+from slimflow.distill import load_student, one_step_images
 from slimflow.pairs import generate_pairs
 from teachers.unet import AttnBlock, build_unet
 from teachers.zoo import load_model
