@@ -7,13 +7,21 @@ Two layouts:
 - an *exported model* is `<name>.safetensors` + `<name>.json` (model config and provenance).
 
 Loading checks every file's checksum, the architecture config and each tensor's shape, and says what is wrong.
+
+This module is also the one home of what every file the project writes or reads relies on: `content_hash` (the
+identity of settings or tensors), `atomic_file`/`atomic_write_text` (write a temporary file, then rename), and
+`load_torch_file` (the one `torch.load` policy: weights only unless the user opts in to unpickling code).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +45,87 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def content_hash(value: Any) -> str:
+    """sha256 identity of `value`: of a module or a dict of tensors, over the sorted names, shapes, dtypes and raw
+    bytes of its tensors; of anything else, over its JSON with sorted keys (non-JSON values by their str)."""
+    if isinstance(value, torch.nn.Module):
+        value = value.state_dict()
+    if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        return _tensors_hash(value)
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tensors_hash(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous().reshape(-1)
+        digest.update(json.dumps([key, list(state[key].shape), str(tensor.dtype)]).encode())
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; when the block ends without error it is renamed onto `path` (readers
+    see the old file or the new one, never half of one); on error it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+# ----------------------------------------------------------------------------------------- torch files
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = 0x80
+
+
+def file_kind(path: str | Path) -> str:
+    """"torch" (zip or pickle) or "safetensors", from the first bytes of the file; anything else is an error."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    # safetensors first: its 8-byte header length may start with the pickle protocol byte
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+        return "safetensors"
+    if head[:4] == ZIP_MAGIC or head[:1] == bytes([PICKLE_PROTO]):
+        return "torch"
+    raise CheckpointError(f"unknown checkpoint format: {str(path)!r} is neither a PyTorch file (zip or pickle) "
+                          f"nor safetensors (it starts with {head[:8]!r})")
+
+
+def load_torch_file(path: str | Path, unsafe_pickle: bool = False) -> Any:
+    """`torch.load` on the CPU with weights_only=True — the project's one policy for files from others: a file
+    that pickles Python objects is refused (unpickling can run its code) unless `unsafe_pickle=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
+    file_kind(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if needs is None:
+            raise CheckpointError(f"{str(path)!r} is corrupt or truncated: torch.load failed "
+                                  f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})") from None
+        if not unsafe_pickle:
+            raise CheckpointError(
+                f"{str(path)!r} pickles Python objects ({needs.group(1)}), and unpickling it could run arbitrary "
+                "code, so it was not loaded. If you trust the file, pass unsafe_pickle=True (CLI: --unsafe-pickle)"
+            ) from None
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _load_tensors(path: Path, expected_sha: str | None = None) -> dict[str, torch.Tensor]:

@@ -20,29 +20,23 @@ def _with_config(parser: argparse.ArgumentParser, default: str | None = None) ->
     return parser
 
 
-def cmd_teacher_train(args) -> None:
-    from teachers.train import DEFAULTS, train_teacher
-
-    print(json.dumps(train_teacher(_config(args, DEFAULTS), command=_command()), indent=1))
-
-
-def _stage(module: str, function: str, defaults: str = "DEFAULTS"):
-    """A sub-command that loads a config against `module.defaults` and prints what `module.function` returns."""
+def _stage(name: str):
+    """The sub-command of the config stage `name` (slimflow.stages.CONFIG_STAGES): load the config against the
+    stage's DEFAULTS, run it, print what it returns."""
     def run(args) -> None:
-        import importlib
         import inspect
 
-        mod = importlib.import_module(module)
-        fn = getattr(mod, function)
+        from slimflow.stages import stage
+
+        module, fn = stage(name)
         extra = {"command": _command()} if "command" in inspect.signature(fn).parameters else {}
-        result = fn(_config(args, getattr(mod, defaults)), **extra)
-        print(json.dumps(result, indent=1, default=str))
+        print(json.dumps(fn(_config(args, module.DEFAULTS), **extra), indent=1, default=str))
 
     return run
 
 
 def cmd_domain_net_train(args) -> None:
-    from slimflow.domain_net import train_domain_net
+    from slimflow.stages.domain_net import train_domain_net
 
     print(json.dumps(train_domain_net(args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                       seed=args.seed, data_root=args.data_root, widths=tuple(args.widths),
@@ -50,9 +44,10 @@ def cmd_domain_net_train(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from slimflow.export import export_model
+    from slimflow.stages.export import export_model
 
-    print(json.dumps(export_model(args.model, args.out, tuple(args.formats)), indent=1, default=str))
+    print(json.dumps(export_model(args.model, args.out, tuple(args.formats), resolution=args.resolution,
+                                  unsafe_pickle=args.unsafe_pickle), indent=1, default=str))
 
 
 def cmd_teacher_info(args) -> None:
@@ -62,7 +57,7 @@ def cmd_teacher_info(args) -> None:
 
 
 def cmd_invert(args) -> None:
-    from slimflow.invert import invert_images
+    from slimflow.stages.invert import invert_images
 
     result = invert_images(args.teacher, args.images, method=args.method, steps=args.steps, out_dir=args.out,
                            n=args.n, split=args.split, nfe_per_direction=args.nfe, unsafe_pickle=args.unsafe_pickle,
@@ -93,10 +88,9 @@ def cmd_sample(args) -> None:
     from teachers.zoo import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.model, device=device)
-    shape = (model.config["in_channels"], model.config["resolution"], model.config["resolution"])
-    images, nfe = sample(model, args.n, shape, method=args.method, steps=args.steps, seed=args.seed,
-                         rtol=args.tol, atol=args.tol, progress=True)
+    model = load_model(args.model, device=device, resolution=args.resolution, unsafe_pickle=args.unsafe_pickle)
+    images, nfe = sample(model, args.n, method=args.method, steps=args.steps, seed=args.seed, rtol=args.tol,
+                         atol=args.tol, progress=True)
     path = save_grid(images, args.out, nrow=args.nrow)
     print(f"wrote {path} ({args.n} samples, {args.method}, {nfe:.1f} NFE/sample)")
     if args.npz:
@@ -113,22 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = sub.add_parser("teacher", help="train or inspect a teacher").add_subparsers(dest="action", required=True)
     _with_config(teacher.add_parser("train", help="train a 1-rectified-flow teacher"),
-                 "configs/teacher/fmnist.yaml").set_defaults(func=cmd_teacher_train)
+                 "configs/teacher/fmnist.yaml").set_defaults(func=_stage("teacher"))
 
     pairs = sub.add_parser("pairs", help="reflow pairs from a teacher").add_subparsers(dest="action", required=True)
     _with_config(pairs.add_parser("generate", help="solve the teacher ODE for (noise seed, image) pairs"),
-                 "configs/pairs/fmnist.yaml").set_defaults(
-        func=_stage("slimflow.pipeline", "generate_pairs_from_config", "PAIRS_DEFAULTS"))
+                 "configs/pairs/fmnist.yaml").set_defaults(func=_stage("pairs"))
     _with_config(sub.add_parser("anneal", help="annealing reflow: a small student from scratch on the pairs"),
-                 "configs/anneal/fmnist.yaml").set_defaults(func=_stage("slimflow.anneal", "anneal"))
+                 "configs/anneal/fmnist.yaml").set_defaults(func=_stage("anneal"))
     _with_config(sub.add_parser("distill", help="flow-guided distillation into a one-step student"),
-                 "configs/distill/fmnist.yaml").set_defaults(func=_stage("slimflow.distill", "distill"))
+                 "configs/distill/fmnist.yaml").set_defaults(func=_stage("distill"))
     _with_config(sub.add_parser("run", help="pairs -> anneal -> distill from one config"),
-                 "configs/quickstart.yaml").set_defaults(func=_stage("slimflow.pipeline", "run_pipeline"))
+                 "configs/quickstart.yaml").set_defaults(func=_stage("run"))
     _with_config(sub.add_parser("prune", help="prune a flow student's channels, then recover it by distillation"),
-                 "configs/prune/fmnist.yaml").set_defaults(func=_stage("pruning.flow", "prune_student"))
+                 "configs/prune/fmnist.yaml").set_defaults(func=_stage("prune"))
     _with_config(sub.add_parser("bench", help="FID/KID/precision-recall vs params, MACs, NFE, latency"),
-                 "configs/bench/fmnist-cpu.yaml").set_defaults(func=_stage("slimflow.bench", "bench"))
+                 "configs/bench/fmnist-cpu.yaml").set_defaults(func=_stage("bench"))
     domain = sub.add_parser("domain-net", help="the Fashion-MNIST feature network").add_subparsers(
         dest="action", required=True)
     p = domain.add_parser("train", help="train the classifier behind FID (domain) and the domain perceptual loss")
@@ -146,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", default="runs/export")
     p.add_argument("--formats", nargs="+", default=["onnx", "torch_export"])
+    p.add_argument("--resolution", type=int, default=None, help="needed for reference DDPM++ checkpoints")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="allow unpickling code from a .pth/.pt file (only for files you trust)")
     p.set_defaults(func=cmd_export)
 
     p = teacher.add_parser("info", help="say what a checkpoint is (format, architecture, params, time convention)")
@@ -192,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune_net)
 
     p = sub.add_parser("sample", help="write an image grid (and .npz) sampled from a model file")
-    p.add_argument("--model", required=True, help="exported .safetensors or a run/checkpoint directory")
+    p.add_argument("--model", required=True, help="any model file slimflow pairs accepts: exported .safetensors, "
+                   "a run/checkpoint directory, a reference DDPM++ .pth (with --resolution), a diffusers folder")
     p.add_argument("--method", default="euler", help="euler | heun | midpoint | rf_solver | dopri5")
     p.add_argument("--steps", type=int, default=1, help="solver steps (ignored by dopri5)")
     p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of dopri5")
@@ -201,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.add_argument("--npz", default=None, help="also write the samples as uint8 NHWC .npz")
+    p.add_argument("--resolution", type=int, default=None, help="needed for reference DDPM++ checkpoints")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="allow unpickling code from a .pth/.pt file (only for files you trust)")
     p.set_defaults(func=cmd_sample)
     return parser
 

@@ -21,22 +21,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import statistics
 import sys
-import time
 from typing import Callable, Iterator
 
 import torch
-import torch_pruning as tp
 from torch.profiler import ProfilerActivity, profile
 
+from pruning.measure import count_macs_params, count_params, median_ms
 from slimflow.solvers import solve
 
 MIB = 2 ** 20
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -51,29 +45,7 @@ def _velocity_inputs(model: torch.nn.Module, shape: tuple[int, ...], batch_size:
 @torch.no_grad()
 def count_macs(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
     """Torch-Pruning's MAC count of one call model(x, t) on one image of `shape` (C, H, W)."""
-    macs, _ = tp.utils.count_ops_and_params(model, example_inputs=_velocity_inputs(model, shape, 1))
-    return int(macs)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(run: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10) -> float:
-    """Median wall time of `run()` in ms over `repeats` calls after `warmup` calls (synchronised on CUDA)."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    for _ in range(warmup):
-        run()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return count_macs_params(model, _velocity_inputs(model, shape, 1))[0]
 
 
 def generator_fn(model: torch.nn.Module, shape: tuple[int, ...], batch_size: int, method: str = "euler",

@@ -149,6 +149,12 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def shard_batch(batch: dict, rank: int, world: int, device: torch.device) -> dict:
     """This rank's contiguous slice of every batched tensor, moved to `device`."""
     out = {}

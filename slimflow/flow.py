@@ -1,18 +1,24 @@
-"""Rectified-flow maths: interpolant, velocity target, time samplers and the exact Gaussian 1-RF field.
+"""Rectified-flow maths: interpolant, velocity target, time samplers, the flow-matching batch, reproducible noise
+and the exact Gaussian 1-RF field.
 
-Convention (SPEC §0): t = 0 is noise z ~ N(0, I), t = 1 is data x; x_t = t·x + (1 − t)·z; v* = x − z.
+Convention (docs/methods.md, "Time convention"): t = 0 is noise z ~ N(0, I), t = 1 is data x;
+x_t = t·x + (1 − t)·z; v* = x − z.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 
 TIME_SAMPLERS = ("uniform", "u_shaped", "logit_normal")
 U_SHAPED_CLAMP = 1e-5
+NOISE_SCHEME = "mt19937(fmix32(blake2b32(seed) + index)) randn float64 -> float32"
+_MASK32 = 0xFFFFFFFF
 
 
-def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """t of shape (B,) viewed as (B, 1, ..., 1) so it broadcasts over the non-batch dims of `like`."""
     if t.dim() != 1 or t.shape[0] != like.shape[0]:
         raise ValueError(f"t must have shape (B,) = ({like.shape[0]},) to match the batch; got {tuple(t.shape)}")
@@ -23,7 +29,7 @@ def interpolate(noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> tor
     """x_t = t·data + (1 − t)·noise, with t of shape (B,) broadcast over the remaining dims."""
     if noise.shape != data.shape:
         raise ValueError(f"noise and data must have the same shape; got {tuple(noise.shape)} and {tuple(data.shape)}")
-    tb = _per_sample(t, data)
+    tb = per_sample(t, data)
     return tb * data + (1 - tb) * noise
 
 
@@ -92,7 +98,69 @@ def gaussian_rf_velocity(
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device)
     if (s <= 0).any():
         raise ValueError("gaussian_rf_velocity needs std > 0 in every dimension (the field is singular at t = 1 otherwise)")
-    tb = _per_sample(t, x)
+    tb = per_sample(t, x)
     var = s * s
     gain = (tb * var - (1 - tb)) / (tb * tb * var + (1 - tb) ** 2)
     return m + gain * (x - tb * m)
+
+
+def flow_matching_batch(noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> dict:
+    """Inputs and target of the rectified-flow loss: x_t, t and v* = x − z."""
+    return {"x_t": interpolate(noise, data, t), "t": t, "target": velocity_target(noise, data)}
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Flip each sample left-right with probability ½ (drawn from `generator`); the same flip is applied to every
+    tensor given."""
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return [torch.where(flip.view(-1, *[1] * (t.dim() - 1)), t.flip(-1), t) for t in (images, *others)]
+
+
+# ------------------------------------------------------------------------------------------------- noise
+def _fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finaliser: a bijection of [0, 2^32) that scatters neighbouring integers."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def _seed_base(seed: int) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=4, person=b"slimflow-noise").digest()
+    return int.from_bytes(digest, "little")
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """Generator seed of pair `index`: fmix32((blake2b-32(str(seed)) + index) mod 2^32).
+
+    torch's CPU generator keeps only 32 bits of a seed, so the seed is a 32-bit bijection of the index: no two pairs
+    of one store (index < 2^32) share a noise stream.
+    """
+    return _fmix32((_seed_base(seed) + index) & _MASK32)
+
+
+def _as_indices(indices: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    idx = torch.as_tensor(indices)
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"pair indices must be integers, got dtype {idx.dtype}")
+    return idx.reshape(-1).to(device="cpu", dtype=torch.long)
+
+
+def noise_for(indices: int | Sequence[int] | torch.Tensor, seed: int, shape: Sequence[int],
+              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """The noise of pairs `indices` (B, *shape), bit-exact from (seed, index) alone (see the module docstring)."""
+    idx = _as_indices(indices)
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) > _MASK32):
+        raise ValueError(f"pair indices must lie in [0, 2^32), got min {int(idx.min())}, max {int(idx.max())}")
+    shape = tuple(int(s) for s in shape)
+    base = _seed_base(seed)
+    out = torch.empty((len(idx), *shape), dtype=torch.float32)
+    draw = torch.empty(shape, dtype=torch.float64)
+    generator = torch.Generator()
+    for row, index in enumerate(idx.tolist()):
+        generator.manual_seed(_fmix32((base + index) & _MASK32))
+        out[row].copy_(torch.randn(shape, generator=generator, out=draw))  # rounds to nearest float32
+    return out.to(device=device, dtype=dtype)

@@ -242,3 +242,13 @@ def distance(kind: str, **options) -> Distance:
     if kind in PERCEPTUAL_KINDS:
         return make_perceptual(kind, **options)
     raise ValueError(f"unknown distance {kind!r}; choose one of {PIXEL_KINDS + PERCEPTUAL_KINDS}")
+
+
+def velocity_loss(kind: str) -> Callable:
+    """loss_fn(model, batch) for the engine: mean over the batch of D(v_θ(x_t, t), v*) with a pixel distance."""
+    d = distance(kind)
+
+    def loss_fn(model, batch):
+        return d(model(batch["x_t"], batch["t"]), batch["target"]).mean()
+
+    return loss_fn

@@ -189,16 +189,6 @@ def read_npz(path: str | Path) -> torch.Tensor:
     return images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
 
 
-@torch.no_grad()
-def sample_model(model: torch.nn.Module, n: int, method: str = "euler", steps: int | None = 1, tol: float = 1e-5,
-                 seed: int = 0, batch_size: int = 256, progress: bool = True) -> tuple[torch.Tensor, float]:
-    """(uint8 samples (n, C, H, W), mean NFE per sample) of a velocity model, noise from (seed, index)."""
-    shape = (model.config["in_channels"], model.config["resolution"], model.config["resolution"])
-    images, nfe = sample(model, n, shape, method=method, steps=steps, seed=seed, batch_size=batch_size,
-                         rtol=tol, atol=tol, progress=progress)
-    return to_uint8(images), nfe
-
-
 def load_samples(source: str | Path, sampling: dict | None = None, device: str | torch.device | None = None,
                  progress: bool = True) -> torch.Tensor:
     """uint8 samples (N, C, H, W) from an .npz, a folder of images, or a model file / run directory (sampled
@@ -213,7 +203,8 @@ def load_samples(source: str | Path, sampling: dict | None = None, device: str |
             raise ValueError(f"sampling a model needs sampling={{n, method, steps, tol, seed, batch_size}} with n; "
                              f"got {sorted(sampling)}")
         model = load_model(path, device=resolve_device("auto") if device is None else device)
-        return sample_model(model, progress=progress, **sampling)[0]
+        tol = sampling.pop("tol", 1e-5)
+        return to_uint8(sample(model, rtol=tol, atol=tol, progress=progress, **sampling)[0])
     if path.suffix == ".npz":
         return read_npz(path)
     if path.is_dir():

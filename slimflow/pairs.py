@@ -36,18 +36,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from slimflow.checkpoint import atomic_write_text, sha256_file
+from slimflow.checkpoint import atomic_write_text, content_hash, sha256_file
+from teachers.zoo import load_model
+from slimflow.engine import dist_info
+from slimflow.flow import _MASK32, NOISE_SCHEME, _as_indices, noise_for
 from slimflow.solvers import solve
 
 FORMAT = "slimflow-pairs"
 VERSION = 1
-NOISE_SCHEME = "mt19937(fmix32(blake2b32(seed) + index)) randn float64 -> float32"
 IMAGE_FORMATS = ("float16", "uint8")
 SOLVER_KEYS = ("method", "steps", "rtol", "atol", "max_steps")
 # Keys of the manifest that must be equal for two runs to write into the same store.
 SETTINGS_KEYS = ("format", "version", "noise_scheme", "noise_check", "count", "shape", "seed", "image_format",
                  "solver", "teacher_hash", "shard_size", "batch_size")
-_MASK32 = 0xFFFFFFFF
 log = logging.getLogger(__name__)
 
 
@@ -56,75 +57,9 @@ class PairStoreError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------- noise
-def _fmix32(h: int) -> int:
-    """MurmurHash3's 32-bit finaliser: a bijection of [0, 2^32) that scatters neighbouring integers."""
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
-def _seed_base(seed: int) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    digest = hashlib.blake2b(str(seed).encode(), digest_size=4, person=b"slimflow-noise").digest()
-    return int.from_bytes(digest, "little")
-
-
-def noise_seed(seed: int, index: int) -> int:
-    """Generator seed of pair `index`: fmix32((blake2b-32(str(seed)) + index) mod 2^32).
-
-    torch's CPU generator keeps only 32 bits of a seed, so the seed is a 32-bit bijection of the index: no two pairs
-    of one store (index < 2^32) share a noise stream.
-    """
-    return _fmix32((_seed_base(seed) + index) & _MASK32)
-
-
-def _as_indices(indices: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
-    idx = torch.as_tensor(indices)
-    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-        raise ValueError(f"pair indices must be integers, got dtype {idx.dtype}")
-    return idx.reshape(-1).to(device="cpu", dtype=torch.long)
-
-
-def noise_for(indices: int | Sequence[int] | torch.Tensor, seed: int, shape: Sequence[int],
-              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """The noise of pairs `indices` (B, *shape), bit-exact from (seed, index) alone (see the module docstring)."""
-    idx = _as_indices(indices)
-    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) > _MASK32):
-        raise ValueError(f"pair indices must lie in [0, 2^32), got min {int(idx.min())}, max {int(idx.max())}")
-    shape = tuple(int(s) for s in shape)
-    base = _seed_base(seed)
-    out = torch.empty((len(idx), *shape), dtype=torch.float32)
-    draw = torch.empty(shape, dtype=torch.float64)
-    generator = torch.Generator()
-    for row, index in enumerate(idx.tolist()):
-        generator.manual_seed(_fmix32((base + index) & _MASK32))
-        out[row].copy_(torch.randn(shape, generator=generator, out=draw))  # rounds to nearest float32
-    return out.to(device=device, dtype=dtype)
-
-
 def _noise_check(n: int, seed: int, shape: Sequence[int]) -> str:
     """sha256 of the noise of the first and last pair: detects a torch whose RNG no longer gives the same noise."""
     return hashlib.sha256(noise_for([0, n - 1], seed, shape).numpy().tobytes()).hexdigest()
-
-
-# ------------------------------------------------------------------------------------------ teacher hash
-def state_dict_hash(model_or_state_dict: torch.nn.Module | dict[str, torch.Tensor]) -> str:
-    """sha256 over the sorted key names, shapes, dtypes and raw bytes of a model's (or a state dict's) tensors."""
-    state = model_or_state_dict
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key]
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"state_dict_hash hashes tensors only; entry {key!r} is a {type(tensor).__name__}")
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(json.dumps([key, list(state[key].shape), str(tensor.dtype)]).encode())
-        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- image formats
@@ -172,12 +107,6 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # ------------------------------------------------------------------------------------------- generation
 def _settings(n: int, shape: Sequence[int], seed: int, solver: dict, shard_size: int, batch_size: int,
               image_format: str, teacher_hash: str) -> dict:
@@ -211,10 +140,6 @@ def _check_settings(existing: dict, wanted: dict, root: Path) -> None:
 def _remove_temp_files(root: Path) -> None:
     for path in root.glob(".*.tmp-*"):
         path.unlink(missing_ok=True)
-
-
-def _settings_sha256(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _finished_shard(root: Path, k: int, start: int, stop: int, settings_sha256: str) -> dict | None:
@@ -279,7 +204,7 @@ def _make_shard(velocity: Callable, root: Path, k: int, start: int, stop: int, s
     tmp.replace(path)
     record = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "count": stop - start,
               "start": start, "stop": stop, "nfe_total": nfe_total, "seconds": time.perf_counter() - began,
-              "settings_sha256": _settings_sha256(settings)}
+              "settings_sha256": content_hash(settings)}
     _write_json(path.with_suffix(".json"), record)
 
 
@@ -305,7 +230,7 @@ def generate_pairs(velocity: Callable, out_dir: str | Path, n: int, shape: Seque
     """Solve the teacher ODE dx/dt = velocity(x, t) from t = 0 to 1 for the noise of pairs 0..n-1; write the store.
 
     `solver`: keyword arguments of `slimflow.solvers.solve` (method, steps, rtol, atol, max_steps).
-    `teacher_hash` defaults to `state_dict_hash(velocity)` for a module and is required for a plain function.
+    `teacher_hash` defaults to `content_hash(velocity)` for a module and is required for a plain function.
     `device` defaults to the teacher's. Resumable: a rerun with the same settings keeps the shards that check out
     and makes the rest; other settings raise `PairStoreError`. Under torch.distributed every rank must call this;
     shards are dealt round-robin to ranks, rank 0 writes the manifest. Returns the manifest ("pairs_per_s" is per
@@ -314,12 +239,12 @@ def generate_pairs(velocity: Callable, out_dir: str | Path, n: int, shape: Seque
     if teacher_hash is None:
         if not isinstance(velocity, torch.nn.Module):
             raise ValueError("teacher_hash is required when velocity is a plain function (it is computed with "
-                             "state_dict_hash only for an nn.Module)")
-        teacher_hash = state_dict_hash(velocity)
+                             "content_hash only for an nn.Module)")
+        teacher_hash = content_hash(velocity)
     root = Path(out_dir)
     settings = _settings(n, shape, seed, solver, shard_size, batch_size, image_format, teacher_hash)
     device = torch.device(device) if device is not None else _device_of(velocity)
-    rank, world = _rank_world()
+    rank, world = dist_info()
     manifest_path = root / "manifest.json"
     root.mkdir(parents=True, exist_ok=True)
     existing = _read_json(manifest_path) if manifest_path.is_file() else None
@@ -332,7 +257,7 @@ def generate_pairs(velocity: Callable, out_dir: str | Path, n: int, shape: Seque
             _write_json(manifest_path, head)
 
     ranges = shard_ranges(n, shard_size)
-    fingerprint = _settings_sha256(settings)
+    fingerprint = content_hash(settings)
     missing = [k for k in range(rank, len(ranges), world)
                if _finished_shard(root, k, *ranges[k], fingerprint) is None]
     if world > 1:
@@ -468,3 +393,32 @@ class PairStore:
         if torch.device(device).type == "cuda":
             noise, images = noise.pin_memory(), images.pin_memory()
         return noise.to(device, non_blocking=True), images.to(device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------------ stores as inputs
+def open_pairs(path: str | Path, teacher: str | Path | None = None) -> PairStore:
+    """The finished pair store at `path`; with `teacher`, it must have been made by that teacher's weights."""
+    store = PairStore(path)
+    if teacher is not None:
+        if not Path(teacher).exists():
+            raise FileNotFoundError(f"teacher file {str(teacher)!r} does not exist (needed to check that the pairs in "
+                                    f"{path} were made by it)")
+        wanted = content_hash(load_model(teacher))
+        if store.manifest["teacher_hash"] != wanted:
+            raise PairStoreError(f"the pair store {path} was made by another teacher (teacher_hash "
+                                 f"{store.manifest['teacher_hash'][:16]}…, {teacher} hashes to {wanted[:16]}…); "
+                                 "generate pairs with this teacher into another folder")
+    return store
+
+
+def pairs_hash(store: PairStore) -> str:
+    """Identity of a store's pairs: its manifest's settings and every shard's checksum (not timings)."""
+    manifest = store.manifest
+    return content_hash({**{key: manifest[key] for key in SETTINGS_KEYS},
+                         "shards": [r["sha256"] for r in manifest["shards"]]})
+
+
+def pairs_record(store: PairStore) -> dict:
+    """What a student's sidecar records about the pairs it was trained on."""
+    return {"dir": str(store.root), "hash": pairs_hash(store), "teacher_hash": store.manifest["teacher_hash"],
+            "count": len(store), "solver": store.manifest["solver"]}

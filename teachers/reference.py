@@ -7,13 +7,14 @@ when the net was wrapped in DataParallel) plus an unused `sigmas` buffer. A bare
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from slimflow.checkpoint import load_torch_file
 
 # Buffers the reference registers that the UNet does not use (the SMLD noise levels of NCSNpp).
 UNUSED_REFERENCE_BUFFERS = ("sigmas",)
@@ -87,18 +88,18 @@ def load_reference_state_dict(
     model: nn.Module,
     *,
     weights: Literal["auto", "ema", "model"] = "auto",
-    weights_only: bool = True,
+    unsafe_pickle: bool = False,
 ) -> str:
     """Load a reference checkpoint (object or file) into `model` strictly; returns which weights were used.
 
     `weights` picks the entry of a wrapped checkpoint: "auto" takes 'ema' when present (the reference
-    samples and evaluates with EMA weights), else 'model'. A file is read with torch.load(weights_only=True);
-    pass weights_only=False only for a file you trust (unpickling can run arbitrary code).
+    samples and evaluates with EMA weights), else 'model'. A file is read by `slimflow.checkpoint.load_torch_file`
+    (weights only); pass unsafe_pickle=True only for a file you trust (unpickling can run arbitrary code).
     """
     if weights not in ("auto", "ema", "model"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
     if isinstance(obj_or_path, (str, Path)):
-        checkpoint = _load_file(Path(obj_or_path), weights_only)
+        checkpoint = load_torch_file(obj_or_path, unsafe_pickle)
         where = str(obj_or_path)
     else:
         checkpoint, where = obj_or_path, "the given checkpoint object"
@@ -112,29 +113,6 @@ def load_reference_state_dict(
     _check_matches(state_dict, model, where, source)
     model.load_state_dict(state_dict, strict=True)
     return source
-
-
-def _load_file(path: Path, weights_only: bool) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"reference checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as error:
-        message = str(error)
-        if not message.startswith("Weights only load failed"):
-            raise ValueError(f"{path} is not a readable torch checkpoint: {message}") from error
-        detail = message.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
-        reason = " ".join(detail.split())
-        if "Unsupported global" not in reason:
-            raise ValueError(
-                f"{path} is not a readable torch checkpoint: torch.load(weights_only=True) failed ({reason})"
-            ) from error
-        raise ValueError(
-            f"{path} holds pickled objects that torch.load(weights_only=True) refuses ({reason}). If you trust "
-            "this file, pass weights_only=False (unpickling can run arbitrary code from the file)."
-        ) from error
-    except (RuntimeError, KeyError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {error!r}") from error
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -1,4 +1,13 @@
-"""Build velocity networks from config and load them from the project's model files."""
+"""Build velocity networks from config, and the one loader of every model file the project accepts.
+
+`load_model(path)` reads, by content (see `teachers.formats`): the project's exported models (`.safetensors` +
+`.json` sidecar, pruned ones included) and training runs/checkpoints (EMA weights), reference DDPM++ `.pth`
+checkpoints (give `resolution`), and diffusers folders (adapted to the project's velocity convention). The model
+it returns is on `device`, in eval mode, frozen, with two attributes every stage reads:
+- `sample_shape`: (C, H, W) of one sample;
+- `one_step_time`: the time t0 its one-step generator z + v(z, t0) is evaluated at (recorded by distillation in
+  the sidecar; 0 for every other model).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +15,9 @@ from pathlib import Path
 import torch
 
 from slimflow.checkpoint import CheckpointError, check_config, load_state_checked, read_model_file
+from teachers.adapters import load_diffusers_teacher
+from teachers.formats import detect, load_reference, slimflow_model_path
+from teachers.pruned import apply_pruning_record
 from teachers.unet import PRESETS, build_unet
 
 
@@ -24,11 +36,49 @@ def build_model(spec: dict) -> torch.nn.Module:
     return build_unet(resolve_model_config(spec))
 
 
-def load_model(path: str | Path, expect: dict | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A network from an exported `.safetensors` (+ `.json`) or a training run/checkpoint directory (EMA weights).
+def build_from_sidecar(sidecar: dict) -> torch.nn.Module:
+    """The (untrained) network a model file's sidecar describes: its UNet config, with the channels of its
+    `pruning` record removed when the model was pruned (see slimflow.stages.prune)."""
+    model = build_unet(sidecar["model"])
+    if sidecar.get("pruning"):
+        apply_pruning_record(model, sidecar["pruning"])
+    return model
 
-    `expect`, when given, is the architecture config the caller requires; any difference is an error.
-    """
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", expect: dict | None = None,
+               resolution: int | None = None, unsafe_pickle: bool = False) -> torch.nn.Module:
+    """The model at `path` as a velocity field v(x, t) in the project's convention (see the module docstring).
+
+    `expect`: the architecture config the caller requires of a project model file (any difference is an error);
+    `resolution`: the image size of a reference DDPM++ checkpoint, which does not record it; `unsafe_pickle`:
+    allow a torch file that pickles code (only for files you trust)."""
+    path = Path(path)
+    fmt, obj = detect(path, unsafe_pickle)
+    one_step_time = 0.0
+    if fmt in ("slimflow-checkpoint", "slimflow-model"):
+        model, sidecar = _project_model(slimflow_model_path(path), expect)
+        one_step_time = float(sidecar.get("one_step_time") or 0.0)
+    elif fmt == "reference-ddpmpp":
+        if resolution is None:
+            raise ValueError(f"{str(path)!r} is a reference DDPM++ checkpoint, which does not record its image "
+                             "resolution: pass resolution= (32 for the CIFAR-10 models)")
+        model = load_reference(obj, resolution, path)[0]
+    elif fmt == "diffusers":
+        model = load_diffusers_teacher(path)
+    else:
+        raise CheckpointError(f"{str(path)!r} is a plain state dict: it does not record its architecture, so it "
+                              "cannot be loaded as a model; export it with its config "
+                              "(slimflow.checkpoint.save_model)")
+    if getattr(model, "sample_shape", None) is None:
+        config = getattr(model, "config", None)
+        if not isinstance(config, dict):
+            raise ValueError(f"the model {str(path)!r} does not record its sample shape (C, H, W)")
+        model.sample_shape = (config["in_channels"], config["resolution"], config["resolution"])
+    model.one_step_time = one_step_time
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _project_model(path: Path, expect: dict | None) -> tuple[torch.nn.Module, dict]:
     sidecar, weights = read_model_file(path)
     config = sidecar.get("model")
     if not config:
@@ -37,15 +87,4 @@ def load_model(path: str | Path, expect: dict | None = None, device: str | torch
         check_config(resolve_model_config(expect), config, str(path))
     model = build_from_sidecar(sidecar)
     load_state_checked(model, weights, str(path))
-    return model.to(device).eval().requires_grad_(False)
-
-
-def build_from_sidecar(sidecar: dict) -> torch.nn.Module:
-    """The (untrained) network a model file's sidecar describes: its UNet config, with the channels of its
-    `pruning` record removed when the model was pruned (see pruning.flow)."""
-    model = build_unet(sidecar["model"])
-    if sidecar.get("pruning"):
-        from pruning.flow import apply_pruning_record
-
-        apply_pruning_record(model, sidecar["pruning"])
-    return model
+    return model, sidecar

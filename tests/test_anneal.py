@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
-from slimflow.anneal import (DEFAULTS, anneal, anneal_loss, beta_schedule, copy_matching, full_config,
-                             make_anneal_batch, perturb_noise, start_run_dir)
+from slimflow.stages.anneal import (DEFAULTS, anneal, anneal_loss, beta_schedule, copy_matching, make_anneal_batch,
+                                    perturb_noise)
+from slimflow.stages.runner import full_config, start_run_dir
 from slimflow.domain_net import DEFAULT_WEIGHTS as DOMAIN_WEIGHTS
 from slimflow.checkpoint import read_model_file, save_model
 from slimflow.engine import batch_indices
 from slimflow.pairs import PairStore, PairStoreError, generate_pairs
-from teachers.train import flow_matching_batch
+from slimflow.flow import flow_matching_batch
 from teachers.unet import UNet
 
 SHAPE = (1, 8, 8)

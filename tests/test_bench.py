@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from slimflow.bench import DEFAULTS, bench, check_entries, check_prepare, pareto_front
+from slimflow.stages.bench import DEFAULTS, bench, check_entries, check_prepare, pareto_front
 from slimflow.checkpoint import save_model
 from slimflow.config import load_config
 from slimflow.data import load_images, to_float

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from slimflow.anneal import anneal
+from slimflow.stages.anneal import anneal
 from slimflow.checkpoint import read_model_file, save_model
-from slimflow.distill import (DEFAULTS, check_loss_config, distill, distill_loss, distill_terms, make_distill_batch,
-                              two_step_target)
+from slimflow.stages.distill import (DEFAULTS, check_loss_config, distill, distill_loss, distill_terms,
+                                     make_distill_batch, two_step_target)
 from slimflow.losses import l2
 from slimflow.pairs import PairStore, PairStoreError, generate_pairs
 from teachers.unet import UNet

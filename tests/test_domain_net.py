@@ -6,9 +6,10 @@ import torch
 
 from slimflow.checkpoint import CheckpointError
 from slimflow.data import DEBIAN_FASHION_MNIST, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_images, read_idx
-from slimflow.domain_net import (
-    DEFAULT_WEIGHTS, DomainNet, MissingWeightsError, accuracy, load_domain_net, random_hflip, random_shift,
-    train_domain_net,
+from slimflow.domain_net import DEFAULT_WEIGHTS, DomainNet, MissingWeightsError, load_domain_net
+from slimflow.flow import random_hflip
+from slimflow.stages.domain_net import (
+    accuracy, random_shift, train_domain_net,
 )
 
 FAST_TEST_IMAGES = 2000
@@ -142,7 +143,7 @@ def test_random_shift_translates_each_image_within_range():
 
 def test_random_hflip_flips_per_sample():
     x = torch.randn(64, 1, 4, 4)
-    out = random_hflip(x, torch.Generator().manual_seed(0))
+    (out,) = random_hflip(x, torch.Generator().manual_seed(0))
     flipped = torch.tensor([torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)])
     kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
     assert (flipped | kept).all() and 10 < flipped.sum() < 54

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slimflow.checkpoint import save_model
-from slimflow.export import OneStepGenerator, export_model
+from slimflow.stages.export import OneStepGenerator, export_model
 from teachers.unet import build_unet
 
 TINY = {"in_channels": 1, "resolution": 16, "nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1,

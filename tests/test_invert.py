@@ -11,7 +11,8 @@ from torch import nn
 
 from slimflow.data import sample_toy
 from slimflow.flow import gaussian_rf_velocity, interpolate, sample_time, velocity_target
-from slimflow.invert import invert, invert_images, reconstruct, reconstruction_error_vs_nfe, round_trip
+from slimflow.invert import invert, reconstruct, reconstruction_error_vs_nfe, round_trip
+from slimflow.stages.invert import invert_images
 
 
 class ToyVelocity(nn.Module):

@@ -7,7 +7,8 @@ from slimflow.data import load_images, to_float, to_uint8
 from slimflow.domain_net import DEFAULT_WEIGHTS, KIND, DomainNet, MissingWeightsError
 from slimflow.images import save_npz
 from slimflow.metrics import (INCEPTION_CONFIG_KEY, INCEPTION_FILE, DomainNetFeatures, compute_metrics, load_samples,
-                              metric_labels, resolve_extractor, sample_model)
+                              metric_labels, resolve_extractor)
+from slimflow.sample import sample
 from teachers.unet import build_unet
 
 N = 1000  # images per set in the noise test
@@ -128,7 +129,8 @@ def test_samples_from_npz_folder_and_model_agree(tmp_path, test_images):
     save_model(tmp_path / "m.safetensors", model, {"model": model.config})
     sampled = load_samples(tmp_path / "m.safetensors", {"n": 6, "method": "heun", "steps": 2}, device="cpu",
                            progress=False)
-    direct, nfe = sample_model(model.eval(), 6, "heun", 2, progress=False)
+    direct, nfe = sample(model.eval(), 6, (1, 32, 32), method="heun", steps=2)
+    direct = to_uint8(direct)
     assert sampled.dtype == torch.uint8 and torch.equal(sampled, direct) and nfe == 4
     with pytest.raises(ValueError, match="sampling"):
         load_samples(tmp_path / "m.safetensors")

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimflow.pairs import (PairStore, PairStoreError, decode_images, encode_images, generate_pairs, noise_for,
-                            noise_seed, state_dict_hash)
+from slimflow.checkpoint import content_hash
+from slimflow.flow import noise_for, noise_seed
+from slimflow.pairs import PairStore, PairStoreError, decode_images, encode_images, generate_pairs
 from slimflow.solvers import solve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_noise_is_bit_exact_and_independent_of_the_batch():
 
 
 def test_noise_is_the_same_on_the_generic_cpu_kernels():
-    code = ("import hashlib; from slimflow.pairs import noise_for; "
+    code = ("import hashlib; from slimflow.flow import noise_for; "
             "print(hashlib.sha256(noise_for(range(64), 9, (3, 8, 8)).numpy().tobytes()).hexdigest())")
     env = {**subprocess_env(), "ATEN_CPU_CAPABILITY": "default"}  # no AVX2: torch's float32 randn would differ
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -102,19 +103,19 @@ def test_uint8_and_float16_round_trip_bounds():
         encode_images(x, "bfloat16")
 
 
-def test_state_dict_hash_sees_names_shapes_dtypes_and_values():
+def test_content_hash_of_tensors_sees_names_shapes_dtypes_and_values():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    base = state_dict_hash(model)
-    assert base == state_dict_hash(model.state_dict()) == state_dict_hash(dict(reversed(model.state_dict().items())))
+    base = content_hash(model)
+    assert base == content_hash(model.state_dict()) == content_hash(dict(reversed(model.state_dict().items())))
     state = model.state_dict()
     nudged = {**state, "2.bias": state["2.bias"] + 1e-7}
     renamed = {("x" + k if k == "2.bias" else k): v for k, v in state.items()}
     doubled = {**state, "2.bias": state["2.bias"].double()}
     reshaped = {**state, "0.weight": state["0.weight"].reshape(3, 4)}
-    hashes = {state_dict_hash(s) for s in (nudged, renamed, doubled, reshaped)}
+    hashes = {content_hash(s) for s in (nudged, renamed, doubled, reshaped)}
     assert len(hashes) == 4 and base not in hashes
-    with pytest.raises(TypeError, match="entry 'step'"):
-        state_dict_hash({**state, "step": 3})
+    # settings are hashed as sorted JSON: key order does not matter, values do
+    assert content_hash({"a": 1, "b": [1, 2]}) == content_hash({"b": [1, 2], "a": 1}) != content_hash({"a": 1, "b": [2, 1]})
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -180,7 +181,7 @@ def test_module_teacher_runs_in_eval_mode_and_is_hashed(tmp_path):
     velocity = DropoutTeacher()
     manifest = generate_pairs(velocity, tmp_path, **{**SETTINGS, "n": 8, "teacher_hash": None})
     assert velocity.training  # mode restored
-    assert manifest["teacher_hash"] == state_dict_hash(velocity)
+    assert manifest["teacher_hash"] == content_hash(velocity)
     noise, images = PairStore(tmp_path).get(range(8))
     with torch.no_grad():
         expected = solve(velocity.eval(), noise, method="euler", steps=STEPS).x

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from slimflow.checkpoint import latest_checkpoint, read_meta, read_model_file, save_model
-from slimflow.pairs import PairStoreError, state_dict_hash
-from slimflow.pipeline import generate_pairs_from_config, run_pipeline, solver_kwargs
+from slimflow.checkpoint import content_hash
+from slimflow.pairs import PairStoreError
+from slimflow.stages.pairs import generate_pairs_from_config, solver_kwargs
+from slimflow.stages.run import run_pipeline
 from teachers.unet import UNet
 
 TRAIN = {"batch_size": 8, "warmup": 2, "log_every": 5, "ckpt_every": 2, "keep_ckpts": 1,
@@ -161,7 +163,7 @@ def test_a_reference_checkpoint_teacher_needs_and_takes_its_resolution(tmp_path)
     summary = run_pipeline({**cfg, "teacher_resolution": 8})
     manifest = json.loads((tmp_path / "run" / "pairs" / "manifest.json").read_text())
     assert manifest["count"] == 24 and summary["params"]["teacher"] == sum(p.numel() for p in net.parameters())
-    assert manifest["teacher_hash"] == state_dict_hash(net)
+    assert manifest["teacher_hash"] == content_hash(net)
 
 
 def test_runs_naming_one_pairs_dir_share_the_store(finished, tmp_path):

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from pruning import count_macs_params
-from pruning.flow import example_inputs, prune_model, prune_student
+from slimflow.stages.prune import prune_model, prune_student
 from slimflow.checkpoint import read_model_file, save_model
-from slimflow.distill import load_student, one_step_images
+from slimflow.sample import one_step_images
 from slimflow.pairs import generate_pairs
 from teachers.unet import AttnBlock, build_unet
+from teachers.pruned import example_inputs
 from teachers.zoo import load_model
 
 TINY = {"in_channels": 1, "resolution": 16, "nf": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
@@ -61,8 +62,7 @@ def test_pruned_model_file_loads_bit_identically_everywhere(student_file, tmp_pa
 
     record = {"history": report["history"], "example_inputs": report["example_inputs"]}
     path = save_model(tmp_path / "pruned.safetensors", pruned, {"model": TINY, "pruning": record, "kind": "t"})
-    for loaded in (load_model(path), load_student(path)[0].eval()):  # bench/export/sample, and distill
-        assert torch.equal(outputs(loaded), outputs(pruned))
+    assert torch.equal(outputs(load_model(path)), outputs(pruned))  # every stage loads it this way
     # a pruned file whose record does not match its weights is refused, not half-loaded
     bad = json.loads(path.with_suffix(".json").read_text())
     bad["pruning"]["history"] = []
@@ -102,7 +102,7 @@ def test_interrupted_recovery_resumes_to_the_same_weights(student_file, tmp_path
     prune_student({**base, "out": str(tmp_path / "a"), "recover": short})  # stops at step 30 (a checkpoint)
     resumed = prune_student({**base, "out": str(tmp_path / "a"), "recover": RECOVER})
     straight = prune_student({**base, "out": str(tmp_path / "b"), "recover": RECOVER})
-    assert resumed["prune"]["status"] == "skipped" and resumed["recover"]["status"] == "ran"
+    assert resumed["prune"]["status"] == "skipped" and resumed["recover"]["status"] == "resumed"
     _, wa = read_model_file(tmp_path / "a" / "recovered_ema.safetensors")
     _, wb = read_model_file(tmp_path / "b" / "recovered_ema.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wb)
@@ -144,7 +144,7 @@ def test_bad_settings_stop_before_any_work(student_file, tmp_path):
 def test_a_recovered_pruned_student_exports_to_onnx_with_parity(student_file, tmp_path):
     pytest.importorskip("onnxscript", reason="ONNX export needs the optional extra slimflow[onnx]")
     pytest.importorskip("onnxruntime", reason="the ONNX parity check needs the optional extra slimflow[onnx]")
-    from slimflow.export import export_model
+    from slimflow.stages.export import export_model
 
     prune_student({"out": str(tmp_path / "p"), "student": str(student_file), "prune": PRUNE,
                    "recover": {**RECOVER, "train": {**RECOVER["train"], "steps": 2}}, "compare": {"n": 4, "seed": 0}})

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from slimflow.checkpoint import CheckpointError, rng_state, save_model, save_training_checkpoint
-from teachers.inspect import ddpmpp_config_guess, describe_checkpoint, detect_format, format_summary, load_teacher
+from teachers.formats import ddpmpp_config_guess, detect_format
+from teachers.inspect import describe_checkpoint, format_summary
+from teachers.zoo import load_model as load_teacher
 from teachers.unet import build_unet
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddpmpp_reference_shapes.json"
@@ -132,7 +134,7 @@ def test_plain_state_dicts(tmp_path, tiny_unet):
 
 
 def test_missing_unknown_and_corrupt_files(tmp_path, tiny_unet):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(FileNotFoundError, match="no model file or checkpoint at"):
         describe_checkpoint(tmp_path / "absent.pth")
     (tmp_path / "notes.txt").write_text("hello, not a checkpoint\n")
     with pytest.raises(CheckpointError, match="unknown checkpoint format: .*neither a PyTorch file"):

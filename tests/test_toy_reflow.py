@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from slimflow.anneal import train_annealed
+from slimflow.stages.anneal import train_annealed
 from slimflow.data import sample_toy
-from slimflow.distill import train_distilled
+from slimflow.stages.distill import train_distilled
 from slimflow.flow import interpolate, velocity_target
 from slimflow.pairs import PairStore, generate_pairs
 from slimflow.solvers import solve, straightness

@@ -1,4 +1,4 @@
-"""Flow-guided distillation (SPEC §3.2): the one-step student starts from the annealed model; a frozen copy of
+"""Flow-guided distillation (docs/methods.md, "Flow-guided distillation"): the one-step student starts from the annealed model; a frozen copy of
 that model (its EMA weights) is the guide v_φ. With the student evaluated at the one-step time t₀:
 
     L_distill = D(z + v_φ'(z, t₀), x̂)                        on the teacher pairs (z, x̂)
@@ -7,26 +7,26 @@ that model (its EMA weights) is the guide v_φ. With the student evaluated at th
     L = w_distill·L_distill + w_2step·L_2step
 
 s₁ is the student's ŝ (variant "reference", the reference code) or the guide's v_φ(e, t₀) (variant "paper").
-t₀ (`loss.one_step_time`) defaults to 0, the time the project's one-step sampler (`slimflow.sample`, one Euler
-step from t = 0) calls the network at; the reference code used ε = 1e-3 for both. D is any two-image distance of `slimflow.losses`.
+t₀ (`loss.one_step_time`) defaults to 0; the exported model file records it, and every stage that samples the
+student (`slimflow.sample`), benchmarks or exports it evaluates its one-step generator at that t₀. The reference
+code used ε = 1e-3 for both. D is any two-image distance of `slimflow.losses`.
 """
 from __future__ import annotations
 
 import copy
-import json
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from slimflow.anneal import (TIME_CONVENTION, barrier, command_line, full_config, one_step_sampler, open_pairs,
-                             pairs_hash, pairs_record, param_count, plain_config, start_run_dir)
-from slimflow.checkpoint import load_state_checked, read_model_file, save_model, sha256_file
+from slimflow.checkpoint import read_model_file, sha256_file
 from slimflow.engine import TRAIN_DEFAULTS, Trainer, batch_indices
+from slimflow.flow import per_sample
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, Distance, distance
-from slimflow.pairs import PairStore, PairStoreError
-from teachers.zoo import build_from_sidecar
+from slimflow.pairs import PairStore, PairStoreError, open_pairs, pairs_record
+from slimflow.sample import one_step_images, one_step_sampler
+from slimflow.stages.runner import TrainingJob, full_config, require_input, run_training
+from teachers.zoo import load_model
 
 VARIANTS = ("reference", "paper")
 DISTANCES = (*PIXEL_KINDS, *PERCEPTUAL_KINDS)
@@ -44,19 +44,10 @@ DEFAULTS: dict = {
 
 
 # ------------------------------------------------------------------------------------------ pure pieces
-def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
-
-
-def one_step_images(model: Callable, z: torch.Tensor, t0: float = 0.0) -> torch.Tensor:
-    """z + v(z, t0): the image a one-step student makes from noise z."""
-    return z + model(z, torch.full((z.shape[0],), t0, dtype=z.dtype, device=z.device))
-
-
 def two_step_target(guide: Callable, e: torch.Tensor, first_velocity: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Two Euler steps from e: to x_t = e + t·s₁ with `first_velocity` s₁, then to 1 with the guide:
     y = x_t + (1 − t)·guide(x_t, t); t of shape (B,)."""
-    tb = _per_sample(t, e)
+    tb = per_sample(t, e)
     x_t = e + tb * first_velocity
     return x_t + (1 - tb) * guide(x_t, t)
 
@@ -125,6 +116,11 @@ def check_loss_config(loss_cfg: dict) -> None:
         raise ValueError(f"loss.one_step_time must lie in [0, t_min), got {loss_cfg['one_step_time']}")
 
 
+def check_config(cfg: dict) -> None:
+    """Raise on any bad setting of a `distill` config (see DEFAULTS), before any work."""
+    check_loss_config(full_config(DEFAULTS, cfg)["loss"])
+
+
 def train_distilled(student: torch.nn.Module, guide: torch.nn.Module, store: PairStore, cfg: dict, out: str | Path,
                     run_config: dict, sample_fn: Callable | None = None) -> tuple[Trainer, dict]:
     """Flow-guided distillation of `student` (any velocity network) with the frozen `guide`; resumes from `out`.
@@ -139,18 +135,43 @@ def train_distilled(student: torch.nn.Module, guide: torch.nn.Module, store: Pai
     return trainer, result
 
 
-# ------------------------------------------------------------------------------------------ from config
-def load_student(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """A trainable UNet with the weights of the model file `path`, and the file's sidecar."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"annealed model {str(path)!r} does not exist; run `slimflow anneal` first or set "
-                                "student= to an exported model file")
-    sidecar, weights = read_model_file(path)
-    if not sidecar.get("model"):
-        raise ValueError(f"{str(path)!r} does not record its model config")
-    model = build_from_sidecar(sidecar)  # a pruned student too
-    load_state_checked(model, weights, str(path))
-    return model, sidecar
+# ------------------------------------------------------------------------------------------ the stage
+def distill_job(cfg: dict) -> TrainingJob:
+    """The flow-guided distillation job of a merged, checked config: the student starts from the annealed model
+    (a pruned one too), its frozen copy is the guide; exported to `out/distilled_ema.safetensors`."""
+    store = open_pairs(cfg["pairs"], cfg["teacher"])
+    require_input(cfg["student"], "annealed model", "run `slimflow anneal` first or set student= to an exported "
+                  "model file")
+    sidecar = read_model_file(cfg["student"])[0]
+    made_from = (sidecar.get("pairs") or {}).get("teacher_hash")
+    if made_from is not None and made_from != store.manifest["teacher_hash"]:
+        raise PairStoreError(f"the pair store {cfg['pairs']} was made by another teacher than the pairs "
+                             f"{cfg['student']} was trained on (teacher_hash {store.manifest['teacher_hash'][:16]}… vs "
+                             f"{made_from[:16]}…); distill on pairs of the same teacher")
+    guide = load_model(cfg["student"])
+    student_sha256 = sha256_file(cfg["student"])
+    record = pairs_record(store)
+    loss_cfg = cfg["loss"]
+
+    def build() -> torch.nn.Module:
+        student = copy.deepcopy(guide).train().requires_grad_(True)
+        student.one_step_time = loss_cfg["one_step_time"]  # its one-step generator is trained at t0
+        return student
+
+    def make_loss(device: torch.device) -> Callable:
+        d = distance(loss_cfg["distance"], **loss_cfg["options"])
+        return distill_loss(guide.to(device), d.to(device) if isinstance(d, torch.nn.Module) else d, loss_cfg)
+
+    s = cfg["sample"]
+    return TrainingJob(
+        out=Path(cfg["out"]), kind="distilled-student", export_name="distilled_ema.safetensors",
+        run_config={**cfg, "model": sidecar["model"], "student_sha256": student_sha256, "pairs_hash": record["hash"]},
+        train=cfg["train"], build=build, make_batch=make_distill_batch(store, cfg["train"], loss_cfg),
+        make_loss=make_loss, sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]),
+        meta={**({"pruning": sidecar["pruning"]} if sidecar.get("pruning") else {}),
+              "one_step_time": loss_cfg["one_step_time"], "pairs": record,
+              "guide": {"file": str(cfg["student"]), "sha256": student_sha256, "kind": sidecar.get("kind")}},
+        settings=cfg)
 
 
 def distill(cfg: dict, command: str | None = None) -> dict:
@@ -158,36 +179,4 @@ def distill(cfg: dict, command: str | None = None) -> dict:
     `out/distilled_ema.safetensors` (+ sidecar, kind "distilled-student"), write `out/summary.json`, return it."""
     cfg = full_config(DEFAULTS, cfg)
     check_loss_config(cfg["loss"])
-    out = Path(cfg["out"])
-    store = open_pairs(cfg["pairs"], cfg["teacher"])
-    student, sidecar = load_student(cfg["student"])
-    made_from = (sidecar.get("pairs") or {}).get("teacher_hash")
-    if made_from is not None and made_from != store.manifest["teacher_hash"]:
-        raise PairStoreError(f"the pair store {cfg['pairs']} was made by another teacher than the pairs "
-                             f"{cfg['student']} was trained on (teacher_hash {store.manifest['teacher_hash'][:16]}… vs "
-                             f"{made_from[:16]}…); distill on pairs of the same teacher")
-    guide = copy.deepcopy(student)
-    model_cfg = sidecar["model"]
-    student_sha256 = sha256_file(cfg["student"])
-    run_config = {**cfg, "model": model_cfg, "student_sha256": student_sha256, "pairs_hash": pairs_hash(store)}
-    start_run_dir(out, run_config)
-    started = time.time()
-    s = cfg["sample"]
-    trainer, result = train_distilled(student, guide, store, cfg, out, run_config,
-                                      one_step_sampler(s["n"], store.shape, s["seed"]))
-    summary = {"kind": "distilled-student", "params": param_count(student), "steps": result["steps"],
-               "resumed": result["resumed"], "img_per_s": result["img_per_s"],
-               "seconds_this_session": time.time() - started,
-               "final": result["history"][-1] if result["history"] else None}
-    if trainer.rank == 0:
-        export = out / "distilled_ema.safetensors"
-        save_model(export, trainer.ema or trainer.model, {
-            "model": model_cfg, **({"pruning": sidecar["pruning"]} if sidecar.get("pruning") else {}),
-            "kind": "distilled-student", "time_convention": TIME_CONVENTION,
-            "one_step_time": cfg["loss"]["one_step_time"], "pairs": pairs_record(store),
-            "guide": {"file": str(cfg["student"]), "sha256": student_sha256, "kind": sidecar.get("kind")},
-            "steps": result["steps"], "config": plain_config(cfg), "command": command_line(command)})
-        summary["export"] = str(export)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    barrier()
-    return summary
+    return run_training(distill_job(cfg), command)

@@ -7,18 +7,18 @@
    either to a channel `ratio` or to a `macs_fraction` of the MACs; importance magnitude (l1/l2), lamp, random,
    or taylor from the flow-matching loss on the pairs, accumulated over timesteps (Diff-Pruning style);
 3. writes `pruned.safetensors`: an ordinary model file whose sidecar records the unpruned config and the pruning
-   history, which `teachers.zoo.load_model` replays, so sample, bench, export and distill read it unchanged;
+   history, which `teachers.zoo.load_model` replays (`teachers.pruned`), so sample, bench, export and distill read
+   it unchanged;
 4. recovers it (`recover.mode`): `one_step`: distillation from the unpruned student, D(z + v_p(z, t0),
    z + v_u(z, t0)) on fresh noise z (data-free; for one-step students); `flow`: the reflow loss on the pairs
-   (for multi-step students); `none`. Training resumes from `recover/checkpoints`;
+   (for multi-step students); `none`. Training follows the stage recipe (`slimflow.stages.runner`) in
+   `recover/`;
 5. exports `recovered_ema.safetensors` and writes `summary.json`: params/MACs/latency before and after, the
    one-step distance to the unpruned student before and after recovery, and a grid of the three models.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,22 +26,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimflow.anneal import (barrier, command_line, export_is_current, full_config, one_step_sampler, open_pairs,
-                             pairs_hash, plain_config, start_run_dir)
+from pruning.measure import count_macs_params, measure_latency
+from pruning.serialization import input_specs
+from pruning.structured import IMPORTANCES, prune_structured, ratio_for_macs
+from pruning.taylor import accumulate_gradients
 from slimflow.checkpoint import model_identity, read_model_file, save_model, sha256_file
-from slimflow.distill import one_step_images
-from slimflow.engine import TRAIN_DEFAULTS, Trainer, batch_indices, dist_info, resolve_device
+from slimflow.engine import TRAIN_DEFAULTS, batch_indices, dist_info, resolve_device
+from slimflow.flow import flow_matching_batch, noise_for
 from slimflow.images import save_grid
 from slimflow.losses import distance, l2
-from slimflow.pairs import noise_for
-from teachers.train import flow_matching_batch
-from teachers.unet import NIN
+from slimflow.pairs import open_pairs, pairs_hash
+from slimflow.sample import one_step_images, one_step_sampler
+from slimflow.stages.runner import (TrainingJob, command_line, full_config, output_key, plain_config, run_training,
+                                    write_summary)
+from teachers.pruned import example_inputs, unet_custom_pruners
 from teachers.zoo import load_model
-
-from .measure import count_macs_params, measure_latency
-from .serialization import input_specs, replay_history
-from .structured import IMPORTANCES, MatmulPruner, prune_structured, ratio_for_macs
-from .taylor import accumulate_gradients
 
 RECOVER_MODES = ("one_step", "flow", "none")
 KIND = "pruned-student"
@@ -68,23 +67,6 @@ DEFAULTS: dict = {
     },
     "compare": {"n": 64, "seed": 0},  # noise of the grid and of the distance to the unpruned student
 }
-
-
-# ------------------------------------------------------------------------------------------ UNet specifics
-def unet_custom_pruners() -> dict:
-    """How Torch-Pruning prunes the layers of teachers.unet it does not know: NIN is x @ W + b."""
-    return {NIN: MatmulPruner("W", "b")}
-
-
-def example_inputs(model_config: dict, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, t) zeros for tracing a UNet of `model_config`."""
-    c, r = model_config["in_channels"], model_config["resolution"]
-    return torch.zeros(batch, c, r, r), torch.zeros(batch)
-
-
-def apply_pruning_record(model: nn.Module, record: dict) -> nn.Module:
-    """Remove the channels a pruned model file's `pruning` record lists from the unpruned UNet `model`."""
-    return replay_history(model, record["history"], record["example_inputs"], custom_pruners=unet_custom_pruners())
 
 
 # ------------------------------------------------------------------------------------------ pure pieces
@@ -136,10 +118,6 @@ def _check(cfg: dict) -> None:
                          "(slimflow pairs generate)")
 
 
-def _settings_hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=None) -> tuple[nn.Module, dict]:
     """A pruned copy of `student` and the pruning report (ratio used, MACs/params before/after, history)."""
     model = copy.deepcopy(student).float().train().requires_grad_(True)  # Torch-Pruning traces through autograd
@@ -179,7 +157,7 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
         summary["recover"] = _recover_stage(cfg, student, sidecar, pruned_path, record, store, command)
     summary["models"] = _compare_stage(cfg, student, sidecar, pruned_path)
     if dist_info()[0] == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_summary(out, summary)
     return summary
 
 
@@ -194,7 +172,7 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
     """Write out/pruned.safetensors unless it was made from this student with these settings; returns the stage
     summary, the file and its pruning record."""
     path = Path(cfg["out"]) / "pruned.safetensors"
-    key = _settings_hash(source["sha256"], cfg["prune"], store is not None and pairs_hash(store))
+    key = output_key(source["sha256"], cfg["prune"], store is not None and pairs_hash(store))
     started = time.time()
     record = (read_model_file(path)[0].get("pruning") or {}) if path.is_file() else {}
     status = "skipped"
@@ -213,45 +191,42 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
 
 def _recover_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path, record: dict, store,
                    command: str) -> dict:
-    """Train the pruned model (resuming from out/recover) and export out/recovered_ema.safetensors, unless that
-    export was made from this pruned file with these settings."""
+    """Train the pruned model in out/recover and export out/recovered_ema.safetensors by the stage recipe (skipped
+    when that export was made from this pruned file with these settings)."""
     out, r = Path(cfg["out"]), cfg["recover"]
-    path = out / "recovered_ema.safetensors"
     recover_cfg = {**cfg, "pruned_sha256": sha256_file(pruned_path)}
-    started = time.time()
-    if export_is_current(path, recover_cfg):
-        return {"status": "skipped", "seconds": time.time() - started, "file": str(path)}
-    # train settings at the top level, where start_run_dir allows steps/logging to change on resume
-    run_config = {**recover_cfg, "recover": {k: v for k, v in r.items() if k != "train"}, "train": r["train"],
-                  "model": sidecar["model"], "pruning": record}
-    start_run_dir(out / "recover", run_config)
     meta = _file_meta(sidecar)
     shape = tuple(example_inputs(sidecar["model"])[0].shape[1:])
     batch_size, seed = r["train"]["batch_size"], r["train"]["seed"]
-    model = load_model(pruned_path).train().requires_grad_(True)
-    trainer = Trainer(model, r["train"], out / "recover", run_config,
-                      sample_fn=one_step_sampler(cfg["compare"]["n"], shape, cfg["compare"]["seed"]))
     if r["mode"] == "one_step":
-        d = distance(r["distance"], **r["options"])
-        d = d.to(trainer.device) if isinstance(d, nn.Module) else d
-        loss_fn = one_step_recovery_loss(student.to(trainer.device), d, meta["one_step_time"])
+        def make_loss(device):
+            d = distance(r["distance"], **r["options"])
+            d = d.to(device) if isinstance(d, nn.Module) else d
+            return one_step_recovery_loss(student.to(device), d, meta["one_step_time"])
 
         def make_batch(step, gen):
             return {"z": torch.randn((batch_size, *shape), generator=gen)}
     else:
-        loss_fn = flow_loss
+        def make_loss(device):
+            return flow_loss
 
         def make_batch(step, gen):
             z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
             return flow_matching_batch(z, x, 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=gen))
-    result = trainer.fit(make_batch, loss_fn)
-    if trainer.rank == 0:
-        save_model(path, trainer.ema or trainer.model, {
-            **meta, "pruning": record, "kind": "recovered-" + KIND, "recovered_from": str(pruned_path),
-            "steps": result["steps"], "config": plain_config(recover_cfg), "command": command})
-    barrier()
-    return {"status": "ran", "seconds": time.time() - started, "file": str(path), "steps": result["steps"],
-            "img_per_s": result["img_per_s"], "final": result["history"][-1] if result["history"] else None}
+    started = time.time()
+    job = TrainingJob(
+        # train settings at the top level, where the run directory allows steps/logging to change on resume
+        out=out / "recover", export_dir=out, kind="recovered-" + KIND, export_name="recovered_ema.safetensors",
+        run_config={**recover_cfg, "recover": {k: v for k, v in r.items() if k != "train"}, "train": r["train"],
+                    "model": sidecar["model"], "pruning": record},
+        train=r["train"], build=lambda: load_model(pruned_path).train().requires_grad_(True), make_batch=make_batch,
+        make_loss=make_loss, sample_fn=one_step_sampler(cfg["compare"]["n"], shape, cfg["compare"]["seed"]),
+        meta={"one_step_time": meta["one_step_time"], "pairs": meta["pairs"], "pruning": record,
+              "recovered_from": str(pruned_path)},
+        settings=recover_cfg)
+    result = run_training(job, command)
+    return {"status": result["status"], "seconds": time.time() - started, "file": str(job.export),
+            **{k: result.get(k) for k in ("steps", "img_per_s", "final")}}
 
 
 def _compare_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import csv
 import datetime
-import hashlib
 import io
 import json
 import math
@@ -35,14 +34,17 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
-from slimflow.checkpoint import atomic_write_text, model_identity
+from slimflow.checkpoint import atomic_file, atomic_write_text, content_hash, model_identity
+from slimflow.config import load_config
 from slimflow.cost import measure_cost
-from slimflow.data import to_float
+from slimflow.data import to_float, to_uint8
 from slimflow.engine import resolve_device
 from slimflow.images import save_grid
-from slimflow.metrics import (compute_metrics, metric_label, metric_labels, reference_images, resolve_extractor,
-                              sample_model)
+from slimflow.metrics import compute_metrics, metric_label, metric_labels, reference_images, resolve_extractor
+from slimflow.sample import sample
 from slimflow.solvers import METHODS
+from slimflow.stages import CONFIG_STAGES, stage
+from slimflow.stages.runner import full_config
 from teachers.zoo import load_model
 
 DEFAULTS: dict = {
@@ -70,9 +72,7 @@ DEFAULTS: dict = {
     # Pairs of entries to set side by side in bench.md: each {label, baseline, candidate} (entry names).
     "compare": [],
 }
-# stage -> (module, function, defaults, check): the functions `slimflow run` and `slimflow prune` call
-PREPARE_STAGES = {"run": ("slimflow.pipeline", "run_pipeline", "DEFAULTS", "check_config"),
-                  "prune": ("pruning.flow", "prune_student", "DEFAULTS", "check_config")}
+PREPARE_STAGES = tuple(name for name in CONFIG_STAGES if name != "bench")  # the stages that make models
 ENTRY_DEFAULTS = {"method": "euler", "steps": 1, "tol": 1e-5}
 ENTRY_KEYS = ("name", "model", *ENTRY_DEFAULTS)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -109,10 +109,6 @@ def check_entries(entries: list) -> list[dict]:
 def check_prepare(items: list) -> list[dict]:
     """The `prepare` items with their configs loaded (defaults ← config file ← overrides) and checked by their
     stage, so a bad setting in the last stage stops the benchmark before the first one runs."""
-    import importlib
-
-    from slimflow.config import load_config
-
     if not isinstance(items, list):
         raise ValueError("prepare must be a list of {stage, config, overrides}")
     loaded = []
@@ -122,11 +118,10 @@ def check_prepare(items: list) -> list[dict]:
         if item["stage"] not in PREPARE_STAGES:
             raise ValueError(f"prepare[{i}]: unknown stage {item['stage']!r}; "
                              f"choose one of {', '.join(PREPARE_STAGES)}")
-        module, function, defaults, check = PREPARE_STAGES[item["stage"]]
-        mod = importlib.import_module(module)
-        cfg = load_config(getattr(mod, defaults), item.get("config"), item.get("overrides") or [])
-        getattr(mod, check)(cfg)
-        loaded.append({"stage": item["stage"], "run": getattr(mod, function), "config": cfg,
+        module, run = stage(item["stage"])
+        cfg = load_config(module.DEFAULTS, item.get("config"), item.get("overrides") or [])
+        module.check_config(cfg)
+        loaded.append({"stage": item["stage"], "run": run, "config": cfg,
                        "label": " ".join([item["stage"], str(item.get("config")), *(item.get("overrides") or [])])})
     return loaded
 
@@ -158,7 +153,7 @@ def fingerprint(entry: dict, cfg: dict, device: torch.device, extractor_ids: dic
             "reference": cfg["reference"],
             "metrics": {k: v for k, v in cfg["metrics"].items() if k != "cache_dir"}, "cost": cfg["cost"],
             "device": str(device), "torch": torch.__version__}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+    return content_hash(blob)
 
 
 # ------------------------------------------------------------------------------------------- table
@@ -237,9 +232,8 @@ def plot_front(names: list[str], xs: list[float], ys: list[float], xlabel: str, 
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -247,8 +241,9 @@ def evaluate_entry(entry: dict, cfg: dict, model: torch.nn.Module, out: Path) ->
     """Sample the entry, compute every extractor's metrics and the cost measures; one result row."""
     m, c = cfg["metrics"], cfg["cost"]
     started = time.time()
-    images, nfe = sample_model(model, m["n_samples"], entry["method"], entry["steps"], entry["tol"], m["seed"],
-                               m["batch_size"], progress=True)
+    images, nfe = sample(model, m["n_samples"], method=entry["method"], steps=entry["steps"], seed=m["seed"],
+                         batch_size=m["batch_size"], rtol=entry["tol"], atol=entry["tol"], progress=True)
+    images = to_uint8(images)
     if cfg["grid"]:
         save_grid(to_float(images[:cfg["grid"]]), out / "samples" / f"{entry['name']}.png")
     adaptive = entry["method"] == "dopri5"
@@ -316,7 +311,7 @@ def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: s
 def bench(cfg: dict, command: str | None = None) -> dict:
     """Evaluate every entry of `cfg` (see DEFAULTS), skipping entries already computed with the same
     fingerprint, and write the reports. Returns {"rows", "computed", "skipped", "files"}."""
-    cfg = copy.deepcopy(cfg)
+    cfg = full_config(DEFAULTS, copy.deepcopy(cfg))
     entries = check_entries(cfg["entries"])
     prepare = check_prepare(cfg["prepare"])
     unknown = [n for pair in cfg["compare"] for n in (pair.get("baseline"), pair.get("candidate"))

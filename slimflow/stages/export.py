@@ -1,4 +1,6 @@
-"""Edge export of a one-step generator: noise z ↦ image x̂ = z + v_θ(z, 0) (SPEC §0), batch size dynamic.
+"""Edge export of a one-step generator: noise z ↦ image x̂ = z + v_θ(z, t0), batch size dynamic, with t0 the
+time the model file records (`one_step_time`: the t0 a student was distilled at; 0 for other models; see
+slimflow.sample and docs/methods.md, "One-step generator").
 
 Writes to `out_dir`:
 - `generator.pt2`: a `torch.export` program (load with `torch.export.load(path).module()`),
@@ -20,9 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pruning.measure import count_params, median_ms
 from slimflow.checkpoint import atomic_write_text
-from slimflow.cost import count_params, median_ms
-from slimflow.pairs import noise_for
+from slimflow.flow import noise_for
+from slimflow.sample import one_step_images, one_step_time
 from teachers.zoo import load_model
 
 FORMATS = ("onnx", "torch_export")
@@ -37,14 +40,15 @@ class ExportMismatchError(RuntimeError):
 
 
 class OneStepGenerator(nn.Module):
-    """z (B, C, H, W) ↦ z + v(z, 0): one Euler step of the flow from noise."""
+    """z (B, C, H, W) ↦ z + v(z, t0), the one-step generator of `velocity` (t0: its `one_step_time`)."""
 
     def __init__(self, velocity: nn.Module):
         super().__init__()
         self.velocity = velocity
+        self.t0 = one_step_time(velocity)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z + self.velocity(z, z.new_zeros(z.shape[0]))
+        return one_step_images(self.velocity, z, self.t0)
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,22 +96,25 @@ def _check_onnx(path: Path, z: torch.Tensor, expected: torch.Tensor, atol: float
 
 @torch.no_grad()
 def export_model(model_path: str | Path, out_dir: str | Path, formats: tuple[str, ...] = FORMATS, *,
-                 seed: int = 0, atol: float = 1e-4, warmup: int = 5, repeats: int = 50) -> dict:
-    """Export the one-step generator of a velocity model file; returns (and writes as export.json) a report:
-    files, params, max abs differences to PyTorch on the noise of (seed, 0..3), and batch-1 latencies."""
+                 seed: int = 0, atol: float = 1e-4, warmup: int = 5, repeats: int = 50, resolution: int | None = None,
+                 unsafe_pickle: bool = False) -> dict:
+    """Export the one-step generator of a velocity model file (any format `teachers.zoo.load_model` reads; a
+    reference DDPM++ checkpoint needs `resolution`); returns (and writes as export.json) a report: files, params,
+    max abs differences to PyTorch on the noise of (seed, 0..3), and batch-1 latencies."""
     bad = sorted(set(formats) - set(FORMATS))
     if bad or not formats:
         raise ValueError(f"unknown export formats {bad or formats}; choose from {FORMATS}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    velocity = load_model(model_path, device="cpu")
+    velocity = load_model(model_path, device="cpu", resolution=resolution, unsafe_pickle=unsafe_pickle)
     generator = OneStepGenerator(velocity).eval()
-    shape = (velocity.config["in_channels"], velocity.config["resolution"], velocity.config["resolution"])
+    shape = tuple(velocity.sample_shape)
     z = noise_for(list(range(CHECK_BATCH)), seed, shape)
     expected = generator(z)
     one = z[:1]
     report: dict = {"model": str(model_path), "params": count_params(velocity), "input": ["batch", *shape],
-                    "mapping": "image = z + v(z, 0), z ~ N(0, I); output not clamped (nominally [-1, 1])",
+                    "mapping": f"image = z + v(z, {generator.t0:g}), z ~ N(0, I); output not clamped (nominally "
+                               "[-1, 1])", "one_step_time": generator.t0,
                     "atol": atol, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "torch_latency_ms_b1": median_ms(lambda: generator(one), one.device, warmup, repeats)}
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)

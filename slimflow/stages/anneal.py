@@ -1,4 +1,4 @@
-"""Annealing reflow (SPEC §3.1): a small student trained from scratch on teacher pairs (z, x̂) whose noise is
+"""Annealing reflow (docs/methods.md, "Annealing reflow"): a small student trained from scratch on teacher pairs (z, x̂) whose noise is
 annealed from independent (β = 1, plain 1-RF on the teacher's images) to the paired noise (β = 0, plain reflow):
 
     z̃ = sqrt(1 − β_k²)·z + β_k·ε',  ε' ~ N(0, I) fresh each step,
@@ -9,35 +9,23 @@ with (z̃, x̂) flipped left-right together, per sample, with probability ½ (co
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import shlex
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
-import yaml
 
-from slimflow import config as cfglib
-from slimflow.checkpoint import read_model_file, save_model
+from slimflow.checkpoint import read_model_file
 from slimflow.engine import TRAIN_DEFAULTS, Trainer, batch_indices
-from slimflow.flow import sample_time
-from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber
-from slimflow.pairs import SETTINGS_KEYS, PairStore, PairStoreError, state_dict_hash
-from slimflow.sample import sample
-from teachers.train import flow_matching_batch, random_hflip, velocity_loss
+from slimflow.flow import flow_matching_batch, per_sample, random_hflip, sample_time
+from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber, velocity_loss
+from slimflow.pairs import PairStore, open_pairs, pairs_record
+from slimflow.sample import one_step_sampler
+from slimflow.stages.runner import TrainingJob, full_config, run_training
 from teachers.zoo import build_model, resolve_model_config
 
 BETA_SCHEDULES = ("linear", "exp", "cosine", "constant")
 ANNEAL_LOSSES = (*PIXEL_KINDS, "lpips_huber")
-TIME_CONVENTION = "t=0 noise, t=1 data"
-# Settings a run may change between sessions without changing what it computes.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts",
-                     "train.device", "sample.")
 
 DEFAULTS: dict = {
     "out": "runs/anneal",
@@ -105,6 +93,11 @@ def check_anneal_config(cfg: dict) -> None:
         raise ValueError(f"beta.value (the constant β) must lie in [0, 1], got {beta['value']}")
 
 
+def check_config(cfg: dict) -> None:
+    """Raise on any bad setting of an `anneal` config (see DEFAULTS), before any work."""
+    check_anneal_config(full_config(DEFAULTS, cfg))
+
+
 def anneal_loss(flow_cfg: dict, device: torch.device | None = None) -> Callable:
     """loss_fn(model, batch) for the engine, from `flow.loss`: a pixel distance on velocities (l2, l1,
     pseudo_huber) or rfpp's LPIPS–Huber (`flow.perceptual` net on `device`, `flow.one_over_t`)."""
@@ -121,7 +114,7 @@ def anneal_loss(flow_cfg: dict, device: torch.device | None = None) -> Callable:
     def loss_fn(model, batch):
         x_t, t, target = batch["x_t"], batch["t"], batch["target"]
         v = model(x_t, t)
-        rest = (1.0 - t).view(-1, *[1] * (x_t.dim() - 1))
+        rest = 1.0 - per_sample(t, x_t)
         # clean image predicted from x_t, and the pair's image x̂ = x_t + (1 − t)·(x̂ − z̃)
         loss = lpips_huber(x_t + rest * v, x_t + rest * target, v, target, t, perceptual, flow_cfg["one_over_t"])
         return loss.mean(), {"beta": batch["beta"]}
@@ -157,80 +150,7 @@ def train_annealed(model: torch.nn.Module, store: PairStore, cfg: dict, out: str
     return trainer, trainer.fit(make_anneal_batch(store, cfg), anneal_loss(cfg["flow"], trainer.device))
 
 
-# ------------------------------------------------------------------------------------------ run folders
-def full_config(defaults: dict, cfg: dict) -> dict:
-    """`cfg` merged onto `defaults` (unknown keys are errors), without the open-mapping markers."""
-    return cfglib.strip_markers(cfglib.merge(defaults, cfg))
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def plain_config(cfg: dict) -> dict:
-    """The config as it reads back from YAML/JSON (tuples become lists)."""
-    return json.loads(json.dumps(cfg))
-
-
-def start_run_dir(out: Path, run_config: dict) -> None:
-    """Create `out` and write config.yaml. A run already there must have been started with the same settings,
-    except those in RESUMABLE_CHANGES; otherwise it is an error naming the differences (never a mixed run)."""
-    path = out / "config.yaml"
-    if path.is_file():
-        old, new = _flat(yaml.safe_load(path.read_text()) or {}), _flat(plain_config(run_config))
-        diffs = [f"{key}: run has {old.get(key)!r}, requested {new.get(key)!r}" for key in sorted(set(old) | set(new))
-                 if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
-        if diffs:
-            raise ValueError(f"{out} holds a run started with other settings; resuming it would mix them. Use another "
-                             f"out, or delete {out} to start over. Differences:\n  " + "\n  ".join(diffs))
-    out.mkdir(parents=True, exist_ok=True)
-    cfglib.dump(plain_config(run_config), path)
-
-
-def export_is_current(export: Path, cfg: dict) -> bool:
-    """True when `export` exists and its sidecar records exactly `cfg` (the stage is finished)."""
-    sidecar = export.with_suffix(".json")
-    if not export.is_file() or not sidecar.is_file():
-        return False
-    return json.loads(sidecar.read_text()).get("config") == plain_config(cfg)
-
-
-def open_pairs(path: str | Path, teacher: str | Path | None = None) -> PairStore:
-    """The finished pair store at `path`; with `teacher`, it must have been made by that teacher's weights."""
-    store = PairStore(path)
-    if teacher is not None:
-        from teachers.inspect import load_teacher
-
-        if not Path(teacher).exists():
-            raise FileNotFoundError(f"teacher file {str(teacher)!r} does not exist (needed to check that the pairs in "
-                                    f"{path} were made by it)")
-        wanted = state_dict_hash(load_teacher(teacher))
-        if store.manifest["teacher_hash"] != wanted:
-            raise PairStoreError(f"the pair store {path} was made by another teacher (teacher_hash "
-                                 f"{store.manifest['teacher_hash'][:16]}…, {teacher} hashes to {wanted[:16]}…); "
-                                 "generate pairs with this teacher into another folder")
-    return store
-
-
-def pairs_hash(store: PairStore) -> str:
-    """sha256 of what defines a store's pairs: its manifest's settings and every shard's checksum (not timings)."""
-    manifest = store.manifest
-    content = {**{key: manifest[key] for key in SETTINGS_KEYS}, "shards": [r["sha256"] for r in manifest["shards"]]}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def pairs_record(store: PairStore) -> dict:
-    """What a student's sidecar records about the pairs it was trained on."""
-    return {"dir": str(store.root), "hash": pairs_hash(store), "teacher_hash": store.manifest["teacher_hash"],
-            "count": len(store), "solver": store.manifest["solver"]}
-
-
+# ------------------------------------------------------------------------------------------ the stage
 def copy_matching(model: torch.nn.Module, path: str | Path) -> dict:
     """Copy into `model` every tensor of the model file `path` whose name and shape match; report what was copied."""
     _, weights = read_model_file(path)
@@ -243,53 +163,33 @@ def copy_matching(model: torch.nn.Module, path: str | Path) -> dict:
             "copied_values": sum(v.numel() for v in matching.values()), "not_copied": skipped[:20] + more}
 
 
-def param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def anneal_job(cfg: dict) -> TrainingJob:
+    """The annealing-reflow job of a merged, checked config: the student on the pair store, exported to
+    `out/annealed_ema.safetensors` (kind "annealed-student")."""
+    store = open_pairs(cfg["pairs"], cfg["teacher"])
+    model_cfg = resolve_model_config(cfg["model"])
+    model_cfg.update(in_channels=store.shape[0], resolution=store.shape[-1])
+    record = pairs_record(store)
+    init: dict = {}
 
+    def build() -> torch.nn.Module:
+        model = build_model(model_cfg)
+        if cfg["init"]:
+            init.update(copy_matching(model, cfg["init"]))
+        return model
 
-def one_step_sampler(n: int, shape: tuple[int, ...], seed: int) -> Callable[[torch.nn.Module], torch.Tensor]:
-    """sample_fn for the engine: one Euler step from the noise of (seed, 0..n-1)."""
-    return lambda net: sample(net, n, shape, method="euler", steps=1, seed=seed)[0]
-
-
-def command_line(command: str | None) -> str:
-    return command or " ".join(map(shlex.quote, sys.argv))
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    s = cfg["sample"]
+    return TrainingJob(
+        out=Path(cfg["out"]), kind="annealed-student", export_name="annealed_ema.safetensors",
+        run_config={**cfg, "model": model_cfg, "pairs_hash": record["hash"]}, train=cfg["train"], build=build,
+        make_batch=make_anneal_batch(store, cfg), make_loss=lambda device: anneal_loss(cfg["flow"], device),
+        sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]), meta={"pairs": record, "init": init},
+        summary={"init": init}, settings=cfg)
 
 
 def anneal(cfg: dict, command: str | None = None) -> dict:
     """Annealing reflow from `cfg` (see DEFAULTS): train the student on the pair store, export its EMA weights to
     `out/annealed_ema.safetensors` (+ sidecar, kind "annealed-student"), write `out/summary.json`, return it."""
     cfg = full_config(DEFAULTS, cfg)
-    out = Path(cfg["out"])
     check_anneal_config(cfg)
-    store = open_pairs(cfg["pairs"], cfg["teacher"])
-    model_cfg = resolve_model_config(cfg["model"])
-    model_cfg.update(in_channels=store.shape[0], resolution=store.shape[-1])
-    run_config = {**cfg, "model": model_cfg, "pairs_hash": pairs_hash(store)}
-    start_run_dir(out, run_config)
-    torch.manual_seed(cfg["train"]["seed"])  # initial weights are a function of the seed
-    model = build_model(model_cfg)
-    init = copy_matching(model, cfg["init"]) if cfg["init"] else None
-    started = time.time()
-    s = cfg["sample"]
-    trainer, result = train_annealed(model, store, cfg, out, run_config,
-                                     one_step_sampler(s["n"], store.shape, s["seed"]))
-    summary = {"kind": "annealed-student", "params": param_count(model), "steps": result["steps"],
-               "resumed": result["resumed"], "img_per_s": result["img_per_s"],
-               "seconds_this_session": time.time() - started,
-               "final": result["history"][-1] if result["history"] else None, "init": init}
-    if trainer.rank == 0:
-        export = out / "annealed_ema.safetensors"
-        save_model(export, trainer.ema or trainer.model, {
-            "model": model_cfg, "kind": "annealed-student", "time_convention": TIME_CONVENTION,
-            "pairs": pairs_record(store), "steps": result["steps"], "init": init, "config": plain_config(cfg),
-            "command": command_line(command)})
-        summary["export"] = str(export)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    barrier()
-    return summary
+    return run_training(anneal_job(cfg), command)

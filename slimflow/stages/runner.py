@@ -1,0 +1,173 @@
+"""The recipe every training stage follows, written once.
+
+A training stage (teacher, anneal, distill, prune recovery) describes its job as a `TrainingJob`; `run_training`
+then does the rest the same way for all of them:
+
+1. **current?** The job's `run_config` (its merged settings plus the identity of its inputs: pairs hash, student
+   file hash, ...) has a `content_hash`, its *key*. When the exported model exists and its sidecar records that
+   key, the stage is finished: nothing runs (status "skipped").
+2. **run directory**: `out/config.yaml` records the settings; a run already there must have been started with
+   the same settings, except those in `RESUMABLE_CHANGES` (else an error lists the differences; never a mixed
+   run).
+3. **build and train** with the engine, resuming from `out/checkpoints` (status "resumed" or "ran").
+4. **export** the EMA (else raw) weights to `out/<export_name>` with a sidecar (model config, kind, time
+   convention, the job's metadata, steps, settings, key, command), and write `out/summary.json`.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from slimflow import config as cfglib
+from slimflow.checkpoint import atomic_write_text, content_hash, latest_checkpoint, read_model_file, save_model
+from slimflow.engine import Trainer, barrier
+
+TIME_CONVENTION = "t=0 noise, t=1 data"
+# Settings a run may change between sessions without changing what it computes.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts",
+                     "train.device", "sample.")
+
+
+# ------------------------------------------------------------------------------------------ settings
+def full_config(defaults: dict, cfg: dict) -> dict:
+    """`cfg` merged onto `defaults` (unknown keys are errors), without the open-mapping markers."""
+    return cfglib.strip_markers(cfglib.merge(defaults, cfg))
+
+
+def plain_config(cfg: dict) -> dict:
+    """The config as it reads back from YAML/JSON (tuples become lists)."""
+    return json.loads(json.dumps(cfg))
+
+
+def command_line(command: str | None) -> str:
+    """What a sidecar records as the command that made it (default: this process's command line)."""
+    return command or " ".join(map(shlex.quote, sys.argv))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def start_run_dir(out: Path, run_config: dict) -> None:
+    """Create `out` and write config.yaml. A run already there must have been started with the same settings,
+    except those in RESUMABLE_CHANGES; otherwise it is an error naming the differences (never a mixed run)."""
+    path = out / "config.yaml"
+    if path.is_file():
+        old, new = _flat(yaml.safe_load(path.read_text()) or {}), _flat(plain_config(run_config))
+        diffs = [f"{key}: run has {old.get(key)!r}, requested {new.get(key)!r}" for key in sorted(set(old) | set(new))
+                 if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+        if diffs:
+            raise ValueError(f"{out} holds a run started with other settings; resuming it would mix them. Use another "
+                             f"out, or delete {out} to start over. Differences:\n  " + "\n  ".join(diffs))
+    out.mkdir(parents=True, exist_ok=True)
+    cfglib.dump(plain_config(run_config), path)
+
+
+def require_input(path: str | Path, what: str, hint: str) -> Path:
+    """`path`, or a FileNotFoundError naming what it is and how to make it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist; {hint}")
+    return Path(path)
+
+
+TEACHER_HINT = "train one with `slimflow teacher train` or set teacher= to a model file"
+
+
+# ------------------------------------------------------------------------------------------ "current"
+def output_key(*parts) -> str:
+    """The key a stage's output records: the content hash of everything the output depends on."""
+    return content_hash(parts[0] if len(parts) == 1 else list(parts))
+
+
+def is_current(model_file: Path, key: str) -> bool:
+    """True when `model_file` exists and its sidecar records `key` (it was made from exactly these inputs)."""
+    sidecar = Path(model_file).with_suffix(".json")
+    if not Path(model_file).is_file() or not sidecar.is_file():
+        return False
+    try:
+        return json.loads(sidecar.read_text()).get("key") == key
+    except json.JSONDecodeError:
+        return False
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+
+
+def read_summary(out: Path) -> dict:
+    path = Path(out) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+@dataclass
+class TrainingJob:
+    """What one training stage trains, on what, and what its exported model file records."""
+
+    out: str | Path
+    kind: str  # the sidecar's kind, e.g. "annealed-student"
+    export_name: str  # e.g. "annealed_ema.safetensors"
+    run_config: dict  # settings + identity of the inputs; recorded in config.yaml, hashed into the key
+    train: dict  # the engine's settings (see slimflow.engine.TRAIN_DEFAULTS)
+    build: Callable[[], torch.nn.Module]  # the initial model (called after seeding with train.seed)
+    make_batch: Callable[[int, torch.Generator], dict]
+    make_loss: Callable[[torch.device], Callable]  # loss_fn(model, batch) on the trainer's device
+    sample_fn: Callable | None = None
+    meta: dict = field(default_factory=dict)  # extra sidecar entries (pairs, guide, pruning, one_step_time, ...)
+    summary: dict = field(default_factory=dict)  # extra summary entries
+    settings: dict | None = None  # what the sidecar records as "config" (default: run_config)
+    export_dir: str | Path | None = None  # where the model file goes (default: out)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+    @property
+    def export(self) -> Path:
+        return Path(self.export_dir or self.out) / self.export_name
+
+
+def run_training(job: TrainingJob, command: str | None = None) -> dict:
+    """Skip, resume or run `job` (see the module docstring); returns the stage summary, also written to
+    `job.out/summary.json` (rank 0)."""
+    key = output_key(job.run_config)
+    if is_current(job.export, key):
+        return {**read_summary(job.out), "status": "skipped", "export": str(job.export)}
+    start_run_dir(job.out, job.run_config)
+    status = "resumed" if latest_checkpoint(job.out / "checkpoints") is not None else "ran"
+    torch.manual_seed(job.train["seed"])  # initial weights are a function of the seed
+    model = job.build()
+    started = time.time()
+    trainer = Trainer(model, job.train, job.out, job.run_config, sample_fn=job.sample_fn)
+    result = trainer.fit(job.make_batch, job.make_loss(trainer.device))
+    final = result["history"][-1] if result["history"] else None
+    summary = {"kind": job.kind, "status": status, "params": sum(p.numel() for p in model.parameters()),
+               "steps": result["steps"], "resumed": result["resumed"], "img_per_s": result["img_per_s"],
+               "seconds_this_session": time.time() - started, "final": final, **job.summary,
+               "export": str(job.export)}
+    if trainer.rank == 0:
+        save_model(job.export, trainer.ema or trainer.model, {
+            "model": job.run_config["model"], "kind": job.kind, "time_convention": TIME_CONVENTION, **job.meta,
+            "steps": result["steps"], "config": plain_config(job.settings or job.run_config), "key": key,
+            "command": command_line(command)})
+        write_summary(job.out, summary)
+    barrier()
+    return summary
+
+
+def model_sidecar(path: str | Path) -> dict:
+    """The sidecar of a model file (or what a run directory records about its model)."""
+    return read_model_file(path)[0]
