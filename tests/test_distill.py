@@ -183,3 +183,55 @@ def test_distill_refuses_bad_inputs(annealed, tmp_path):
                    shard_size=16, batch_size=16, progress=False)
     with pytest.raises(PairStoreError, match="made by another teacher"):
         distill({**base, "pairs": str(tmp_path / "other_pairs")})
+
+
+def test_a_student_distilled_at_t0_is_sampled_benchmarked_and_exported_at_t0(tmp_path):
+    """loss.one_step_time = 0.3: the model file records it, and sample, bench and export all evaluate z + v(z, 0.3)."""
+    from slimflow.config import load_config
+    from slimflow.flow import noise_for
+    from slimflow.images import save_grid
+    from slimflow.sample import sample
+    from slimflow.stages import bench as bench_stage
+    from slimflow.stages.export import export_model
+    from teachers.zoo import load_model
+
+    torch.manual_seed(0)
+    teacher = UNet(1, 32, 8, [1, 2], 1, [], 0.0)
+    generate_pairs(teacher, tmp_path / "pairs", n=16, shape=(1, 32, 32), seed=0,
+                   solver={"method": "euler", "steps": 1}, shard_size=16, batch_size=16, progress=False)
+    annealed = anneal({"out": str(tmp_path / "anneal"), "pairs": str(tmp_path / "pairs"), "model": TINY_UNET,
+                       "train": {**TINY_TRAIN, "steps": 2}, "sample": {"n": 4, "seed": 0}})["export"]
+    distilled = distill({"out": str(tmp_path / "distill"), "pairs": str(tmp_path / "pairs"), "student": annealed,
+                         "loss": {"one_step_time": 0.3, "t_min": 0.4}, "train": {**TINY_TRAIN, "steps": 2},
+                         "sample": {"n": 4, "seed": 0}})["export"]
+    sidecar = read_model_file(distilled)[0]
+    assert sidecar["one_step_time"] == 0.3 and load_model(distilled).one_step_time == 0.3
+    # two steps leave v nearly independent of t; random weights (same file, same sidecar) make t matter
+    model = load_model(distilled)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    save_model(distilled, model, {k: v for k, v in sidecar.items() if k not in ("format", "version", "sha256")})
+    model = load_model(distilled)
+
+    z = noise_for(range(8), 0, (1, 32, 32))
+    with torch.no_grad():
+        at_t0 = z + model(z, torch.full((8,), 0.3))
+        at_zero = z + model(z, torch.zeros(8))
+    assert (at_t0 - at_zero).abs().max() > 1e-3  # the two times give different images: the check can fail
+    images, nfe = sample(model, 8, method="euler", steps=1, seed=0)
+    assert nfe == 1 and torch.allclose(images, at_t0, atol=1e-6)
+
+    report = export_model(distilled, tmp_path / "export", formats=("torch_export",), repeats=1, warmup=0)
+    program = torch.export.load(report["torch_export"]["file"]).module()
+    assert report["one_step_time"] == 0.3 and torch.allclose(program(z), at_t0, atol=1e-5)
+
+    cfg = load_config(bench_stage.DEFAULTS)
+    cfg.update(out=str(tmp_path / "bench"), device="cpu", grid=8, entries=[{"name": "student", "model": distilled}])
+    cfg["reference"]["n"] = 64
+    cfg["metrics"].update(n_samples=8, batch_size=8, kid_subsets=2, kid_subset_size=8,
+                          cache_dir=str(tmp_path / "cache"))
+    cfg["cost"].update(batch_sizes=[1], warmup=0, repeats=1)
+    bench_stage.bench(cfg, command="pytest")
+    expected = save_grid(images, tmp_path / "expected.png")
+    assert (tmp_path / "bench" / "samples" / "student.png").read_bytes() == expected.read_bytes()
