@@ -1,4 +1,4 @@
-"""Dynamic dead-neuron rate (DNR, SPEC §6.3): the share of activation outputs that are dead, per layer and overall,
+"""Dynamic dead-neuron rate (DNR; docs/methods.md, "Pruning"): the share of activation outputs that are dead, per layer and overall,
 counted by forward hooks on the activation modules over every forward pass while attached.
 
 ReLU: a unit is dead when its output is exactly 0. SiLU / GELU: when its pre-activation (the module's input) is

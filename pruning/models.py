@@ -107,7 +107,8 @@ def create_model(spec: Mapping, *, pretrained: bool | str = False, checkpoint: s
     state = read_state_dict(found)
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if skipped:
-        warnings.warn(f"pretrained tensors with other shapes keep their random init: {', '.join(skipped)}")
+        warnings.warn(f"pretrained tensors with other shapes keep their random init: {', '.join(skipped)}",
+                      stacklevel=2)
     result = model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
     if set(result.missing_keys) != set(skipped) or result.unexpected_keys:
         raise ValueError(f"{found} does not fit {spec['name']}: missing {result.missing_keys}, "

@@ -1,4 +1,4 @@
-"""Unstructured (weight-level) pruning with masks: iterative magnitude pruning and AP (SPEC §6.3).
+"""Unstructured (weight-level) pruning with masks: iterative magnitude pruning and AP (docs/methods.md, "Pruning").
 
 Each cycle removes `rate` of the surviving Conv/Linear weights: a share `ap_fraction` of them by the AP rule
 (among surviving *negative* weights, those whose change |w_end − w_start| over the last training phase was

@@ -5,7 +5,6 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 
 
 def _config(args, defaults: dict) -> dict:
@@ -24,13 +23,10 @@ def _stage(name: str):
     """The sub-command of the config stage `name` (slimflow.stages.CONFIG_STAGES): load the config against the
     stage's DEFAULTS, run it, print what it returns."""
     def run(args) -> None:
-        import inspect
-
-        from slimflow.stages import stage
+        from slimflow.stages import run_stage, stage
 
         module, fn = stage(name)
-        extra = {"command": _command()} if "command" in inspect.signature(fn).parameters else {}
-        print(json.dumps(fn(_config(args, module.DEFAULTS), **extra), indent=1, default=str))
+        print(json.dumps(run_stage(fn, _config(args, module.DEFAULTS), _command()), indent=1, default=str))
 
     return run
 
@@ -101,27 +97,46 @@ def _command() -> str:
     return "slimflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+UNSAFE_HELP = "allow unpickling code from a .pth/.pt file (only for files you trust)"
+
+
+def _model_file_args(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that reads any model file (teachers.zoo.load_model)."""
+    parser.add_argument("--resolution", type=int, default=None, help="needed for reference DDPM++ checkpoints")
+    parser.add_argument("--unsafe-pickle", action="store_true", help=UNSAFE_HELP)
+
+
+# (parent command or None, command, help, default preset, stage name in slimflow.stages.CONFIG_STAGES)
+CONFIG_COMMANDS = [
+    ("teacher", "train", "train a 1-rectified-flow teacher", "configs/teacher/fmnist.yaml", "teacher"),
+    ("pairs", "generate", "solve the teacher ODE for (noise seed, image) pairs", "configs/pairs/fmnist.yaml", "pairs"),
+    (None, "anneal", "annealing reflow: a small student from scratch on the pairs", "configs/anneal/fmnist.yaml",
+     "anneal"),
+    (None, "distill", "flow-guided distillation into a one-step student", "configs/distill/fmnist.yaml", "distill"),
+    (None, "run", "pairs -> anneal -> distill from one config", "configs/quickstart.yaml", "run"),
+    (None, "prune", "prune a flow student's channels, then recover it by distillation", "configs/prune/fmnist.yaml",
+     "prune"),
+    (None, "bench", "FID/KID/precision-recall vs params, MACs, NFE, latency", "configs/bench/fmnist-cpu.yaml",
+     "bench"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    groups = {"teacher": sub.add_parser("teacher", help="train or inspect a teacher").add_subparsers(
+        dest="action", required=True),
+              "pairs": sub.add_parser("pairs", help="reflow pairs from a teacher").add_subparsers(
+        dest="action", required=True)}
+    for parent, name, text, preset, stage_name in CONFIG_COMMANDS:
+        command = (groups[parent] if parent else sub).add_parser(name, help=text)
+        _with_config(command, preset).set_defaults(func=_stage(stage_name))
+    _add_file_commands(sub, groups["teacher"])
+    _add_prune_net(sub)
+    return parser
 
-    teacher = sub.add_parser("teacher", help="train or inspect a teacher").add_subparsers(dest="action", required=True)
-    _with_config(teacher.add_parser("train", help="train a 1-rectified-flow teacher"),
-                 "configs/teacher/fmnist.yaml").set_defaults(func=_stage("teacher"))
 
-    pairs = sub.add_parser("pairs", help="reflow pairs from a teacher").add_subparsers(dest="action", required=True)
-    _with_config(pairs.add_parser("generate", help="solve the teacher ODE for (noise seed, image) pairs"),
-                 "configs/pairs/fmnist.yaml").set_defaults(func=_stage("pairs"))
-    _with_config(sub.add_parser("anneal", help="annealing reflow: a small student from scratch on the pairs"),
-                 "configs/anneal/fmnist.yaml").set_defaults(func=_stage("anneal"))
-    _with_config(sub.add_parser("distill", help="flow-guided distillation into a one-step student"),
-                 "configs/distill/fmnist.yaml").set_defaults(func=_stage("distill"))
-    _with_config(sub.add_parser("run", help="pairs -> anneal -> distill from one config"),
-                 "configs/quickstart.yaml").set_defaults(func=_stage("run"))
-    _with_config(sub.add_parser("prune", help="prune a flow student's channels, then recover it by distillation"),
-                 "configs/prune/fmnist.yaml").set_defaults(func=_stage("prune"))
-    _with_config(sub.add_parser("bench", help="FID/KID/precision-recall vs params, MACs, NFE, latency"),
-                 "configs/bench/fmnist-cpu.yaml").set_defaults(func=_stage("bench"))
+def _add_file_commands(sub, teacher) -> None:
     domain = sub.add_parser("domain-net", help="the Fashion-MNIST feature network").add_subparsers(
         dest="action", required=True)
     p = domain.add_parser("train", help="train the classifier behind FID (domain) and the domain perceptual loss")
@@ -139,15 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", default="runs/export")
     p.add_argument("--formats", nargs="+", default=["onnx", "torch_export"])
-    p.add_argument("--resolution", type=int, default=None, help="needed for reference DDPM++ checkpoints")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="allow unpickling code from a .pth/.pt file (only for files you trust)")
+    _model_file_args(p)
     p.set_defaults(func=cmd_export)
 
     p = teacher.add_parser("info", help="say what a checkpoint is (format, architecture, params, time convention)")
     p.add_argument("path")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="allow unpickling code from a .pth/.pt file (only for files you trust)")
+    p.add_argument("--unsafe-pickle", action="store_true", help=UNSAFE_HELP)
     p.set_defaults(func=cmd_teacher_info)
 
     p = sub.add_parser("invert", help="map images to noise and back (RF-Solver vs Euler reconstruction error)")
@@ -158,11 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 8, 16, 32], help="NFE per direction to compare")
-    p.add_argument("--resolution", type=int, default=None, help="needed for reference DDPM++ checkpoints")
-    p.add_argument("--unsafe-pickle", action="store_true")
+    _model_file_args(p)
     p.add_argument("--out", default="runs/invert")
     p.set_defaults(func=cmd_invert)
 
+    p = sub.add_parser("sample", help="write an image grid (and .npz) sampled from a model file")
+    p.add_argument("--model", required=True, help="any model file slimflow pairs accepts: exported .safetensors, "
+                   "a run/checkpoint directory, a reference DDPM++ .pth (with --resolution), a diffusers folder")
+    p.add_argument("--method", default="euler", help="euler | heun | midpoint | rf_solver | dopri5")
+    p.add_argument("--steps", type=int, default=1, help="solver steps (ignored by dopri5)")
+    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of dopri5")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--nrow", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--npz", default=None, help="also write the samples as uint8 NHWC .npz")
+    _model_file_args(p)
+    p.set_defaults(func=cmd_sample)
+
+
+def _add_prune_net(sub) -> None:
     p = sub.add_parser("prune-net", help="prune an existing network (timm:NAME, torchvision:NAME) and fine-tune it")
     p.add_argument("--model", required=True, help="timm:<name> or torchvision:<name>")
     p.add_argument("--checkpoint", default=None, help="your weights for that architecture (.safetensors or .pt)")
@@ -186,23 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/prune-net")
     p.set_defaults(func=cmd_prune_net)
-
-    p = sub.add_parser("sample", help="write an image grid (and .npz) sampled from a model file")
-    p.add_argument("--model", required=True, help="any model file slimflow pairs accepts: exported .safetensors, "
-                   "a run/checkpoint directory, a reference DDPM++ .pth (with --resolution), a diffusers folder")
-    p.add_argument("--method", default="euler", help="euler | heun | midpoint | rf_solver | dopri5")
-    p.add_argument("--steps", type=int, default=1, help="solver steps (ignored by dopri5)")
-    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of dopri5")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--nrow", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png")
-    p.add_argument("--npz", default=None, help="also write the samples as uint8 NHWC .npz")
-    p.add_argument("--resolution", type=int, default=None, help="needed for reference DDPM++ checkpoints")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="allow unpickling code from a .pth/.pt file (only for files you trust)")
-    p.set_defaults(func=cmd_sample)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

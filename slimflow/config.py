@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from slimflow.checkpoint import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used as written."""
@@ -104,4 +106,4 @@ def strip_markers(cfg: Any) -> Any:
 
 
 def dump(cfg: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

@@ -2,12 +2,12 @@
 callers take the mean (or weight the samples first).
 
 - `l2`, `l1`: mean over the elements of a sample of the squared / absolute error.
-- `pseudo_huber`: sqrt(‖e‖² + c²) − c on the whole sample's error e (SPEC §2, c = 0.00054·√d).
+- `pseudo_huber`: sqrt(‖e‖² + c²) − c on the whole sample's error e (docs/methods.md, "Losses and distances"; c = 0.00054·√d).
 - perceptual distances (`make_perceptual`): LPIPS on the `lpips` package's VGG16 / AlexNet (needs torchvision's
   ImageNet backbone weights on disk; nothing is downloaded), or "domain", the LPIPS-style distance on the
   project's Fashion-MNIST classifier (slimflow.domain_net), which works offline.
-- `lpips_huber`: the rfpp LPIPS–Huber training loss (SPEC §2).
-- `distance(kind)`: any of the two-image distances above as `d(x, y) -> (B,)` (D of SPEC §3.2).
+- `lpips_huber`: the rfpp LPIPS–Huber training loss.
+- `distance(kind)`: any of the two-image distances above as `d(x, y) -> (B,)` (D of docs/methods.md, "Flow-guided distillation").
 """
 from __future__ import annotations
 

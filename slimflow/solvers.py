@@ -53,7 +53,7 @@ def midpoint_step(f: _Counted, x: torch.Tensor, t: float, h: float) -> torch.Ten
 
 
 def rf_solver_step(f: _Counted, x: torch.Tensor, t: float, h: float) -> torch.Tensor:
-    """RF-Solver (SPEC §4): second-order Taylor step with v' estimated from a half-step (2 NFE)."""
+    """RF-Solver (docs/methods.md, "Solvers"): second-order Taylor step with v' estimated from a half-step (2 NFE)."""
     v = f(x, t)
     v_mid = f(x + (0.5 * h) * v, t + 0.5 * h)
     dv = (v_mid - v) / (0.5 * h)

@@ -1,6 +1,6 @@
 """Pretrained diffusion and flow models as velocity fields v(x, t) in the project convention (t = 0 noise, t = 1 data).
 
-Every teacher handled here noises data along a Gaussian path x = α·x0 + σ·ε in its own time (SPEC §5). Rescaling
+Every teacher handled here noises data along a Gaussian path x = α·x0 + σ·ε (docs/methods.md, "Time convention"). Rescaling
 the state by 1/(α + σ) turns any such path into the project's interpolant
 
     y = x / (α + σ) = t·x0 + (1 − t)·ε,   t = α / (α + σ)   (so α/σ = t/(1 − t), log-SNR λ = 2·logit t),
@@ -41,6 +41,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from slimflow.flow import per_sample
 
 PREDICTIONS = {  # which network outputs each kind of path supports
     "vp": ("epsilon", "sample", "v_prediction"),
@@ -207,16 +209,16 @@ class TeacherVelocity(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         tc = t.to(dtype).clamp(self.t_lo, self.t_hi)
         scale = self._state_scale(tc)  # α + σ
-        out = self.network(x * _expand(scale, x), self.schedule.network_time(tc))
+        out = self.network(x * per_sample(scale, x), self.schedule.network_time(tc))
         if out.shape != x.shape:
             raise ValueError(f"teacher network returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-        te = _expand(tc, x)
+        te = per_sample(tc, x)
         if self.prediction == "velocity":
             return -out
         if self.prediction == "epsilon":
             return (x - out) / te
         if self.prediction == "v_prediction":  # x0 = α·x_native − σ·v with α = t·scale, σ = (1 − t)·scale
-            s = _expand(scale, x)
+            s = per_sample(scale, x)
             out = (te * s) * (x * s) - ((1 - te) * s) * out
         return (out - x) / (1 - te)
 
@@ -226,10 +228,6 @@ class TeacherVelocity(nn.Module):
         if self.schedule.kind == "ve":
             return 1.0 / t
         return torch.ones_like(t)
-
-
-def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- diffusers

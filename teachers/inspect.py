@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
 
 from slimflow.checkpoint import CheckpointError, latest_checkpoint, load_torch_file, read_meta
 from teachers.adapters import diffusers_layout, diffusers_schedule, read_json

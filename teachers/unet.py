@@ -329,7 +329,7 @@ def _fmnist(nf: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn: list[i
     }
 
 
-# Paper architectures (SPEC §3.3, CIFAR-10 32×32) and the CPU-scale Fashion-MNIST family (32×32, 1 channel).
+# Paper architectures (SlimFlow's DDPM++ sizes, CIFAR-10 32×32) and the CPU-scale Fashion-MNIST family (32×32, 1 channel).
 PRESETS: dict[str, dict[str, Any]] = {
     "ddpmpp-61.8m": _ddpmpp(128, (1, 2, 2, 2), 4),
     "ddpmpp-27.9m": _ddpmpp(128, (1, 2, 2), 2),

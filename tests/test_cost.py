@@ -1,6 +1,5 @@
 import time
 
-import pytest
 import torch
 from torch import nn
 

@@ -111,5 +111,5 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     Image.new("RGB", (8, 8), (200, 10, 10)).save(rgb / "a.png")
     with pytest.raises(ValueError, match="have 3 channel"):
         invert_images(teacher, rgb, out_dir=tmp_path / "o", device="cpu")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no model file or checkpoint"):
         invert_images(tmp_path / "missing.safetensors", "digits", out_dir=tmp_path / "o", device="cpu")

@@ -102,6 +102,7 @@ def test_interrupted_recovery_resumes_to_the_same_weights(student_file, tmp_path
     prune_student({**base, "out": str(tmp_path / "a"), "recover": short})  # stops at step 30 (a checkpoint)
     resumed = prune_student({**base, "out": str(tmp_path / "a"), "recover": RECOVER})
     straight = prune_student({**base, "out": str(tmp_path / "b"), "recover": RECOVER})
+    assert straight["recover"]["status"] == "ran"
     assert resumed["prune"]["status"] == "skipped" and resumed["recover"]["status"] == "resumed"
     _, wa = read_model_file(tmp_path / "a" / "recovered_ema.safetensors")
     _, wb = read_model_file(tmp_path / "b" / "recovered_ema.safetensors")

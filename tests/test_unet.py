@@ -12,8 +12,8 @@ _FIXTURE_CANDIDATES = (
     Path(__file__).parent / "fixtures" / _FIXTURE_NAME,
 )
 
-# SPEC §3.3 parameter counts (32×32, 3 channels).
-SPEC_PARAMS = {
+# SlimFlow paper parameter counts (32×32, 3 channels).
+PAPER_PARAMS = {
     "61.8m": 61.80e6,
     "27.9m": 27.906e6,
     "15.7m": 15.707e6,
@@ -48,12 +48,12 @@ def fixture() -> dict:
     return load_fixture()
 
 
-@pytest.mark.parametrize("size", list(SPEC_PARAMS))
+@pytest.mark.parametrize("size", list(PAPER_PARAMS))
 def test_ddpmpp_preset_matches_reference_params_and_keys(fixture, size):
     model = build_unet(PRESETS[f"ddpmpp-{size}"])
     reference = fixture[size]
     assert n_params(model) == reference["params"]
-    assert abs(n_params(model) - SPEC_PARAMS[size]) / SPEC_PARAMS[size] < 0.01
+    assert abs(n_params(model) - PAPER_PARAMS[size]) / PAPER_PARAMS[size] < 0.01
     ours = [(key, list(tensor.shape)) for key, tensor in model.state_dict().items()]
     theirs = [(key, shape) for key, shape in reference["state_dict_shapes"].items() if key != "sigmas"]
     assert ours == theirs
@@ -61,7 +61,7 @@ def test_ddpmpp_preset_matches_reference_params_and_keys(fixture, size):
 
 def test_ddpmpp_3_4m_at_64x64_has_spec_params():
     model = build_unet({**PRESETS["ddpmpp-3.4m"], "resolution": 64})
-    assert n_params(model) == 3_536_195  # SPEC §3.3: 3.536M (attention at 16² now sits at the 128-channel level)
+    assert n_params(model) == 3_536_195  # SlimFlow paper: 3.536M (attention at 16² now sits at the 128-channel level)
 
 
 def test_fmnist_presets_sizes():

@@ -7,6 +7,7 @@ the CLI's config commands and the benchmark's `prepare` list both read it. Modul
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import ModuleType
 from typing import Callable
 
@@ -28,3 +29,9 @@ def stage(name: str) -> tuple[ModuleType, Callable]:
     module_name, function = CONFIG_STAGES[name]
     module = importlib.import_module(module_name)
     return module, getattr(module, function)
+
+
+def run_stage(fn: Callable, cfg: dict, command: str | None):
+    """Call a stage's entry function on a loaded config, with the command line to record when it takes one."""
+    takes_command = "command" in inspect.signature(fn).parameters
+    return fn(cfg, command=command) if takes_command else fn(cfg)

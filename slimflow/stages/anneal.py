@@ -183,8 +183,9 @@ def anneal_job(cfg: dict) -> TrainingJob:
         out=Path(cfg["out"]), kind="annealed-student", export_name="annealed_ema.safetensors",
         run_config={**cfg, "model": model_cfg, "pairs_hash": record["hash"]}, train=cfg["train"], build=build,
         make_batch=make_anneal_batch(store, cfg), make_loss=lambda device: anneal_loss(cfg["flow"], device),
-        sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]), meta={"pairs": record, "init": init},
-        summary={"init": init}, settings=cfg)
+        sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]),
+        meta={"pairs": record, "init": init if cfg["init"] else None}, summary={"init": init if cfg["init"] else None},
+        settings=cfg)
 
 
 def anneal(cfg: dict, command: str | None = None) -> dict:

@@ -43,7 +43,7 @@ from slimflow.images import save_grid
 from slimflow.metrics import compute_metrics, metric_label, metric_labels, reference_images, resolve_extractor
 from slimflow.sample import sample
 from slimflow.solvers import METHODS
-from slimflow.stages import CONFIG_STAGES, stage
+from slimflow.stages import CONFIG_STAGES, run_stage, stage
 from slimflow.stages.runner import full_config
 from teachers.zoo import load_model
 
@@ -130,7 +130,7 @@ def run_prepare(items: list[dict], command: str | None) -> None:
     """Run each loaded prepare item in order (each writes its own summary)."""
     for i, item in enumerate(items):
         print(f"bench: prepare {i + 1}/{len(items)}: {item['label']}", file=sys.stderr)
-        item["run"](item["config"], command=f"{command or shlex.join(sys.orig_argv)} (prepare {i + 1})")
+        run_stage(item["run"], item["config"], f"{command or shlex.join(sys.orig_argv)} (prepare {i + 1})")
 
 
 def comparison_table(rows: list[dict], pairs: list, extractor: str) -> str:
@@ -308,6 +308,22 @@ def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: s
     return paths
 
 
+def report_header(cfg: dict, command: str | None, now: str, machine: dict, extractor_ids: dict[str, str]) -> str:
+    """The Markdown header of bench.md: command, machine, reference, samples, extractors and what each cost means."""
+    ref = cfg["reference"]
+    extractor_names = ", ".join(f"{e} = {name}" for e, name in extractor_ids.items())
+    return (f"# Benchmark ({now})\n\nCommand: `{command or shlex.join(sys.orig_argv)}`\n\n"
+              f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
+              f"({machine['torch_threads']} threads), device {machine['device']}"
+              f"{', ' + machine['gpu'] if machine['gpu'] else ''}\n\n"
+              f"Reference: {ref['name']} {ref['split']} ({'all' if ref['n'] is None else ref['n']} images, "
+              f"{ref['image_size']}px); {cfg['metrics']['n_samples']} samples per entry, noise seed "
+              f"{cfg['metrics']['seed']}. Feature extractors (torch-fidelity names): {extractor_names}. "
+              f"MACs: Torch-Pruning count of one network evaluation (module ops; see slimflow.cost). Latency: "
+              f"median ms/image of a full generation. Peak memory: extra memory of one generation at the "
+              f"largest batch.\n")
+
+
 def bench(cfg: dict, command: str | None = None) -> dict:
     """Evaluate every entry of `cfg` (see DEFAULTS), skipping entries already computed with the same
     fingerprint, and write the reports. Returns {"rows", "computed", "skipped", "files"}."""
@@ -351,18 +367,7 @@ def bench(cfg: dict, command: str | None = None) -> dict:
         computed.append(entry["name"])
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     machine = _machine(device)
-    ref = cfg["reference"]
-    extractor_names = ", ".join(f"{e} = {name}" for e, name in extractor_ids.items())
-    header = (f"# Benchmark ({now})\n\nCommand: `{command or shlex.join(sys.orig_argv)}`\n\n"
-              f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
-              f"({machine['torch_threads']} threads), device {machine['device']}"
-              f"{', ' + machine['gpu'] if machine['gpu'] else ''}\n\n"
-              f"Reference: {ref['name']} {ref['split']} ({'all' if ref['n'] is None else ref['n']} images, "
-              f"{ref['image_size']}px); {cfg['metrics']['n_samples']} samples per entry, noise seed "
-              f"{cfg['metrics']['seed']}. Feature extractors (torch-fidelity names): {extractor_names}. "
-              f"MACs: Torch-Pruning count of one network evaluation (module ops; see slimflow.cost). Latency: "
-              f"median ms/image of a full generation. Peak memory: extra memory of one generation at the "
-              f"largest batch.\n")
+    header = report_header(cfg, command, now, machine, extractor_ids)
     footer = ("\n## Comparisons\n\n" + comparison_table(rows, cfg["compare"], extractors[0])
               if cfg["compare"] else "")
     files = write_reports(rows, cfg, out, header, footer)

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from slimflow.checkpoint import atomic_write_text
+from slimflow.checkpoint import atomic_file, atomic_write_text
 from slimflow.data import LOADERS, load_images, to_float
 from slimflow.engine import resolve_device
 from slimflow.images import save_grid
@@ -64,7 +64,7 @@ def invert_images(
              "reconstructions": save_grid(rebuilt.cpu(), out / "reconstructions.png"),
              "table_json": out / "reconstruction_error.json", "table_csv": out / "reconstruction_error.csv"}
     atomic_write_text(files["table_json"], json.dumps(table, indent=1) + "\n")
-    with open(files["table_csv"], "w", newline="") as handle:
+    with atomic_file(files["table_csv"]) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["method", "steps", "nfe", "mse"])
         writer.writeheader()
         writer.writerows(table)

@@ -37,8 +37,8 @@ from slimflow.images import save_grid
 from slimflow.losses import distance, l2
 from slimflow.pairs import open_pairs, pairs_hash
 from slimflow.sample import one_step_images, one_step_sampler
-from slimflow.stages.runner import (TrainingJob, command_line, full_config, output_key, plain_config, run_training,
-                                    write_summary)
+from slimflow.stages.runner import (TrainingJob, command_line, full_config, is_current, output_key, plain_config,
+                                    run_training, write_summary)
 from teachers.pruned import example_inputs, unet_custom_pruners
 from teachers.zoo import load_model
 
@@ -174,14 +174,14 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
     path = Path(cfg["out"]) / "pruned.safetensors"
     key = output_key(source["sha256"], cfg["prune"], store is not None and pairs_hash(store))
     started = time.time()
-    record = (read_model_file(path)[0].get("pruning") or {}) if path.is_file() else {}
-    status = "skipped"
-    if record.get("key") != key:
+    if is_current(path, key):
+        status, record = "skipped", read_model_file(path)[0]["pruning"]
+    else:
         pruned, report = prune_model(student, sidecar["model"], cfg["prune"], store)
-        record = {"key": key, "history": report.pop("history"), "example_inputs": report.pop("example_inputs"),
+        record = {"history": report.pop("history"), "example_inputs": report.pop("example_inputs"),
                   "report": report, "source": source}
         save_model(path, pruned, {**_file_meta(sidecar), "pruning": record, "kind": KIND,
-                                  "config": plain_config(cfg), "command": command})
+                                  "config": plain_config(cfg), "key": key, "command": command})
         status = "ran"
     report = record["report"]
     return {"status": status, "seconds": time.time() - started, "file": str(path),

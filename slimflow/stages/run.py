@@ -25,8 +25,8 @@ from slimflow.sample import sample
 from slimflow.stages import anneal as anneal_stage
 from slimflow.stages import distill as distill_stage
 from slimflow.stages import pairs as pairs_stage
-from slimflow.stages.runner import (TEACHER_HINT, command_line, full_config, plain_config, read_summary,
-                                    require_input, write_summary)
+from slimflow.stages.runner import (TEACHER_HINT, command_line, full_config, is_current, output_key, plain_config,
+                                    read_summary, require_input, write_summary)
 from teachers.zoo import load_model
 
 DEFAULTS: dict = {
@@ -175,12 +175,13 @@ def _grids_stage(out: Path, cfg: dict, teacher: torch.nn.Module, students: dict[
     """Grids unless grids/grids.json was made from the same teacher, students, solver and grid settings."""
     started = time.time()
     solver = pairs_stage.solver_kwargs(cfg["pairs"]["solver"])
-    key = content_hash({"teacher": content_hash(teacher), "solver": solver, "grids": cfg["grids"],
-                        **{name: sha256_file(path) for name, path in students.items()}})
+    key = output_key({"teacher": content_hash(teacher), "solver": solver, "grids": cfg["grids"],
+                      **{name: sha256_file(path) for name, path in students.items()}})
     record_path = out / "grids" / "grids.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    current = is_current(record_path, key)
+    record = json.loads(record_path.read_text()) if current else None
     status = "skipped"
-    if record is None or record.get("key") != key or not all(Path(f).is_file() for f in record["files"].values()):
+    if not current or not all(Path(f).is_file() for f in record["files"].values()):
         status = "ran"
         record = {"key": key, **write_grids(out, teacher, students, solver, cfg["grids"]["n"], cfg["grids"]["seed"])}
         atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")

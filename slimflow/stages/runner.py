@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from slimflow import config as cfglib
-from slimflow.checkpoint import atomic_write_text, content_hash, latest_checkpoint, read_model_file, save_model
+from slimflow.checkpoint import atomic_write_text, content_hash, latest_checkpoint, save_model
 from slimflow.engine import Trainer, barrier
 
 TIME_CONVENTION = "t=0 noise, t=1 data"
@@ -93,13 +93,15 @@ def output_key(*parts) -> str:
     return content_hash(parts[0] if len(parts) == 1 else list(parts))
 
 
-def is_current(model_file: Path, key: str) -> bool:
-    """True when `model_file` exists and its sidecar records `key` (it was made from exactly these inputs)."""
-    sidecar = Path(model_file).with_suffix(".json")
-    if not Path(model_file).is_file() or not sidecar.is_file():
+def is_current(output: str | Path, key: str) -> bool:
+    """True when the output exists and records `key` (it was made from exactly these inputs): a model file in its
+    sidecar, a JSON record in itself."""
+    output = Path(output)
+    record = output if output.suffix == ".json" else output.with_suffix(".json")
+    if not output.is_file() or not record.is_file():
         return False
     try:
-        return json.loads(sidecar.read_text()).get("key") == key
+        return json.loads(record.read_text()).get("key") == key
     except json.JSONDecodeError:
         return False
 
@@ -167,7 +169,3 @@ def run_training(job: TrainingJob, command: str | None = None) -> dict:
     barrier()
     return summary
 
-
-def model_sidecar(path: str | Path) -> dict:
-    """The sidecar of a model file (or what a run directory records about its model)."""
-    return read_model_file(path)[0]
