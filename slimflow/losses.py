@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from slimflow.checkpoint import CheckpointError
+from slimflow.checkpoint import CheckpointError, load_torch_file
 from slimflow.domain_net import DomainNet, MissingWeightsError, load_domain_net
 
 HUBER_C_PER_SQRT_DIM = 0.00054  # rfpp: c = 0.00054·√d (their code's 0.00054·d is a known bug)
@@ -113,8 +113,8 @@ def lpips_backbone_file(kind: str, backbone_path: str | Path | None = None) -> P
 
 def _read_backbone(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises several types for a damaged file
+        state = load_torch_file(path)
+    except CheckpointError as err:
         raise CheckpointError(f"LPIPS backbone {str(path)!r} cannot be read ({err}); the file is corrupt or "
                               "not a torchvision weights file — fetch it again") from None
     if not isinstance(state, dict):
