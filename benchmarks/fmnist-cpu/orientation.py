@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from slimflow.data import load_images, to_float  # noqa: E402
+from slimflow.data import load_images, to_float, to_uint8  # noqa: E402
 from slimflow.domain_net import load_domain_net  # noqa: E402
-from slimflow.metrics import sample_model  # noqa: E402
 from slimflow.pairs import PairStore  # noqa: E402
+from slimflow.sample import sample  # noqa: E402
 from teachers.zoo import load_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -59,8 +59,8 @@ def main() -> None:
         model_file = {"annealed": "anneal/annealed_ema.safetensors", "distilled": "distill/distilled_ema.safetensors"}
         run = name.rsplit("-", 1)[0]
         path = Path("runs/ablation") / run / model_file[name.rsplit("-", 1)[1]]
-        images, _ = sample_model(load_model(path), 2000, seed=0, progress=False)
-        sources[name] = to_float(images)
+        images, _ = sample(load_model(path), 2000, seed=0)
+        sources[name] = to_float(to_uint8(images))  # as the benchmark sees them
     lines = ["# Mirrored footwear in one-step samples", "",
              "Command: `OMP_NUM_THREADS=1 python benchmarks/fmnist-cpu/orientation.py` (see its docstring).", "",
              "| images | footwear share | mirrored footwear |", "|---|---|---|"]

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from slimflow.pairs import PairStore, generate_pairs, noise_for  # noqa: E402
+from slimflow.flow import noise_for  # noqa: E402
+from slimflow.pairs import PairStore, generate_pairs  # noqa: E402
 from slimflow.solvers import solve  # noqa: E402
 from teachers.zoo import load_model  # noqa: E402
 
