@@ -3,22 +3,55 @@ pruning with masks, dead-neuron rate, Taylor gradients from any loss, recovery f
 
 Recovery plugs in through `loss_fn(model, batch) -> loss` and an iterable of batches (see pruning.recovery).
 """
+
 from .dnr import DeadNeuronMonitor, write_dnr
 from .measure import count_macs_params, measure_latency
 from .models import build_model, create_model, model_spec
 from .network import prune_network
 from .recovery import LossFn, classification_loss, evaluate_accuracy, fine_tune, image_batches
 from .serialization import load_masks, load_pruned, save_pruned
-from .structured import (IMPORTANCES, MatmulPruner, StepReport, StructuredPruner, find_output_layers,
-                         prune_structured, ratio_for_macs)
+from .structured import (
+    IMPORTANCES,
+    MatmulPruner,
+    StepReport,
+    StructuredPruner,
+    find_output_layers,
+    prune_structured,
+    ratio_for_macs,
+)
 from .taylor import accumulate_gradients
-from .unstructured import (WeightMasks, cycle_rate, iterative_pruning, prunable_weights, prune_cycle, rewind,
-                           snapshot)
+from .unstructured import WeightMasks, cycle_rate, iterative_pruning, prunable_weights, prune_cycle, rewind, snapshot
 
 __all__ = [
-    "DeadNeuronMonitor", "write_dnr", "count_macs_params", "measure_latency", "build_model", "create_model",
-    "model_spec", "prune_network", "LossFn", "classification_loss", "evaluate_accuracy", "fine_tune",
-    "image_batches", "load_masks", "load_pruned", "save_pruned", "IMPORTANCES", "MatmulPruner", "StepReport",
-    "StructuredPruner", "find_output_layers", "prune_structured", "ratio_for_macs", "accumulate_gradients",
-    "WeightMasks", "cycle_rate", "iterative_pruning", "prunable_weights", "prune_cycle", "rewind", "snapshot",
+    "DeadNeuronMonitor",
+    "write_dnr",
+    "count_macs_params",
+    "measure_latency",
+    "build_model",
+    "create_model",
+    "model_spec",
+    "prune_network",
+    "LossFn",
+    "classification_loss",
+    "evaluate_accuracy",
+    "fine_tune",
+    "image_batches",
+    "load_masks",
+    "load_pruned",
+    "save_pruned",
+    "IMPORTANCES",
+    "MatmulPruner",
+    "StepReport",
+    "StructuredPruner",
+    "find_output_layers",
+    "prune_structured",
+    "ratio_for_macs",
+    "accumulate_gradients",
+    "WeightMasks",
+    "cycle_rate",
+    "iterative_pruning",
+    "prunable_weights",
+    "prune_cycle",
+    "rewind",
+    "snapshot",
 ]

@@ -4,6 +4,7 @@ counted by forward hooks on the activation modules over every forward pass while
 ReLU: a unit is dead when its output is exactly 0. SiLU / GELU: when its pre-activation (the module's input) is
 ≤ `threshold` (0 by default). Functional activations (F.relu inside forward) have no module and are not seen.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,11 +34,13 @@ class DeadNeuronMonitor:
     def _relu_hook(self, name: str):
         def count(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             self._add(name, (output == 0).sum(), output.numel())
+
         return count
 
     def _pre_activation_hook(self, name: str):
         def count(_module: nn.Module, inputs: tuple) -> None:
             self._add(name, (inputs[0] <= self.threshold).sum(), inputs[0].numel())
+
         return count
 
     def rates(self) -> dict:
@@ -45,8 +48,10 @@ class DeadNeuronMonitor:
         if not self.seen:
             raise ValueError("no forward pass was seen since the monitor was attached or reset")
         dead = {name: int(count) for name, count in self.dead.items()}
-        return {"overall": sum(dead.values()) / sum(self.seen.values()),
-                "layers": {name: dead[name] / self.seen[name] for name in self.seen}}
+        return {
+            "overall": sum(dead.values()) / sum(self.seen.values()),
+            "layers": {name: dead[name] / self.seen[name] for name in self.seen},
+        }
 
     def reset(self) -> None:
         self.dead.clear()
@@ -57,7 +62,7 @@ class DeadNeuronMonitor:
             handle.remove()
         self.handles = []
 
-    def __enter__(self) -> "DeadNeuronMonitor":
+    def __enter__(self) -> DeadNeuronMonitor:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,6 +2,7 @@
 
 The project's one home for these measurements; `slimflow.cost` builds the cost of a whole generator (every NFE of
 a sampler, peak memory) on top of them."""
+
 from __future__ import annotations
 
 import statistics

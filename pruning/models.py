@@ -5,6 +5,7 @@ the unpruned architecture (randomly initialised) with `build_model`.
 Nothing is downloaded. Pretrained weights are looked up in the local caches (torch hub, Hugging Face) or taken
 from a given file; when absent, a FileNotFoundError names the file and where it was looked for.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -26,8 +27,10 @@ def model_spec(model: str, *, num_classes: int, in_chans: int) -> dict:
     if not sep or source not in SOURCES or not name:
         raise ValueError(f"model must be 'timm:<name>' or 'torchvision:<name>', got {model!r}")
     if source == "torchvision" and in_chans != 3:
-        raise ValueError(f"torchvision models take 3 input channels, got in_chans={in_chans} "
-                         f"(grey images are repeated to 3 channels by the data pipeline)")
+        raise ValueError(
+            f"torchvision models take 3 input channels, got in_chans={in_chans} "
+            f"(grey images are repeated to 3 channels by the data pipeline)"
+        )
     return {"source": source, "name": name, "num_classes": int(num_classes), "in_chans": int(in_chans)}
 
 
@@ -36,8 +39,9 @@ def build_model(spec: Mapping) -> nn.Module:
     if spec["source"] == "timm":
         if not timm.is_model(spec["name"]):
             raise ValueError(f"timm has no model {spec['name']!r} (see timm.list_models())")
-        return timm.create_model(spec["name"], pretrained=False, num_classes=spec["num_classes"],
-                                 in_chans=spec["in_chans"])
+        return timm.create_model(
+            spec["name"], pretrained=False, num_classes=spec["num_classes"], in_chans=spec["in_chans"]
+        )
     if spec["source"] == "torchvision":
         if spec["name"] not in torchvision.models.list_models():
             raise ValueError(f"torchvision has no model {spec['name']!r} (see torchvision.models.list_models())")
@@ -74,10 +78,12 @@ def _local_pretrained(spec: Mapping) -> list[Path]:
     places = [hub / cfg.url.rsplit("/", 1)[-1]] if cfg.url else []
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
+
         for filename in ("model.safetensors", "pytorch_model.bin"):
             found = try_to_load_from_cache(cfg.hf_hub_id, filename)
-            places.append(Path(found) if isinstance(found, str) else
-                          Path(f"<huggingface cache>/{cfg.hf_hub_id}/{filename}"))
+            places.append(
+                Path(found) if isinstance(found, str) else Path(f"<huggingface cache>/{cfg.hf_hub_id}/{filename}")
+            )
     return places
 
 
@@ -98,19 +104,27 @@ def create_model(spec: Mapping, *, pretrained: bool | str = False, checkpoint: s
         raise FileNotFoundError(
             f"pretrained weights for {spec['source']}:{spec['name']} are not on this machine and cannot be "
             f"downloaded here; looked for {', '.join(map(str, places))}. Copy the file there, pass its path as "
-            f"pretrained, or train the network yourself and pass it as checkpoint")
+            f"pretrained, or train the network yourself and pass it as checkpoint"
+        )
     if spec["source"] == "timm":  # timm adapts the stem to in_chans and drops a head of another class count
-        return timm.create_model(spec["name"], pretrained=True, pretrained_cfg_overlay={"file": str(found)},
-                                 num_classes=spec["num_classes"], in_chans=spec["in_chans"])
+        return timm.create_model(
+            spec["name"],
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(found)},
+            num_classes=spec["num_classes"],
+            in_chans=spec["in_chans"],
+        )
     model = build_model(spec)
     own = model.state_dict()
     state = read_state_dict(found)
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if skipped:
-        warnings.warn(f"pretrained tensors with other shapes keep their random init: {', '.join(skipped)}",
-                      stacklevel=2)
+        warnings.warn(
+            f"pretrained tensors with other shapes keep their random init: {', '.join(skipped)}", stacklevel=2
+        )
     result = model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
     if set(result.missing_keys) != set(skipped) or result.unexpected_keys:
-        raise ValueError(f"{found} does not fit {spec['name']}: missing {result.missing_keys}, "
-                         f"unexpected {result.unexpected_keys}")
+        raise ValueError(
+            f"{found} does not fit {spec['name']}: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
     return model

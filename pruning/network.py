@@ -5,6 +5,7 @@ Data come through an adapter passed in by the caller, `load_images(name, split=.
 returning an object with `.images` (uint8 N×C×H×W) and `.labels` (int64), e.g. `slimflow.data.load_images`
 for "fashion_mnist", "cifar10" (root) and "image_folder" (root); this package does not import it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -99,20 +100,27 @@ def prune_network(
 
     shape = (in_chans, *train_x.shape[2:])
     example = torch.zeros(1, *shape, device=device)
-    latency_inputs = {1: torch.randn(1, *shape, device=device),
-                      latency_batch_size: torch.randn(latency_batch_size, *shape, device=device)}
-    batches = image_batches(train_x, train_y, batch_size, repeat=True, generator=generator, device=device,
-                            channels=in_chans)
+    latency_inputs = {
+        1: torch.randn(1, *shape, device=device),
+        latency_batch_size: torch.randn(latency_batch_size, *shape, device=device),
+    }
+    batches = image_batches(
+        train_x, train_y, batch_size, repeat=True, generator=generator, device=device, channels=in_chans
+    )
     phase_steps = max(1, math.ceil(finetune_epochs * len(train_x) / batch_size))
 
     def accuracy() -> float:
-        return evaluate_accuracy(net, image_batches(test_x, test_y, 256, shuffle=False, device=device,
-                                                    channels=in_chans))
+        return evaluate_accuracy(
+            net, image_batches(test_x, test_y, 256, shuffle=False, device=device, channels=in_chans)
+        )
 
     def cost() -> dict:
         macs, params = count_macs_params(net, example)
-        return {"macs": macs, "params": params,
-                "latency_ms": {str(b): measure_latency(net, x) for b, x in latency_inputs.items()}}
+        return {
+            "macs": macs,
+            "params": params,
+            "latency_ms": {str(b): measure_latency(net, x) for b, x in latency_inputs.items()},
+        }
 
     phases: list[dict] = []
 
@@ -128,20 +136,36 @@ def prune_network(
             entry["sparsity"] = masks.sparsity()
         phases.append(entry)
 
-    report: dict[str, Any] = {"model": spec, "method": method, "dataset": dataset, "image_size": image_size,
-                              "train_images": len(train_x), "eval_images": len(test_x), "seed": seed,
-                              "device": str(device), "threads": torch.get_num_threads(),
-                              "before": {**cost(), "accuracy": accuracy()}}
+    report: dict[str, Any] = {
+        "model": spec,
+        "method": method,
+        "dataset": dataset,
+        "image_size": image_size,
+        "train_images": len(train_x),
+        "eval_images": len(test_x),
+        "seed": seed,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "before": {**cost(), "accuracy": accuracy()},
+    }
     history: list = []
     masks = None
     if method in IMPORTANCES:
+
         def gradients(m: nn.Module) -> None:
             accumulate_gradients(m, classification_loss, itertools.islice(batches, TAYLOR_BATCHES), stop_ratio=None)
 
         result = prune_structured(
-            net, example, importance=method, ratio=ratio, steps=steps, global_pruning=global_pruning,
-            round_to=round_to, compute_gradients=gradients if method == "taylor" else None,
-            after_step=lambda _m, _r: recover())
+            net,
+            example,
+            importance=method,
+            ratio=ratio,
+            steps=steps,
+            global_pruning=global_pruning,
+            round_to=round_to,
+            compute_gradients=gradients if method == "taylor" else None,
+            after_step=lambda _m, _r: recover(),
+        )
         history = result.pop("history")
         report["structured"] = result
     else:
@@ -150,16 +174,34 @@ def prune_network(
         start = snapshot(net)
         recover()
         targets = [1.0 - (1.0 - sparsity) ** (k / steps) for k in range(1, steps + 1)]
-        masks = iterative_pruning(net, targets, lambda _m, mk: recover(mk), start_weights=start,
-                                  ap_fraction=ap_fraction if method == "ap" else 0.0, scope=scope, masks=masks)
-        report["unstructured"] = {"sparsity": masks.sparsity(), "targets": targets, "scope": scope,
-                                  "ap_fraction": ap_fraction if method == "ap" else 0.0,
-                                  "layer_sparsity": masks.layer_sparsity()}
+        masks = iterative_pruning(
+            net,
+            targets,
+            lambda _m, mk: recover(mk),
+            start_weights=start,
+            ap_fraction=ap_fraction if method == "ap" else 0.0,
+            scope=scope,
+            masks=masks,
+        )
+        report["unstructured"] = {
+            "sparsity": masks.sparsity(),
+            "targets": targets,
+            "scope": scope,
+            "ap_fraction": ap_fraction if method == "ap" else 0.0,
+            "layer_sparsity": masks.layer_sparsity(),
+        }
     report["phases"] = phases
     report["after"] = {**cost(), "accuracy": phases[-1]["accuracy_after"]}
     report["seconds"] = time.time() - started
     out_dir = Path(out_dir)
-    save_pruned(out_dir, net, arch=spec, example_inputs=example, history=history, masks=masks,
-                extra={"method": method, "report": "report.json"})
+    save_pruned(
+        out_dir,
+        net,
+        arch=spec,
+        example_inputs=example,
+        history=history,
+        masks=masks,
+        extra={"method": method, "report": "report.json"},
+    )
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     return report

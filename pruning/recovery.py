@@ -9,6 +9,7 @@ plug in the same way.
 Structural pruning replaces Parameter objects: build optimizers (and EMA copies) after each pruning step, never
 before. `fine_tune` builds its optimizer on every call for that reason.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -67,7 +68,7 @@ def _batches(images, labels, batch_size, shuffle, repeat, generator, device, cha
     while True:
         order = torch.randperm(len(images), generator=generator) if shuffle else torch.arange(len(images))
         for start in range(0, len(images), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             x = images[idx].to(device).float().div_(127.5).sub_(1.0)
             if channels is not None and x.shape[1] != channels:
                 x = x.expand(-1, channels, -1, -1)
@@ -124,8 +125,10 @@ def fine_tune(
         for handle in handles:
             handle.remove()
     if len(losses) < steps:
-        raise ValueError(f"fine_tune asked for {steps} steps but the batches ran out after {len(losses)}; "
-                         f"pass an endless iterator (e.g. image_batches(..., repeat=True))")
+        raise ValueError(
+            f"fine_tune asked for {steps} steps but the batches ran out after {len(losses)}; "
+            f"pass an endless iterator (e.g. image_batches(..., repeat=True))"
+        )
     return losses
 
 

@@ -8,6 +8,7 @@ A pruned-model directory holds
 Loading rebuilds the unpruned architecture, traces it on zero inputs, replays the history (channels are removed
 exactly as before) and loads the state dict strictly: the loaded model computes bit-identical outputs.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,16 @@ from .unstructured import WeightMasks
 FORMAT = "slimflow-pruned-model/1"
 
 
-def save_pruned(out_dir: str | Path, model: nn.Module, *, arch: Mapping, example_inputs: Any,
-                history: list | None = None, masks: WeightMasks | None = None, extra: Mapping | None = None) -> Path:
+def save_pruned(
+    out_dir: str | Path,
+    model: nn.Module,
+    *,
+    arch: Mapping,
+    example_inputs: Any,
+    history: list | None = None,
+    masks: WeightMasks | None = None,
+    extra: Mapping | None = None,
+) -> Path:
     """Write model.safetensors + pruning.json (+ masks.safetensors) to `out_dir`; returns the directory.
 
     arch: JSON-able spec that `build` (see load_pruned) turns into the unpruned network; history: the
@@ -72,8 +81,9 @@ def input_specs(example_inputs: Any) -> list[dict]:
     return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in as_args(example_inputs)]
 
 
-def replay_history(model: nn.Module, history: list, input_specs: list[dict], *,
-                   custom_pruners: dict | None = None) -> nn.Module:
+def replay_history(
+    model: nn.Module, history: list, input_specs: list[dict], *, custom_pruners: dict | None = None
+) -> nn.Module:
     """Remove the channels recorded in `history` from the unpruned `model` (in place), exactly as before: trace it
     on zero inputs of `input_specs` and replay Torch-Pruning's history. An empty history changes nothing."""
     if not history:
@@ -88,8 +98,9 @@ def replay_history(model: nn.Module, history: list, input_specs: list[dict], *,
     return model
 
 
-def load_pruned(out_dir: str | Path, build: Callable[[Mapping], nn.Module] = build_model, *,
-                custom_pruners: dict | None = None) -> nn.Module:
+def load_pruned(
+    out_dir: str | Path, build: Callable[[Mapping], nn.Module] = build_model, *, custom_pruners: dict | None = None
+) -> nn.Module:
     """Rebuild the unpruned network with `build(arch)`, replay the pruning history, load the weights (CPU).
 
     custom_pruners: the same mapping the model was pruned with (see StructuredPruner).
@@ -101,8 +112,10 @@ def load_pruned(out_dir: str | Path, build: Callable[[Mapping], nn.Module] = bui
     try:
         load_model(model, str(out_dir / "model.safetensors"), strict=True)
     except (RuntimeError, KeyError) as err:
-        raise ValueError(f"{out_dir / 'model.safetensors'} does not fit the architecture rebuilt from "
-                         f"{out_dir / 'pruning.json'}: {err}") from err
+        raise ValueError(
+            f"{out_dir / 'model.safetensors'} does not fit the architecture rebuilt from "
+            f"{out_dir / 'pruning.json'}: {err}"
+        ) from err
     return model
 
 

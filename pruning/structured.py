@@ -14,6 +14,7 @@ removes 2 of them).
 Each step replaces the Parameter objects of pruned layers: anything holding parameters (optimizer, scheduler,
 EMA copy) must be rebuilt after `StructuredPruner.step()` / in the `after_step` callback of `prune_structured`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,10 @@ def _first_tensor(output: Any) -> torch.Tensor:
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise ValueError(f"cannot find the output layers of a model returning {type(output).__name__}; "
-                     f"pass them explicitly as output_layers")
+    raise ValueError(
+        f"cannot find the output layers of a model returning {type(output).__name__}; "
+        f"pass them explicitly as output_layers"
+    )
 
 
 @torch.no_grad()
@@ -63,8 +66,11 @@ def find_output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]
     Output conv: the last convolution whose out_channels equals the output's channel dimension (dim 1).
     """
     calls: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda mod, _i, _o: calls.append(mod))
-               for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    handles = [
+        m.register_forward_hook(lambda mod, _i, _o: calls.append(mod))
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -78,14 +84,19 @@ def find_output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]
             return [module]
         if isinstance(module, nn.modules.conv._ConvNd) and out.ndim >= 3 and module.out_channels == out.shape[1]:
             return [module]
-    raise ValueError(f"no Linear/Conv layer produces the model's output of shape {tuple(out.shape)}; "
-                     f"pass the output layers explicitly as output_layers")
+    raise ValueError(
+        f"no Linear/Conv layer produces the model's output of shape {tuple(out.shape)}; "
+        f"pass the output layers explicitly as output_layers"
+    )
 
 
 def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     """{qkv Linear: number of heads} for timm-style attention modules (a `.qkv` Linear and an int `.num_heads`)."""
-    return {m.qkv: m.num_heads for m in model.modules()
-            if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)}
+    return {
+        m.qkv: m.num_heads
+        for m in model.modules()
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
+    }
 
 
 def sync_attention_dims(model: nn.Module) -> None:
@@ -101,8 +112,11 @@ def sync_attention_dims(model: nn.Module) -> None:
 
 
 def _missing_gradients(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.requires_grad and m.weight.grad is None]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.requires_grad and m.weight.grad is None
+    ]
 
 
 class _GroupNormAwarePruner(tp.pruner.BasePruner):
@@ -124,7 +138,8 @@ class _GroupNormAwarePruner(tp.pruner.BasePruner):
                     raise ValueError(
                         f"GroupNorm {self.DG._module2name[module]} ({module.num_groups} groups of {per_group}) "
                         f"receives channels of {self.DG._module2name[group[0].dep.target.module]} that straddle "
-                        f"its groups, so they cannot be pruned evenly: put that layer in ignored_layers")
+                        f"its groups, so they cannot be pruned evenly: put that layer in ignored_layers"
+                    )
                 counts.append(root_channels // per_group)
                 self.concat_fed_groupnorm |= len(set(item.idxs)) < module.num_channels
             else:
@@ -136,12 +151,17 @@ class _GroupNormAwarePruner(tp.pruner.BasePruner):
 
 
 def _check_groupnorms(model: nn.Module) -> None:
-    broken = [f"{name} ({m.num_channels} channels, {m.num_groups} groups)" for name, m in model.named_modules()
-              if isinstance(m, nn.GroupNorm) and m.num_channels % m.num_groups]
+    broken = [
+        f"{name} ({m.num_channels} channels, {m.num_groups} groups)"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.GroupNorm) and m.num_channels % m.num_groups
+    ]
     if broken:
-        raise RuntimeError(f"pruning left GroupNorm layers invalid: {', '.join(broken)}; a concat fed them channels "
-                           f"pruned at different rates (an ignored producer?). Prune locally or ignore the concat's "
-                           f"producers together")
+        raise RuntimeError(
+            f"pruning left GroupNorm layers invalid: {', '.join(broken)}; a concat fed them channels "
+            f"pruned at different rates (an ignored producer?). Prune locally or ignore the concat's "
+            f"producers together"
+        )
 
 
 class MatmulPruner(tp.pruner.BasePruningFunc):
@@ -214,14 +234,17 @@ class StructuredPruner:
         if round_to is not None and round_to < 1:
             raise ValueError(f"round_to must be a positive channel multiple, got {round_to}")
         if round_to is not None and any(isinstance(m, nn.GroupNorm) for m in model.modules()):
-            raise ValueError("round_to cannot be combined with GroupNorm: Torch-Pruning 1.6 then prunes nothing. "
-                             "GroupNorm channels already stay a multiple of the group count; leave round_to unset")
+            raise ValueError(
+                "round_to cannot be combined with GroupNorm: Torch-Pruning 1.6 then prunes nothing. "
+                "GroupNorm channels already stay a multiple of the group count; leave round_to unset"
+            )
         self.model = model
         self.example_inputs = as_args(example_inputs)
         self.importance = importance
         self.steps = steps
-        self.output_layers = (list(output_layers) if output_layers is not None
-                              else find_output_layers(model, example_inputs))
+        self.output_layers = (
+            list(output_layers) if output_layers is not None else find_output_layers(model, example_inputs)
+        )
         was_training = model.training
         self.pruner = _GroupNormAwarePruner(
             model,
@@ -237,8 +260,10 @@ class StructuredPruner:
         )
         model.train(was_training)  # tracing leaves the model in eval()
         if global_pruning and self.pruner.concat_fed_groupnorm:
-            raise ValueError("global pruning would remove different shares of a concat's inputs and break the "
-                             "GroupNorm after it; use local pruning (global_pruning=False) for this model")
+            raise ValueError(
+                "global pruning would remove different shares of a concat's inputs and break the "
+                "GroupNorm after it; use local pruning (global_pruning=False) for this model"
+            )
 
     @property
     def current_step(self) -> int:
@@ -259,7 +284,8 @@ class StructuredPruner:
                     "taylor importance needs gradients, but .grad is empty for "
                     f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: run loss.backward() on a "
                     "training loss before each step, e.g. pruning.accumulate_gradients(model, loss_fn, batches), "
-                    "or pass compute_gradients to prune_structured")
+                    "or pass compute_gradients to prune_structured"
+                )
         was_training = self.model.training
         self.pruner.step()
         _check_groupnorms(self.model)
@@ -293,9 +319,18 @@ def prune_structured(
     if importance == "taylor" and compute_gradients is None and steps > 1:
         raise ValueError("iterative taylor pruning needs fresh gradients before every step: pass compute_gradients")
     macs, params = count_macs_params(model, example_inputs)
-    pruner = StructuredPruner(model, example_inputs, importance=importance, ratio=ratio, steps=steps,
-                              global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored_layers,
-                              output_layers=output_layers, custom_pruners=custom_pruners)
+    pruner = StructuredPruner(
+        model,
+        example_inputs,
+        importance=importance,
+        ratio=ratio,
+        steps=steps,
+        global_pruning=global_pruning,
+        round_to=round_to,
+        ignored_layers=ignored_layers,
+        output_layers=output_layers,
+        custom_pruners=custom_pruners,
+    )
     reports = []
     for _ in range(steps):
         if compute_gradients is not None:
@@ -305,15 +340,23 @@ def prune_structured(
         if after_step is not None:
             after_step(model, reports[-1])
     return {
-        "importance": importance, "ratio": ratio, "steps": steps, "global_pruning": global_pruning,
-        "round_to": round_to, "macs_before": macs, "params_before": params,
-        "macs_after": reports[-1].macs, "params_after": reports[-1].params,
-        "per_step": [asdict(r) for r in reports], "history": pruner.history(),
+        "importance": importance,
+        "ratio": ratio,
+        "steps": steps,
+        "global_pruning": global_pruning,
+        "round_to": round_to,
+        "macs_before": macs,
+        "params_before": params,
+        "macs_after": reports[-1].macs,
+        "params_after": reports[-1].params,
+        "per_step": [asdict(r) for r in reports],
+        "history": pruner.history(),
     }
 
 
-def ratio_for_macs(model: nn.Module, example_inputs: Any, macs_fraction: float, *, iterations: int = 8,
-                   **prune_kwargs) -> float:
+def ratio_for_macs(
+    model: nn.Module, example_inputs: Any, macs_fraction: float, *, iterations: int = 8, **prune_kwargs
+) -> float:
     """Smallest channel ratio whose one-step pruning keeps at most `macs_fraction` of the MACs (bisection on copies).
 
     prune_kwargs go to StructuredPruner (importance, global_pruning, round_to, ...); the model is not changed.

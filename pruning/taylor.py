@@ -6,6 +6,7 @@ its weights (Torch-Pruning's GroupTaylorImportance); it stops adding timesteps o
 For a flow student, pass batches ordered by t and the flow-matching loss at that t; for a classifier, a few
 training batches and cross-entropy (stop_ratio=None).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -15,8 +16,9 @@ from torch import nn
 from .recovery import LossFn, loss_value
 
 
-def accumulate_gradients(model: nn.Module, loss_fn: LossFn, batches: Iterable, *,
-                         stop_ratio: float | None = 0.05) -> list[float]:
+def accumulate_gradients(
+    model: nn.Module, loss_fn: LossFn, batches: Iterable, *, stop_ratio: float | None = 0.05
+) -> list[float]:
     """Zero .grad, then backward `loss_fn(model, batch)` for each batch so .grad holds the sum; returns the losses.
 
     Stops after the first batch whose loss is below stop_ratio × max loss so far (None: use every batch).

@@ -5,6 +5,7 @@ Each cycle removes `rate` of the surviving Conv/Linear weights: a share `ap_frac
 smallest), the rest by magnitude (smallest |w|), ranked over all layers ("global") or within each ("layer").
 Between cycles the caller trains (fine-tunes, or rewinds first with `rewind`) with the masks enforced.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -21,8 +22,11 @@ SCOPES = ("global", "layer")
 def prunable_weights(model: nn.Module, ignored_layers: Sequence[nn.Module] = ()) -> dict[str, nn.Parameter]:
     """{"<module>.weight": weight} of every Conv/Linear layer not in ignored_layers, in module order."""
     ignored = {id(m) for layer in ignored_layers for m in layer.modules()}
-    return {f"{name}.weight": m.weight for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and id(m) not in ignored}
+    return {
+        f"{name}.weight": m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and id(m) not in ignored
+    }
 
 
 class WeightMasks:
@@ -32,7 +36,7 @@ class WeightMasks:
         self.masks = {name: mask.bool() for name, mask in masks.items()}
 
     @classmethod
-    def dense(cls, model: nn.Module, ignored_layers: Sequence[nn.Module] = ()) -> "WeightMasks":
+    def dense(cls, model: nn.Module, ignored_layers: Sequence[nn.Module] = ()) -> WeightMasks:
         """All-ones masks over the prunable weights of `model`."""
         weights = prunable_weights(model, ignored_layers)
         return cls({name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()})
@@ -92,7 +96,7 @@ class WeightMasks:
         save_file({name: m.to(torch.uint8).cpu().contiguous() for name, m in self.masks.items()}, str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "WeightMasks":
+    def load(cls, path: str | Path) -> WeightMasks:
         if not Path(path).is_file():
             raise FileNotFoundError(f"mask file {str(path)!r} does not exist")
         return cls({name: t.bool() for name, t in load_file(str(path)).items()})
@@ -119,14 +123,21 @@ def _lowest(scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tensor], 
     chosen[candidates[torch.argsort(flat[candidates], stable=True)[:count]]] = True
     out, start = {}, 0
     for n in names:
-        out[n] = chosen[start:start + scores[n].numel()].view_as(scores[n]).to(scores[n].device)
+        out[n] = chosen[start : start + scores[n].numel()].view_as(scores[n]).to(scores[n].device)
         start += scores[n].numel()
     return out
 
 
 @torch.no_grad()
-def prune_cycle(model: nn.Module, masks: WeightMasks, *, rate: float, ap_fraction: float = 0.0,
-                start_weights: dict[str, torch.Tensor] | None = None, scope: str = "global") -> WeightMasks:
+def prune_cycle(
+    model: nn.Module,
+    masks: WeightMasks,
+    *,
+    rate: float,
+    ap_fraction: float = 0.0,
+    start_weights: dict[str, torch.Tensor] | None = None,
+    scope: str = "global",
+) -> WeightMasks:
     """Remove `rate` of the surviving weights (ap_fraction of them by AP, the rest by magnitude); returns the new
     masks, already applied to the model.
 
@@ -136,8 +147,9 @@ def prune_cycle(model: nn.Module, masks: WeightMasks, *, rate: float, ap_fractio
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"rate is the share of surviving weights to remove and must be in [0, 1), got {rate}")
     if not 0.0 <= ap_fraction <= 1.0:
-        raise ValueError(f"ap_fraction is the AP share of each cycle's removals; it must be in [0, 1], "
-                         f"got {ap_fraction}")
+        raise ValueError(
+            f"ap_fraction is the AP share of each cycle's removals; it must be in [0, 1], got {ap_fraction}"
+        )
     if ap_fraction > 0 and start_weights is None:
         raise ValueError("AP needs start_weights: snapshot(model) taken at the start of the last training phase")
     weights = {n: p.detach() for n, p in masks._params(model).items()}
@@ -196,8 +208,14 @@ def iterative_pruning(
     """
     masks = masks if masks is not None else WeightMasks.dense(model)
     for target in targets:
-        masks = prune_cycle(model, masks, rate=cycle_rate(masks.sparsity(), target), ap_fraction=ap_fraction,
-                            start_weights=start_weights, scope=scope)
+        masks = prune_cycle(
+            model,
+            masks,
+            rate=cycle_rate(masks.sparsity(), target),
+            ap_fraction=ap_fraction,
+            start_weights=start_weights,
+            scope=scope,
+        )
         if rewind_to is not None:
             rewind(model, rewind_to, masks)
         start_weights = snapshot(model)

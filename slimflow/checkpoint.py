@@ -12,6 +12,7 @@ This module is also the one home of what every file the project writes or reads 
 identity of settings or tensors), `atomic_file`/`atomic_write_text` (write a temporary file, then rename), and
 `load_torch_file` (the one `torch.load` policy: weights only unless the user opts in to unpickling code).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,7 +94,7 @@ PICKLE_PROTO = 0x80
 
 
 def file_kind(path: str | Path) -> str:
-    """"torch" (zip or pickle) or "safetensors", from the first bytes of the file; anything else is an error."""
+    """ "torch" (zip or pickle) or "safetensors", from the first bytes of the file; anything else is an error."""
     path = Path(path)
     with open(path, "rb") as handle:
         head = handle.read(9)
@@ -102,8 +103,10 @@ def file_kind(path: str | Path) -> str:
         return "safetensors"
     if head[:4] == ZIP_MAGIC or head[:1] == bytes([PICKLE_PROTO]):
         return "torch"
-    raise CheckpointError(f"unknown checkpoint format: {str(path)!r} is neither a PyTorch file (zip or pickle) "
-                          f"nor safetensors (it starts with {head[:8]!r})")
+    raise CheckpointError(
+        f"unknown checkpoint format: {str(path)!r} is neither a PyTorch file (zip or pickle) "
+        f"nor safetensors (it starts with {head[:8]!r})"
+    )
 
 
 def load_torch_file(path: str | Path, unsafe_pickle: bool = False) -> Any:
@@ -118,8 +121,10 @@ def load_torch_file(path: str | Path, unsafe_pickle: bool = False) -> Any:
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if needs is None:
-            raise CheckpointError(f"{str(path)!r} is corrupt or truncated: torch.load failed "
-                                  f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})") from None
+            raise CheckpointError(
+                f"{str(path)!r} is corrupt or truncated: torch.load failed "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})"
+            ) from None
         if not unsafe_pickle:
             raise CheckpointError(
                 f"{str(path)!r} pickles Python objects ({needs.group(1)}), and unpickling it could run arbitrary "
@@ -247,8 +252,7 @@ def load_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict, dict[str, dict
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     tensors = {
-        name.removesuffix(".safetensors"): _load_tensors(ckpt_dir / name, sha)
-        for name, sha in meta["sha256"].items()
+        name.removesuffix(".safetensors"): _load_tensors(ckpt_dir / name, sha) for name, sha in meta["sha256"].items()
     }
     return meta, tensors
 
@@ -257,8 +261,11 @@ def load_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict, dict[str, dict
 def check_config(expected: dict, found: dict, what: str) -> None:
     """Raise naming every key whose value differs between two architecture configs."""
     keys = sorted(set(expected) | set(found))
-    diffs = [f"{k}: checkpoint has {found.get(k)!r}, model has {expected.get(k)!r}" for k in keys
-             if _norm(expected.get(k)) != _norm(found.get(k))]
+    diffs = [
+        f"{k}: checkpoint has {found.get(k)!r}, model has {expected.get(k)!r}"
+        for k in keys
+        if _norm(expected.get(k)) != _norm(found.get(k))
+    ]
     if diffs:
         raise CheckpointError(f"{what} was saved from another architecture:\n  " + "\n  ".join(diffs))
 
@@ -272,8 +279,11 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if own[k].shape != state[k].shape
+    ]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
         if items:
@@ -313,9 +323,12 @@ def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         ckpt = latest_checkpoint(root) or path
         meta, tensors = load_training_checkpoint(ckpt)
-        return {"model": meta["config"].get("model", {}), "pruning": meta["config"].get("pruning"),
-                "step": meta["step"], "source": str(ckpt)}, \
-            tensors.get("ema", tensors["model"])
+        return {
+            "model": meta["config"].get("model", {}),
+            "pruning": meta["config"].get("pruning"),
+            "step": meta["step"],
+            "source": str(ckpt),
+        }, tensors.get("ema", tensors["model"])
     if not path.is_file():
         raise CheckpointError(f"no model file at {str(path)!r}")
     sidecar_path = path.with_suffix(".json")

@@ -1,4 +1,5 @@
 """`slimflow` command line: one sub-command per pipeline stage; each is a thin call into a Python function."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ def _with_config(parser: argparse.ArgumentParser, default: str | None = None) ->
 def _stage(name: str):
     """The sub-command of the config stage `name` (slimflow.stages.CONFIG_STAGES): load the config against the
     stage's DEFAULTS, run it, print what it returns."""
+
     def run(args) -> None:
         from slimflow.stages import run_stage, stage
 
@@ -34,16 +36,36 @@ def _stage(name: str):
 def cmd_domain_net_train(args) -> None:
     from slimflow.stages.domain_net import train_domain_net
 
-    print(json.dumps(train_domain_net(args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                      seed=args.seed, data_root=args.data_root, widths=tuple(args.widths),
-                                      depths=tuple(args.depths)), indent=1, default=str))
+    print(
+        json.dumps(
+            train_domain_net(
+                args.out,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                data_root=args.data_root,
+                widths=tuple(args.widths),
+                depths=tuple(args.depths),
+            ),
+            indent=1,
+            default=str,
+        )
+    )
 
 
 def cmd_export(args) -> None:
     from slimflow.stages.export import export_model
 
-    print(json.dumps(export_model(args.model, args.out, tuple(args.formats), resolution=args.resolution,
-                                  unsafe_pickle=args.unsafe_pickle), indent=1, default=str))
+    print(
+        json.dumps(
+            export_model(
+                args.model, args.out, tuple(args.formats), resolution=args.resolution, unsafe_pickle=args.unsafe_pickle
+            ),
+            indent=1,
+            default=str,
+        )
+    )
 
 
 def cmd_teacher_info(args) -> None:
@@ -55,9 +77,18 @@ def cmd_teacher_info(args) -> None:
 def cmd_invert(args) -> None:
     from slimflow.stages.invert import invert_images
 
-    result = invert_images(args.teacher, args.images, method=args.method, steps=args.steps, out_dir=args.out,
-                           n=args.n, split=args.split, nfe_per_direction=args.nfe, unsafe_pickle=args.unsafe_pickle,
-                           resolution=args.resolution)
+    result = invert_images(
+        args.teacher,
+        args.images,
+        method=args.method,
+        steps=args.steps,
+        out_dir=args.out,
+        n=args.n,
+        split=args.split,
+        nfe_per_direction=args.nfe,
+        unsafe_pickle=args.unsafe_pickle,
+        resolution=args.resolution,
+    )
     print(json.dumps(result, indent=1))
 
 
@@ -66,12 +97,28 @@ def cmd_prune_net(args) -> None:
     from slimflow.data import load_images
 
     report = prune_network(
-        model=args.model, out_dir=args.out, load_images=load_images, dataset=args.dataset, data_root=args.data_root,
-        image_size=args.image_size, num_classes=args.num_classes, checkpoint=args.checkpoint,
-        pretrained=args.pretrained or False, method=args.method, ratio=args.ratio, sparsity=args.sparsity,
-        steps=args.steps, global_pruning=args.global_pruning, round_to=args.round_to, ap_fraction=args.ap_fraction,
-        finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
-        max_train_images=args.max_train_images, max_eval_images=args.max_eval_images, seed=args.seed,
+        model=args.model,
+        out_dir=args.out,
+        load_images=load_images,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained or False,
+        method=args.method,
+        ratio=args.ratio,
+        sparsity=args.sparsity,
+        steps=args.steps,
+        global_pruning=args.global_pruning,
+        round_to=args.round_to,
+        ap_fraction=args.ap_fraction,
+        finetune_epochs=args.finetune_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_train_images=args.max_train_images,
+        max_eval_images=args.max_eval_images,
+        seed=args.seed,
     )
     print(json.dumps(report, indent=1))
 
@@ -85,8 +132,9 @@ def cmd_sample(args) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.model, device=device, resolution=args.resolution, unsafe_pickle=args.unsafe_pickle)
-    images, nfe = sample(model, args.n, method=args.method, steps=args.steps, seed=args.seed, rtol=args.tol,
-                         atol=args.tol, progress=True)
+    images, nfe = sample(
+        model, args.n, method=args.method, steps=args.steps, seed=args.seed, rtol=args.tol, atol=args.tol, progress=True
+    )
     path = save_grid(images, args.out, nrow=args.nrow)
     print(f"wrote {path} ({args.n} samples, {args.method}, {nfe:.1f} NFE/sample)")
     if args.npz:
@@ -110,24 +158,37 @@ def _model_file_args(parser: argparse.ArgumentParser) -> None:
 CONFIG_COMMANDS = [
     ("teacher", "train", "train a 1-rectified-flow teacher", "configs/teacher/fmnist.yaml", "teacher"),
     ("pairs", "generate", "solve the teacher ODE for (noise seed, image) pairs", "configs/pairs/fmnist.yaml", "pairs"),
-    (None, "anneal", "annealing reflow: a small student from scratch on the pairs", "configs/anneal/fmnist.yaml",
-     "anneal"),
+    (
+        None,
+        "anneal",
+        "annealing reflow: a small student from scratch on the pairs",
+        "configs/anneal/fmnist.yaml",
+        "anneal",
+    ),
     (None, "distill", "flow-guided distillation into a one-step student", "configs/distill/fmnist.yaml", "distill"),
     (None, "run", "pairs -> anneal -> distill from one config", "configs/quickstart.yaml", "run"),
-    (None, "prune", "prune a flow student's channels, then recover it by distillation", "configs/prune/fmnist.yaml",
-     "prune"),
-    (None, "bench", "FID/KID/precision-recall vs params, MACs, NFE, latency", "configs/bench/fmnist-cpu.yaml",
-     "bench"),
+    (
+        None,
+        "prune",
+        "prune a flow student's channels, then recover it by distillation",
+        "configs/prune/fmnist.yaml",
+        "prune",
+    ),
+    (None, "bench", "FID/KID/precision-recall vs params, MACs, NFE, latency", "configs/bench/fmnist-cpu.yaml", "bench"),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    groups = {"teacher": sub.add_parser("teacher", help="train or inspect a teacher").add_subparsers(
-        dest="action", required=True),
-              "pairs": sub.add_parser("pairs", help="reflow pairs from a teacher").add_subparsers(
-        dest="action", required=True)}
+    groups = {
+        "teacher": sub.add_parser("teacher", help="train or inspect a teacher").add_subparsers(
+            dest="action", required=True
+        ),
+        "pairs": sub.add_parser("pairs", help="reflow pairs from a teacher").add_subparsers(
+            dest="action", required=True
+        ),
+    }
     for parent, name, text, preset, stage_name in CONFIG_COMMANDS:
         command = (groups[parent] if parent else sub).add_parser(name, help=text)
         _with_config(command, preset).set_defaults(func=_stage(stage_name))
@@ -138,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_file_commands(sub, teacher) -> None:
     domain = sub.add_parser("domain-net", help="the Fashion-MNIST feature network").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True
+    )
     p = domain.add_parser("train", help="train the classifier behind FID (domain) and the domain perceptual loss")
     p.add_argument("--out", default="slimflow/assets/domain_net_fmnist.safetensors")
     p.add_argument("--epochs", type=int, default=15)
@@ -175,8 +237,12 @@ def _add_file_commands(sub, teacher) -> None:
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("sample", help="write an image grid (and .npz) sampled from a model file")
-    p.add_argument("--model", required=True, help="any model file slimflow pairs accepts: exported .safetensors, "
-                   "a run/checkpoint directory, a reference DDPM++ .pth (with --resolution), a diffusers folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="any model file slimflow pairs accepts: exported .safetensors, "
+        "a run/checkpoint directory, a reference DDPM++ .pth (with --resolution), a diffusers folder",
+    )
     p.add_argument("--method", default="euler", help="euler | heun | midpoint | rf_solver | dopri5")
     p.add_argument("--steps", type=int, default=1, help="solver steps (ignored by dopri5)")
     p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of dopri5")
@@ -224,8 +290,15 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, PairStoreError, NonFiniteLossError, FileNotFoundError, ValueError,
-            ImportError) as err:
+    except (
+        ConfigError,
+        CheckpointError,
+        PairStoreError,
+        NonFiniteLossError,
+        FileNotFoundError,
+        ValueError,
+        ImportError,
+    ) as err:
         sys.exit(f"slimflow {args.command}: error: {err}")
     except KeyboardInterrupt as err:
         sys.exit(f"slimflow {args.command}: {err or 'interrupted'}")

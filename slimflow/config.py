@@ -4,12 +4,14 @@ A preset is data: a nested mapping. Every command owns a nested dict of defaults
 command-line overrides are merged onto it, and any key the defaults do not know is an error (a typo in a
 config must never be silently ignored).
 """
+
 from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 

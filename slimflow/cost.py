@@ -16,13 +16,14 @@
   a single operator is netted out, so it is a slight underestimate. (The process RSS was tried and rejected:
   glibc keeps freed memory resident, so a repeated run shows almost no RSS growth.)
 """
+
 from __future__ import annotations
 
 import contextlib
 import gc
 import os
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from pruning.measure import count_macs_params, count_params, median_ms
 from slimflow.solvers import solve
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -48,8 +49,14 @@ def count_macs(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
     return count_macs_params(model, _velocity_inputs(model, shape, 1))[0]
 
 
-def generator_fn(model: torch.nn.Module, shape: tuple[int, ...], batch_size: int, method: str = "euler",
-                 steps: int | None = 1, tol: float = 1e-5) -> tuple[Callable[[], torch.Tensor], int]:
+def generator_fn(
+    model: torch.nn.Module,
+    shape: tuple[int, ...],
+    batch_size: int,
+    method: str = "euler",
+    steps: int | None = 1,
+    tol: float = 1e-5,
+) -> tuple[Callable[[], torch.Tensor], int]:
     """(a function generating one batch from fixed noise with the solver, NFE per sample of that solver)."""
     z = torch.randn(batch_size, *shape, device=_device(model))
 
@@ -103,9 +110,16 @@ def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float:
     return _cpu_peak_tensor_bytes(run) / MIB
 
 
-def measure_cost(model: torch.nn.Module, shape: tuple[int, ...], method: str = "euler", steps: int | None = 1,
-                 tol: float = 1e-5, batch_sizes: tuple[int, ...] = (1, 64), warmup: int = 2,
-                 repeats: int = 10) -> dict:
+def measure_cost(
+    model: torch.nn.Module,
+    shape: tuple[int, ...],
+    method: str = "euler",
+    steps: int | None = 1,
+    tol: float = 1e-5,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    warmup: int = 2,
+    repeats: int = 10,
+) -> dict:
     """params, MACs per NFE and per sample, NFE per sample, latency (ms/image) at each batch size, and the peak
     memory of one generation at the largest batch size, for sampling `model` with the given solver."""
     if not batch_sizes or min(batch_sizes) < 1:

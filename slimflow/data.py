@@ -6,6 +6,7 @@ Image sets (`load_images`):
 - "image_folder": any tree of png/jpg/jpeg/webp/bmp files; class sub-folders give labels.
 - "digits": scikit-learn's bundled 8×8 digits.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -13,8 +14,9 @@ import math
 import os
 import pickle
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,9 +58,9 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8, device=images.device)
     for start in range(0, images.shape[0], RESIZE_CHUNK):
-        chunk = images[start:start + RESIZE_CHUNK].float()
+        chunk = images[start : start + RESIZE_CHUNK].float()
         resized = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out[start:start + RESIZE_CHUNK] = resized.round_().clamp_(0, 255).to(torch.uint8)
+        out[start : start + RESIZE_CHUNK] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
@@ -76,17 +78,21 @@ def read_idx(path: Path, magic: int) -> torch.Tensor:
         raise ValueError(f"{path}: {len(raw)} bytes, too short for an IDX header; the file is truncated or corrupt")
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
-        raise ValueError(f"{path}: IDX magic number {found:#010x}, expected {magic:#010x}; "
-                         "this is not the IDX file it is named as, or it is corrupt")
+        raise ValueError(
+            f"{path}: IDX magic number {found:#010x}, expected {magic:#010x}; "
+            "this is not the IDX file it is named as, or it is corrupt"
+        )
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ValueError(f"{path}: {len(raw)} bytes, too short for its IDX header; the file is truncated")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + math.prod(dims)
     if len(raw) != expected:
-        raise ValueError(f"{path}: {len(raw)} bytes, but its IDX header (shape {dims}) needs {expected}; "
-                         "the file is truncated or corrupt")
+        raise ValueError(
+            f"{path}: {len(raw)} bytes, but its IDX header (shape {dims}) needs {expected}; "
+            "the file is truncated or corrupt"
+        )
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy())
 
 
@@ -115,8 +121,9 @@ def _load_fashion_mnist(split: str, root: str | Path | None, image_size: int) ->
     _check_split(split)
     prefix = "train" if split == "train" else "t10k"
     images_name, labels_name = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
-    places = [(origin, folder) for origin, base in _search_roots(root)
-              for folder in (base, base / "FashionMNIST" / "raw")]
+    places = [
+        (origin, folder) for origin, base in _search_roots(root) for folder in (base, base / "FashionMNIST" / "raw")
+    ]
     if not places:
         places.append(("Debian package dataset-fashion-mnist", DEBIAN_FASHION_MNIST))
     for _, folder in places:
@@ -129,12 +136,15 @@ def _load_fashion_mnist(split: str, root: str | Path | None, image_size: int) ->
             f"Fashion-MNIST {split} files ({images_name}[.gz] and {labels_name}[.gz]) not found. Looked in:\n"
             f"{looked}\nGet them with `apt-get install dataset-fashion-mnist` (installs {DEBIAN_FASHION_MNIST}), "
             f"or pass --data-root / set {DATA_ROOT_ENV} to a folder holding the IDX files or to a torchvision "
-            "root containing FashionMNIST/raw/.")
+            "root containing FashionMNIST/raw/."
+        )
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, IDX_LABELS_MAGIC).long()
     if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{images_path} holds images of shape {tuple(images.shape)} and {labels_path} holds "
-                         f"{labels.shape[0]} labels; Fashion-MNIST needs (N, 28, 28) images and N labels")
+        raise ValueError(
+            f"{images_path} holds images of shape {tuple(images.shape)} and {labels_path} holds "
+            f"{labels.shape[0]} labels; Fashion-MNIST needs (N, 28, 28) images and N labels"
+        )
     images = images.unsqueeze(1)
     if image_size == 32:
         images = F.pad(images, (2, 2, 2, 2), value=0)
@@ -148,8 +158,13 @@ class _CifarUnpickler(pickle.Unpickler):
     """Unpickler that builds only what a CIFAR-10 batch holds (dicts, lists, bytes, numpy arrays): a pickle
     file can otherwise run arbitrary code."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -170,8 +185,9 @@ def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     data = np.asarray(batch["data"], dtype=np.uint8)
     labels = torch.as_tensor(list(batch["labels"]), dtype=torch.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
-        raise ValueError(f"{path}: 'data' has shape {data.shape} for {labels.shape[0]} labels; "
-                         "expected (n, 3072) with n labels")
+        raise ValueError(
+            f"{path}: 'data' has shape {data.shape} for {labels.shape[0]} labels; expected (n, 3072) with n labels"
+        )
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
 
 
@@ -185,13 +201,16 @@ def _load_cifar10(split: str, root: str | Path | None, image_size: int) -> tuple
         if all((folder / name).is_file() for name in names):
             break
     else:
-        looked = "\n".join(f"  - {folder} ({origin})" for origin, folder in places) or \
-            f"  (nothing: no root given and ${DATA_ROOT_ENV} is not set)"
+        looked = (
+            "\n".join(f"  - {folder} ({origin})" for origin, folder in places)
+            or f"  (nothing: no root given and ${DATA_ROOT_ENV} is not set)"
+        )
         raise FileNotFoundError(
             f"CIFAR-10 {split} files ({', '.join(names)}) not found. Looked in:\n{looked}\n"
             "CIFAR-10 cannot be downloaded on this machine. Copy the python version (cifar-10-python.tar.gz, "
             f"extracted) so that ROOT/{CIFAR10_DIR}/ holds data_batch_1 ... data_batch_5 and test_batch, "
-            f"then pass --data-root ROOT or set {DATA_ROOT_ENV}=ROOT.")
+            f"then pass --data-root ROOT or set {DATA_ROOT_ENV}=ROOT."
+        )
     batches = [_read_cifar_batch(folder / name) for name in names]
     images = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
@@ -199,7 +218,9 @@ def _load_cifar10(split: str, root: str | Path | None, image_size: int) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------- image folder
-def _load_image_folder(split: str, root: str | Path | None, image_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _load_image_folder(
+    split: str, root: str | Path | None, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every png/jpg/jpeg/webp/bmp file under `root/split` if that folder exists, else under `root` (split
     "train" only), in sorted path order. Each image is centre-cropped to a square and resized with PIL (bicubic).
 
@@ -214,8 +235,10 @@ def _load_image_folder(split: str, root: str | Path | None, image_size: int) -> 
     if (folder / split).is_dir():
         folder = folder / split
     elif split != "train":
-        raise FileNotFoundError(f"image_folder: no '{split}' sub-folder in {folder}; split '{split}' needs "
-                                f"{folder / split}/ (a folder given as root is the 'train' split)")
+        raise FileNotFoundError(
+            f"image_folder: no '{split}' sub-folder in {folder}; split '{split}' needs "
+            f"{folder / split}/ (a folder given as root is the 'train' split)"
+        )
     if not folder.is_dir():
         raise FileNotFoundError(f"image_folder: {folder} is not a folder")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -228,8 +251,9 @@ def _load_image_folder(split: str, root: str | Path | None, image_size: int) -> 
             with Image.open(path) as img:
                 img = ImageOps.exif_transpose(img)
                 is_gray = img.mode in ("L", "LA", "1")
-                img = ImageOps.fit(img.convert("L" if is_gray else "RGB"), (image_size, image_size),
-                                   method=Image.Resampling.BICUBIC)
+                img = ImageOps.fit(
+                    img.convert("L" if is_gray else "RGB"), (image_size, image_size), method=Image.Resampling.BICUBIC
+                )
                 arrays.append(np.asarray(img, dtype=np.uint8))
                 gray.append(is_gray)
         except (UnidentifiedImageError, OSError) as err:

@@ -10,6 +10,7 @@ average pooling, a linear classifier.
 The committed weights (`assets/domain_net_fmnist.safetensors` + `.json` sidecar with the test accuracy, the
 command that made them, the wall time and the date) come from `slimflow.stages.domain_net.train_domain_net`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,10 @@ from slimflow.checkpoint import CheckpointError, load_state_checked, read_model_
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "domain_net_fmnist.safetensors"
 KIND = "domain_net_fmnist"
 CONFIG_KEYS = ("in_channels", "resolution", "widths", "depths", "num_classes")
-TRAIN_COMMAND_HINT = ("slimflow domain-net train (or python -c \"from slimflow.stages.domain_net import train_domain_net; "
-                      "train_domain_net('slimflow/assets/domain_net_fmnist.safetensors')\")")
+TRAIN_COMMAND_HINT = (
+    'slimflow domain-net train (or python -c "from slimflow.stages.domain_net import train_domain_net; '
+    "train_domain_net('slimflow/assets/domain_net_fmnist.safetensors')\")"
+)
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -38,13 +41,24 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 class DomainNet(nn.Module):
     """Fashion-MNIST classifier whose intermediate activations serve as domain features."""
 
-    def __init__(self, in_channels: int = 1, resolution: int = 32, widths: list[int] | tuple[int, ...] = (32, 64, 128),
-                 depths: list[int] | tuple[int, ...] = (1, 2, 2), num_classes: int = 10):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        resolution: int = 32,
+        widths: list[int] | tuple[int, ...] = (32, 64, 128),
+        depths: list[int] | tuple[int, ...] = (1, 2, 2),
+        num_classes: int = 10,
+    ):
         super().__init__()
         if len(widths) != len(depths) or min(depths) < 1:
             raise ValueError(f"DomainNet needs one depth >= 1 per width, got widths {widths} and depths {depths}")
-        self.config = {"in_channels": in_channels, "resolution": resolution, "widths": list(widths),
-                       "depths": list(depths), "num_classes": num_classes}
+        self.config = {
+            "in_channels": in_channels,
+            "resolution": resolution,
+            "widths": list(widths),
+            "depths": list(depths),
+            "num_classes": num_classes,
+        }
         chans = [in_channels, *widths]
         self.stages = nn.ModuleList(
             nn.Sequential(_conv_bn_relu(cin, cout), *(_conv_bn_relu(cout, cout) for _ in range(depth - 1)))
@@ -54,8 +68,9 @@ class DomainNet(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.config["in_channels"]:
-            raise ValueError(f"DomainNet expects images (B, {self.config['in_channels']}, H, W), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"DomainNet expects images (B, {self.config['in_channels']}, H, W), got shape {tuple(x.shape)}"
+            )
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Activations of every stage, finest first: (B, widths[i], H/2^i, W/2^i)."""
@@ -89,19 +104,23 @@ def load_domain_net(path: str | Path | None = None, device: str | torch.device |
         )
     sidecar, state = read_model_file(path)
     if sidecar.get("kind") != KIND:
-        raise CheckpointError(f"{str(path)!r} is not a domain net: its sidecar has kind {sidecar.get('kind')!r}, "
-                              f"expected {KIND!r}")
+        raise CheckpointError(
+            f"{str(path)!r} is not a domain net: its sidecar has kind {sidecar.get('kind')!r}, expected {KIND!r}"
+        )
     config = sidecar.get("model")
     if not isinstance(config, dict):
         raise CheckpointError(f"{str(path)!r}: its sidecar has no 'model' architecture config")
     if set(config) != set(CONFIG_KEYS):
-        raise CheckpointError(f"{str(path)!r}: its sidecar's model config has keys {sorted(config)}, "
-                              f"a DomainNet needs {sorted(CONFIG_KEYS)}")
+        raise CheckpointError(
+            f"{str(path)!r}: its sidecar's model config has keys {sorted(config)}, "
+            f"a DomainNet needs {sorted(CONFIG_KEYS)}"
+        )
     try:
         model = DomainNet(**config)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{str(path)!r}: its sidecar's model config {config} does not build a DomainNet "
-                              f"({err})") from None
+        raise CheckpointError(
+            f"{str(path)!r}: its sidecar's model config {config} does not build a DomainNet ({err})"
+        ) from None
     load_state_checked(model, state, f"{str(path)!r}")
     model.eval().requires_grad_(False)
     return model.to(device) if device is not None else model

@@ -11,6 +11,7 @@ The engine owns: device, Adam/AdamW with linear warm-up, grad clipping, EMA (fix
 law), bf16 autocast, opt-in `torch.compile`, DDP under `torchrun`, TensorBoard scalars and sample grids, tqdm,
 periodic atomic checkpoints with RNG and optimizer state, exact resume, and a clear stop on non-finite losses.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -112,7 +113,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
     while len(out) < batch_size:
         epoch, offset = divmod(start, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        take = perm[offset: offset + batch_size - len(out)]
+        take = perm[offset : offset + batch_size - len(out)]
         out.extend(take.tolist())
         start += len(take)
     return torch.tensor(out, dtype=torch.long)
@@ -163,7 +164,7 @@ def shard_batch(batch: dict, rank: int, world: int, device: torch.device) -> dic
             if value.shape[0] % world:
                 raise ValueError(f"global batch of {value.shape[0]} does not split over {world} processes")
             per = value.shape[0] // world
-            value = value[rank * per: (rank + 1) * per]
+            value = value[rank * per : (rank + 1) * per]
         out[key] = value.to(device, non_blocking=True) if torch.is_tensor(value) else value
     return out
 
@@ -200,8 +201,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.amp_dtype = autocast_dtype(self.cfg["precision"], self.device)
         if self.cfg["batch_size"] % self.world:
-            raise ValueError(f"train.batch_size={self.cfg['batch_size']} must be divisible by the "
-                             f"{self.world} processes")
+            raise ValueError(
+                f"train.batch_size={self.cfg['batch_size']} must be divisible by the {self.world} processes"
+            )
         torch.manual_seed(self.cfg["seed"] + self.rank)  # dropout etc.; restored exactly on resume
         self.model = model.to(self.device)
         self.ema = None
@@ -238,10 +240,12 @@ class Trainer:
         if "optim" in tensors:
             self.optimizer.load_state_dict(ckpt.unflatten_optimizer_state(tensors["optim"], meta["optimizer"]))
         prefix = f"rank{self.rank}."
-        mine = {k[len(prefix):]: v for k, v in tensors["state"].items() if k.startswith(prefix)}
+        mine = {k[len(prefix) :]: v for k, v in tensors["state"].items() if k.startswith(prefix)}
         if not mine:
-            raise ckpt.CheckpointError(f"{found} holds no RNG state for rank {self.rank}: it was written by "
-                                       f"{meta['extra'].get('world_size')} processes, this run has {self.world}")
+            raise ckpt.CheckpointError(
+                f"{found} holds no RNG state for rank {self.rank}: it was written by "
+                f"{meta['extra'].get('world_size')} processes, this run has {self.world}"
+            )
         ckpt.set_rng_state(mine)
         self.step = meta["step"]
         return True
@@ -256,8 +260,15 @@ class Trainer:
         path = None
         if self.rank == 0:
             path = ckpt.save_training_checkpoint(
-                self.ckpt_root, self.step, self.model, self.optimizer, self.ema, self.run_config, rng,
-                extra={"world_size": self.world}, keep=self.cfg["keep_ckpts"],
+                self.ckpt_root,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.ema,
+                self.run_config,
+                rng,
+                extra={"world_size": self.world},
+                keep=self.cfg["keep_ckpts"],
             )
         if self.world > 1:
             dist.barrier()
@@ -319,14 +330,21 @@ class Trainer:
         bar.close()
         self.save()
         if stop:
-            raise KeyboardInterrupt(f"stopped by {stop[0]} after step {self.step}; the checkpoint is saved, "
-                                    f"run the same command again to resume")
+            raise KeyboardInterrupt(
+                f"stopped by {stop[0]} after step {self.step}; the checkpoint is saved, "
+                f"run the same command again to resume"
+            )
         if self.rank == 0:
             self._sample()
             if self.writer is not None:
                 self.writer.flush()
-        return {"resumed": resumed, "steps": self.step, "history": history, "seconds": time.time() - started,
-                "img_per_s": _rate(self.step - first_step, self.cfg["batch_size"], started)}
+        return {
+            "resumed": resumed,
+            "steps": self.step,
+            "history": history,
+            "seconds": time.time() - started,
+            "img_per_s": _rate(self.step - first_step, self.cfg["batch_size"], started),
+        }
 
     def _train_step(self, net, make_batch, loss_fn) -> dict[str, float]:
         batch = make_batch(self.step, step_generator(self.cfg["seed"], self.step))
@@ -334,7 +352,9 @@ class Trainer:
         lr = warmup_lr(self.step, self.cfg["lr"], self.cfg["warmup"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             out = loss_fn(net, batch)
         loss, extra = out if isinstance(out, tuple) else (out, {})
         finite = torch.isfinite(loss.detach()).float()

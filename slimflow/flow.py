@@ -4,6 +4,7 @@ and the exact Gaussian 1-RF field.
 Convention (docs/methods.md, "Time convention"): t = 0 is noise z ~ N(0, I), t = 1 is data x;
 x_t = t·x + (1 − t)·z; v* = x − z.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -97,7 +98,9 @@ def gaussian_rf_velocity(
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device)
     if (s <= 0).any():
-        raise ValueError("gaussian_rf_velocity needs std > 0 in every dimension (the field is singular at t = 1 otherwise)")
+        raise ValueError(
+            "gaussian_rf_velocity needs std > 0 in every dimension (the field is singular at t = 1 otherwise)"
+        )
     tb = per_sample(t, x)
     var = s * s
     gain = (tb * var - (1 - tb)) / (tb * tb * var + (1 - tb) ** 2)
@@ -149,8 +152,13 @@ def _as_indices(indices: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
     return idx.reshape(-1).to(device="cpu", dtype=torch.long)
 
 
-def noise_for(indices: int | Sequence[int] | torch.Tensor, seed: int, shape: Sequence[int],
-              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+def noise_for(
+    indices: int | Sequence[int] | torch.Tensor,
+    seed: int,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """The noise of pairs `indices` (B, *shape), bit-exact from (seed, index) alone (see the module docstring)."""
     idx = _as_indices(indices)
     if len(idx) and (int(idx.min()) < 0 or int(idx.max()) > _MASK32):

@@ -1,4 +1,5 @@
 """Writing images: grids (PNG) and sample sets (.npz), from float batches in [-1, 1]."""
+
 from __future__ import annotations
 
 from pathlib import Path

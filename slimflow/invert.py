@@ -4,9 +4,10 @@ RF-Solver (docs/methods.md, "Solvers") inverts with the same second-order step a
 first-order baseline. Both directions use the same solver and step count, so the round-trip error measures the
 discretisation error of the pair (an exact solver would give back the images).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,8 +29,9 @@ def reconstruct(velocity: Velocity, noise: torch.Tensor, method: str = "rf_solve
     return solve(velocity, noise, method=method, steps=steps, t_start=0.0, t_end=1.0)
 
 
-def round_trip(velocity: Velocity, images: torch.Tensor, method: str,
-               steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def round_trip(
+    velocity: Velocity, images: torch.Tensor, method: str, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(noise, reconstruction, NFE of both directions) with the same method and steps each way."""
     inverted = invert(velocity, images, method, steps)
     rebuilt = reconstruct(velocity, inverted.x, method, steps)
@@ -54,8 +56,10 @@ def reconstruction_error_vs_nfe(
         for method in methods:
             steps, remainder = divmod(budget, NFE_PER_STEP[method])
             if steps < 1 or remainder:
-                raise ValueError(f"an NFE budget of {budget} per direction is not a whole number of {method} steps "
-                                 f"({NFE_PER_STEP[method]} NFE each)")
+                raise ValueError(
+                    f"an NFE budget of {budget} per direction is not a whole number of {method} steps "
+                    f"({NFE_PER_STEP[method]} NFE each)"
+                )
             _, rebuilt, nfe = round_trip(velocity, images, method, steps)
             mse = (rebuilt - images).double().pow(2).mean().item()
             rows.append({"method": method, "steps": steps, "nfe": nfe, "mse": mse})

@@ -9,14 +9,15 @@ callers take the mean (or weight the samples first).
 - `lpips_huber`: the rfpp LPIPS–Huber training loss.
 - `distance(kind)`: any of the two-image distances above as `d(x, y) -> (B,)` (D of docs/methods.md, "Flow-guided distillation").
 """
+
 from __future__ import annotations
 
 import functools
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,9 @@ Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
     if pred.shape != target.shape or pred.ndim < 2:
-        raise ValueError(f"expected two tensors of the same shape (B, ...), got {tuple(pred.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected two tensors of the same shape (B, ...), got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ pixel losses
@@ -66,8 +68,9 @@ def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float | None = Non
     _check_pair(pred, target)
     c = huber_c(pred[0].numel()) if c is None else c
     if c <= 0:
-        raise ValueError(f"pseudo-Huber c must be > 0 (c = 0 is the plain norm, not differentiable at zero error), "
-                         f"got {c}")
+        raise ValueError(
+            f"pseudo-Huber c must be > 0 (c = 0 is the plain norm, not differentiable at zero error), got {c}"
+        )
     squared_norm = (pred - target).square().flatten(1).sum(1)
     return torch.sqrt(squared_norm + c * c) - c
 
@@ -77,7 +80,7 @@ class FrozenDistance(nn.Module):
     """A distance with a fixed network: parameters frozen, always in eval mode (a parent's .train() keeps BN
     statistics and dropout off). Gradients still flow to the inputs."""
 
-    def train(self, mode: bool = True) -> "FrozenDistance":
+    def train(self, mode: bool = True) -> FrozenDistance:
         return super().train(False)
 
     def _freeze(self) -> None:
@@ -115,8 +118,10 @@ def _read_backbone(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_torch_file(path)
     except CheckpointError as err:
-        raise CheckpointError(f"LPIPS backbone {str(path)!r} cannot be read ({err}); the file is corrupt or "
-                              "not a torchvision weights file — fetch it again") from None
+        raise CheckpointError(
+            f"LPIPS backbone {str(path)!r} cannot be read ({err}); the file is corrupt or "
+            "not a torchvision weights file — fetch it again"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"LPIPS backbone {str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
@@ -126,11 +131,15 @@ def _load_backbone(trunk: nn.Module, state: dict[str, torch.Tensor], path: Path)
     """Copy torchvision's `features.<i>.*` tensors into lpips' trunk, whose tensors are `slice<k>.<i>.*`."""
     own = trunk.state_dict()
     source = {name: "features." + name.split(".", 1)[1] for name in own}
-    bad = [f"{src} (file {tuple(state[src].shape) if src in state else 'missing'}, needs {tuple(own[name].shape)})"
-           for name, src in source.items() if src not in state or state[src].shape != own[name].shape]
+    bad = [
+        f"{src} (file {tuple(state[src].shape) if src in state else 'missing'}, needs {tuple(own[name].shape)})"
+        for name, src in source.items()
+        if src not in state or state[src].shape != own[name].shape
+    ]
     if bad:
-        raise CheckpointError(f"LPIPS backbone {str(path)!r} does not fit the {type(trunk).__name__} trunk: "
-                              + ", ".join(bad[:6]))
+        raise CheckpointError(
+            f"LPIPS backbone {str(path)!r} does not fit the {type(trunk).__name__} trunk: " + ", ".join(bad[:6])
+        )
     trunk.load_state_dict({name: state[src] for name, src in source.items()})
 
 
@@ -145,6 +154,7 @@ class LpipsDistance(FrozenDistance):
         path = lpips_backbone_file(kind, backbone_path)
         state = _read_backbone(path)
         import lpips
+
         with warnings.catch_warnings():  # lpips builds its trunk through torchvision's deprecated `pretrained=`
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             # pnet_rand: build the trunk without weights (so torchvision never downloads); filled from `path`
@@ -188,12 +198,17 @@ class DomainDistance(FrozenDistance):
         per_stage = []
         for fmap in self.net.feature_maps(both):
             unit = F.normalize(fmap, dim=1, eps=1e-10)
-            per_stage.append((unit[:x.shape[0]] - unit[x.shape[0]:]).square().sum(1).mean((1, 2)))
+            per_stage.append((unit[: x.shape[0]] - unit[x.shape[0] :]).square().sum(1).mean((1, 2)))
         return torch.stack(per_stage).mean(0)
 
 
-def make_perceptual(kind: str, *, size: int | None = 224, backbone_path: str | Path | None = None,
-                    weights_path: str | Path | None = None) -> FrozenDistance:
+def make_perceptual(
+    kind: str,
+    *,
+    size: int | None = 224,
+    backbone_path: str | Path | None = None,
+    weights_path: str | Path | None = None,
+) -> FrozenDistance:
     """A frozen perceptual distance module `d(x, y) -> (B,)` for images in [-1, 1] (on the CPU; move it with .to).
 
     kind "lpips-vgg" / "lpips-alex": `size` is the side both images are resized to (224 as in rfpp; SlimFlow's
@@ -208,9 +223,16 @@ def make_perceptual(kind: str, *, size: int | None = 224, backbone_path: str | P
 
 
 # ------------------------------------------------------------------------------------------------ combined
-def lpips_huber(pred_clean: torch.Tensor, target_clean: torch.Tensor, pred_v: torch.Tensor, target_v: torch.Tensor,
-                t: torch.Tensor, perceptual: Distance, one_over_t: bool = False,
-                c: float | None = None) -> torch.Tensor:
+def lpips_huber(
+    pred_clean: torch.Tensor,
+    target_clean: torch.Tensor,
+    pred_v: torch.Tensor,
+    target_v: torch.Tensor,
+    t: torch.Tensor,
+    perceptual: Distance,
+    one_over_t: bool = False,
+    c: float | None = None,
+) -> torch.Tensor:
     """rfpp's LPIPS–Huber loss per sample, (B,), in this project's time (t = 1 is data):
 
         L = t · pseudo_huber(pred_v, target_v) + perceptual(pred_clean, target_clean) [/ t']
@@ -222,7 +244,9 @@ def lpips_huber(pred_clean: torch.Tensor, target_clean: torch.Tensor, pred_v: to
     if t.shape != (pred_v.shape[0],):
         raise ValueError(f"t must have shape (B,) = ({pred_v.shape[0]},), got {tuple(t.shape)}")
     if pred_clean.shape[0] != pred_v.shape[0]:
-        raise ValueError(f"clean images ({pred_clean.shape[0]}) and velocities ({pred_v.shape[0]}) differ in batch size")
+        raise ValueError(
+            f"clean images ({pred_clean.shape[0]}) and velocities ({pred_v.shape[0]}) differ in batch size"
+        )
     huber = pseudo_huber(pred_v, target_v, c)
     percept = perceptual(pred_clean, target_clean)
     if one_over_t:

@@ -20,6 +20,7 @@ Reference features and FID statistics are cached by torch-fidelity in `cache_dir
 image size, number of images (and a hash of `root` when one is given) plus the extractor's registered name
 (which for the domain net includes the hash of its weights file).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from slimflow.checkpoint import sha256_file
 from slimflow.data import load_images, to_uint8
 from slimflow.domain_net import DEFAULT_WEIGHTS, MissingWeightsError, load_domain_net
-from slimflow.losses import pretrained_file_location
 from slimflow.engine import resolve_device
+from slimflow.losses import pretrained_file_location
 from slimflow.sample import sample
 from teachers.zoo import load_model
 
@@ -179,18 +180,22 @@ def read_npz(path: str | Path) -> torch.Tensor:
     """uint8 (N, C, H, W) from an .npz holding `images` uint8 NHWC (slimflow.images.save_npz) or NHW."""
     with np.load(path) as data:
         if "images" not in data:
-            raise ValueError(f"{str(path)!r} holds {sorted(data.files)}; expected an array named 'images' "
-                             "(uint8 N×H×W×C, as written by slimflow.images.save_npz)")
+            raise ValueError(
+                f"{str(path)!r} holds {sorted(data.files)}; expected an array named 'images' "
+                "(uint8 N×H×W×C, as written by slimflow.images.save_npz)"
+            )
         array = data["images"]
     if array.dtype != np.uint8 or array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] not in (1, 3)):
-        raise ValueError(f"{str(path)!r}: 'images' is {array.dtype} {array.shape}; expected uint8 N×H×W×C "
-                         "with C = 1 or 3, or N×H×W")
+        raise ValueError(
+            f"{str(path)!r}: 'images' is {array.dtype} {array.shape}; expected uint8 N×H×W×C with C = 1 or 3, or N×H×W"
+        )
     images = torch.from_numpy(array)
     return images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
 
 
-def load_samples(source: str | Path, sampling: dict | None = None, device: str | torch.device | None = None,
-                 progress: bool = True) -> torch.Tensor:
+def load_samples(
+    source: str | Path, sampling: dict | None = None, device: str | torch.device | None = None, progress: bool = True
+) -> torch.Tensor:
     """uint8 samples (N, C, H, W) from an .npz, a folder of images, or a model file / run directory (sampled
     with `sampling` = {n (required), method, steps, tol, seed, batch_size})."""
     path = Path(source)
@@ -200,8 +205,10 @@ def load_samples(source: str | Path, sampling: dict | None = None, device: str |
         sampling = dict(sampling or {})
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown or "n" not in sampling:
-            raise ValueError(f"sampling a model needs sampling={{n, method, steps, tol, seed, batch_size}} with n; "
-                             f"got {sorted(sampling)}")
+            raise ValueError(
+                f"sampling a model needs sampling={{n, method, steps, tol, seed, batch_size}} with n; "
+                f"got {sorted(sampling)}"
+            )
         model = load_model(path, device=resolve_device("auto") if device is None else device)
         tol = sampling.pop("tol", 1e-5)
         return to_uint8(sample(model, rtol=tol, atol=tol, progress=progress, **sampling)[0])
@@ -215,13 +222,17 @@ def load_samples(source: str | Path, sampling: dict | None = None, device: str |
 def _check_pair(fake: torch.Tensor, real: torch.Tensor) -> None:
     for what, images in (("samples", fake), ("reference", real)):
         if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"{what} must be uint8 (N, C, H, W), got "
-                             f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+            raise ValueError(
+                f"{what} must be uint8 (N, C, H, W), got "
+                f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}"
+            )
         if images.shape[0] < 2:
             raise ValueError(f"{what}: {images.shape[0]} image(s); the metrics need at least 2")
     if fake.shape[1:] != real.shape[1:]:
-        raise ValueError(f"samples are {tuple(fake.shape[1:])} but the reference images are {tuple(real.shape[1:])} "
-                         "(C, H, W); make them match (e.g. reference.image_size)")
+        raise ValueError(
+            f"samples are {tuple(fake.shape[1:])} but the reference images are {tuple(real.shape[1:])} "
+            "(C, H, W); make them match (e.g. reference.image_size)"
+        )
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -261,21 +272,35 @@ def compute_metrics(
         kid_subset_size = min(DEFAULT_KID_SUBSET_SIZE, fake.shape[0], real.shape[0])
     rgb = extractor == "inception"
     kwargs = dict(
-        input1=_Images(fake, rgb), input2=_Images(real, rgb), input2_cache_name=cache_name,
-        cache=cache_name is not None, cache_root=str(cache_dir), feature_extractor=name,
-        feature_extractor_weights_path=str(weights_path), fid="fid" in metrics, kid="kid" in metrics,
-        prc="prc" in metrics, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-        prc_neighborhood=prc_neighborhood, batch_size=batch_size, cuda=dev.type == "cuda",
+        input1=_Images(fake, rgb),
+        input2=_Images(real, rgb),
+        input2_cache_name=cache_name,
+        cache=cache_name is not None,
+        cache_root=str(cache_dir),
+        feature_extractor=name,
+        feature_extractor_weights_path=str(weights_path),
+        fid="fid" in metrics,
+        kid="kid" in metrics,
+        prc="prc" in metrics,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        prc_neighborhood=prc_neighborhood,
+        batch_size=batch_size,
+        cuda=dev.type == "cuda",
         save_cpu_ram=True,  # DataLoader without worker processes; precision/recall in bounded-memory chunks
-        rng_seed=seed, verbose=progress,
+        rng_seed=seed,
+        verbose=progress,
     )
     if dev.type == "cuda":
         with torch.cuda.device(dev):
             raw = torch_fidelity.calculate_metrics(**kwargs)
     else:
         raw = torch_fidelity.calculate_metrics(**kwargs)
-    keys = {"fid": torch_fidelity.KEY_METRIC_FID, "kid": torch_fidelity.KEY_METRIC_KID_MEAN,
-            "kid_std": torch_fidelity.KEY_METRIC_KID_STD, "precision": torch_fidelity.KEY_METRIC_PRECISION,
-            "recall": torch_fidelity.KEY_METRIC_RECALL}
+    keys = {
+        "fid": torch_fidelity.KEY_METRIC_FID,
+        "kid": torch_fidelity.KEY_METRIC_KID_MEAN,
+        "kid_std": torch_fidelity.KEY_METRIC_KID_STD,
+        "precision": torch_fidelity.KEY_METRIC_PRECISION,
+        "recall": torch_fidelity.KEY_METRIC_RECALL,
+    }
     return {metric_label(metric, extractor): float(raw[key]) for metric, key in keys.items() if key in raw}
-

@@ -16,6 +16,7 @@ On disk (`out_dir`):
 Every file is written to a hidden temp file and renamed; a restart removes leftover temp files, re-checks each
 shard against its record and regenerates only the missing or damaged ones.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,10 +26,10 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,18 +38,30 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from slimflow.checkpoint import atomic_write_text, content_hash, sha256_file
-from teachers.zoo import load_model
 from slimflow.engine import dist_info
 from slimflow.flow import _MASK32, NOISE_SCHEME, _as_indices, noise_for
 from slimflow.solvers import solve
+from teachers.zoo import load_model
 
 FORMAT = "slimflow-pairs"
 VERSION = 1
 IMAGE_FORMATS = ("float16", "uint8")
 SOLVER_KEYS = ("method", "steps", "rtol", "atol", "max_steps")
 # Keys of the manifest that must be equal for two runs to write into the same store.
-SETTINGS_KEYS = ("format", "version", "noise_scheme", "noise_check", "count", "shape", "seed", "image_format",
-                 "solver", "teacher_hash", "shard_size", "batch_size")
+SETTINGS_KEYS = (
+    "format",
+    "version",
+    "noise_scheme",
+    "noise_check",
+    "count",
+    "shape",
+    "seed",
+    "image_format",
+    "solver",
+    "teacher_hash",
+    "shard_size",
+    "batch_size",
+)
 log = logging.getLogger(__name__)
 
 
@@ -99,8 +112,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise PairStoreError(f"{path} is not valid JSON ({err}); delete it or the whole store and regenerate") \
-            from None
+        raise PairStoreError(f"{path} is not valid JSON ({err}); delete it or the whole store and regenerate") from None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -108,8 +120,16 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- generation
-def _settings(n: int, shape: Sequence[int], seed: int, solver: dict, shard_size: int, batch_size: int,
-              image_format: str, teacher_hash: str) -> dict:
+def _settings(
+    n: int,
+    shape: Sequence[int],
+    seed: int,
+    solver: dict,
+    shard_size: int,
+    batch_size: int,
+    image_format: str,
+    teacher_hash: str,
+) -> dict:
     if not isinstance(n, int) or not 1 <= n <= _MASK32 + 1:
         raise ValueError(f"n must be an int in [1, 2^32], got {n!r}")
     if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
@@ -121,20 +141,34 @@ def _settings(n: int, shape: Sequence[int], seed: int, solver: dict, shard_size:
         raise ValueError(f"unknown image_format {image_format!r}: use one of {IMAGE_FORMATS}")
     if "method" not in solver or set(solver) - set(SOLVER_KEYS):
         raise ValueError(f"solver must be a dict with 'method' and optionally {SOLVER_KEYS[1:]}, got {solver!r}")
-    settings = {"format": FORMAT, "version": VERSION, "noise_scheme": NOISE_SCHEME,
-                "noise_check": _noise_check(n, seed, shape), "count": n, "shape": list(shape), "seed": seed,
-                "image_format": image_format, "solver": dict(solver), "teacher_hash": teacher_hash,
-                "shard_size": shard_size, "batch_size": batch_size}
+    settings = {
+        "format": FORMAT,
+        "version": VERSION,
+        "noise_scheme": NOISE_SCHEME,
+        "noise_check": _noise_check(n, seed, shape),
+        "count": n,
+        "shape": list(shape),
+        "seed": seed,
+        "image_format": image_format,
+        "solver": dict(solver),
+        "teacher_hash": teacher_hash,
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+    }
     return json.loads(json.dumps(settings))  # the form it takes in manifest.json
 
 
 def _check_settings(existing: dict, wanted: dict, root: Path) -> None:
-    diffs = [f"{key}: store has {existing.get(key)!r}, requested {wanted[key]!r}"
-             for key in SETTINGS_KEYS if existing.get(key) != wanted[key]]
+    diffs = [
+        f"{key}: store has {existing.get(key)!r}, requested {wanted[key]!r}"
+        for key in SETTINGS_KEYS
+        if existing.get(key) != wanted[key]
+    ]
     if diffs:
-        raise PairStoreError(f"the pair store in {root} was made with other settings; pairs from two settings are "
-                             "never mixed. Use another out_dir, or delete this one to start over. Differences:\n  "
-                             + "\n  ".join(diffs))
+        raise PairStoreError(
+            f"the pair store in {root} was made with other settings; pairs from two settings are "
+            "never mixed. Use another out_dir, or delete this one to start over. Differences:\n  " + "\n  ".join(diffs)
+        )
 
 
 def _remove_temp_files(root: Path) -> None:
@@ -183,8 +217,9 @@ def _device_of(velocity: Callable) -> torch.device:
     return torch.device("cpu")
 
 
-def _make_shard(velocity: Callable, root: Path, k: int, start: int, stop: int, settings: dict,
-                device: torch.device, bar: tqdm) -> None:
+def _make_shard(
+    velocity: Callable, root: Path, k: int, start: int, stop: int, settings: dict, device: torch.device, bar: tqdm
+) -> None:
     """Solve the teacher ODE for pairs [start, stop), write the shard and then its record."""
     began = time.perf_counter()
     images, nfe_total = [], 0
@@ -193,8 +228,10 @@ def _make_shard(velocity: Callable, root: Path, k: int, start: int, stop: int, s
         noise = noise_for(indices, settings["seed"], settings["shape"], device=device)
         solution = solve(velocity, noise, **settings["solver"])
         if not torch.isfinite(solution.x).all():
-            raise PairStoreError(f"the teacher ODE gave non-finite images for pairs [{first}, {int(indices[-1]) + 1})"
-                                 f" with solver {settings['solver']}; check the teacher and the solver settings")
+            raise PairStoreError(
+                f"the teacher ODE gave non-finite images for pairs [{first}, {int(indices[-1]) + 1})"
+                f" with solver {settings['solver']}; check the teacher and the solver settings"
+            )
         images.append(encode_images(solution.x.detach().cpu(), settings["image_format"]))
         nfe_total += int(solution.nfe) * len(indices)
         bar.update(len(indices))
@@ -202,9 +239,17 @@ def _make_shard(velocity: Callable, root: Path, k: int, start: int, stop: int, s
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({"index": torch.arange(start, stop), "image": torch.cat(images)}, str(tmp))
     tmp.replace(path)
-    record = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "count": stop - start,
-              "start": start, "stop": stop, "nfe_total": nfe_total, "seconds": time.perf_counter() - began,
-              "settings_sha256": content_hash(settings)}
+    record = {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "count": stop - start,
+        "start": start,
+        "stop": stop,
+        "nfe_total": nfe_total,
+        "seconds": time.perf_counter() - began,
+        "settings_sha256": content_hash(settings),
+    }
     _write_json(path.with_suffix(".json"), record)
 
 
@@ -213,20 +258,38 @@ def _finished_manifest(root: Path, head: dict, ranges: list[tuple[int, int]]) ->
     for k, (start, stop) in enumerate(ranges):
         record = _read_json((root / shard_name(k)).with_suffix(".json"))
         if (record["start"], record["stop"]) != (start, stop):
-            raise PairStoreError(f"record of {shard_name(k)} in {root} covers [{record['start']}, {record['stop']}),"
-                                 f" expected [{start}, {stop})")
+            raise PairStoreError(
+                f"record of {shard_name(k)} in {root} covers [{record['start']}, {record['stop']}),"
+                f" expected [{start}, {stop})"
+            )
         records.append(record)
     count = sum(r["count"] for r in records)
     nfe_total = sum(r["nfe_total"] for r in records)
-    return {**head, "status": "complete", "finished": _now(), "nfe_total": nfe_total,
-            "nfe_per_pair_mean": nfe_total / count,
-            "pairs_per_s": count / max(sum(r["seconds"] for r in records), 1e-9), "shards": records}
+    return {
+        **head,
+        "status": "complete",
+        "finished": _now(),
+        "nfe_total": nfe_total,
+        "nfe_per_pair_mean": nfe_total / count,
+        "pairs_per_s": count / max(sum(r["seconds"] for r in records), 1e-9),
+        "shards": records,
+    }
 
 
-def generate_pairs(velocity: Callable, out_dir: str | Path, n: int, shape: Sequence[int], seed: int,
-                   solver: dict, shard_size: int = 1000, batch_size: int = 250, image_format: str = "float16",
-                   teacher_hash: str | None = None, device: torch.device | str | None = None,
-                   progress: bool = True) -> dict:
+def generate_pairs(
+    velocity: Callable,
+    out_dir: str | Path,
+    n: int,
+    shape: Sequence[int],
+    seed: int,
+    solver: dict,
+    shard_size: int = 1000,
+    batch_size: int = 250,
+    image_format: str = "float16",
+    teacher_hash: str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict:
     """Solve the teacher ODE dx/dt = velocity(x, t) from t = 0 to 1 for the noise of pairs 0..n-1; write the store.
 
     `solver`: keyword arguments of `slimflow.solvers.solve` (method, steps, rtol, atol, max_steps).
@@ -238,8 +301,10 @@ def generate_pairs(velocity: Callable, out_dir: str | Path, n: int, shape: Seque
     """
     if teacher_hash is None:
         if not isinstance(velocity, torch.nn.Module):
-            raise ValueError("teacher_hash is required when velocity is a plain function (it is computed with "
-                             "content_hash only for an nn.Module)")
+            raise ValueError(
+                "teacher_hash is required when velocity is a plain function (it is computed with "
+                "content_hash only for an nn.Module)"
+            )
         teacher_hash = content_hash(velocity)
     root = Path(out_dir)
     settings = _settings(n, shape, seed, solver, shard_size, batch_size, image_format, teacher_hash)
@@ -258,8 +323,7 @@ def generate_pairs(velocity: Callable, out_dir: str | Path, n: int, shape: Seque
 
     ranges = shard_ranges(n, shard_size)
     fingerprint = content_hash(settings)
-    missing = [k for k in range(rank, len(ranges), world)
-               if _finished_shard(root, k, *ranges[k], fingerprint) is None]
+    missing = [k for k in range(rank, len(ranges), world) if _finished_shard(root, k, *ranges[k], fingerprint) is None]
     if world > 1:
         gathered: list[list[int]] = [[] for _ in range(world)]
         dist.all_gather_object(gathered, missing)
@@ -271,8 +335,11 @@ def generate_pairs(velocity: Callable, out_dir: str | Path, n: int, shape: Seque
 
     todo = missing[rank::world]
     total = sum(ranges[k][1] - ranges[k][0] for k in todo)
-    with _eval_mode(velocity), torch.no_grad(), \
-            tqdm(total=total, unit="pair", desc=f"pairs {root.name}", disable=not progress or rank != 0) as bar:
+    with (
+        _eval_mode(velocity),
+        torch.no_grad(),
+        tqdm(total=total, unit="pair", desc=f"pairs {root.name}", disable=not progress or rank != 0) as bar,
+    ):
         for k in todo:
             _make_shard(velocity, root, k, *ranges[k], settings, device, bar)
     if world > 1:
@@ -300,11 +367,15 @@ class PairStore:
             raise FileNotFoundError(f"no pair store at {self.root}: {path} is missing; make one with generate_pairs")
         manifest = _read_json(path)
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise PairStoreError(f"{path} is not a {FORMAT} v{VERSION} manifest "
-                                 f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
+            raise PairStoreError(
+                f"{path} is not a {FORMAT} v{VERSION} manifest "
+                f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
+            )
         if manifest.get("status") != "complete":
-            raise PairStoreError(f"the pair store in {self.root} is unfinished (status {manifest.get('status')!r});"
-                                 " rerun generate_pairs with the same settings to complete it")
+            raise PairStoreError(
+                f"the pair store in {self.root} is unfinished (status {manifest.get('status')!r});"
+                " rerun generate_pairs with the same settings to complete it"
+            )
         self.manifest = manifest
         self.shape: tuple[int, ...] = tuple(manifest["shape"])
         self.seed: int = manifest["seed"]
@@ -319,7 +390,8 @@ class PairStore:
             raise PairStoreError(
                 f"the noise this torch ({torch.__version__}) regenerates for the store in {self.root} differs from the "
                 f"noise its pairs were made from (torch {manifest.get('torch_version')}); the pairs would be "
-                "decoupled. Read it with the torch version that made it, or regenerate the store")
+                "decoupled. Read it with the torch version that made it, or regenerate the store"
+            )
 
     def __len__(self) -> int:
         return self.manifest["count"]
@@ -327,25 +399,36 @@ class PairStore:
     def _check_files(self) -> None:
         missing = [r["file"] for r in self._records if not (self.root / r["file"]).is_file()]
         if missing:
-            raise FileNotFoundError(f"pair store {self.root} lacks {len(missing)} shard file(s): {', '.join(missing)};"
-                                    " rerun generate_pairs with the same settings to regenerate them")
-        wrong = [f"{r['file']} ({(self.root / r['file']).stat().st_size} bytes, manifest says {r['bytes']})"
-                 for r in self._records if (self.root / r["file"]).stat().st_size != r["bytes"]]
+            raise FileNotFoundError(
+                f"pair store {self.root} lacks {len(missing)} shard file(s): {', '.join(missing)};"
+                " rerun generate_pairs with the same settings to regenerate them"
+            )
+        wrong = [
+            f"{r['file']} ({(self.root / r['file']).stat().st_size} bytes, manifest says {r['bytes']})"
+            for r in self._records
+            if (self.root / r["file"]).stat().st_size != r["bytes"]
+        ]
         if wrong:
-            raise PairStoreError(f"pair store {self.root} has truncated or altered shards: {', '.join(wrong)}; rerun "
-                                 "generate_pairs with the same settings to regenerate them")
+            raise PairStoreError(
+                f"pair store {self.root} has truncated or altered shards: {', '.join(wrong)}; rerun "
+                "generate_pairs with the same settings to regenerate them"
+            )
 
     def _verify_shard(self, k: int) -> None:
         record = self._records[k]
         path = self.root / record["file"]
         if not path.is_file():
-            raise FileNotFoundError(f"shard {record['file']} of the pair store {self.root} is missing; rerun "
-                                    "generate_pairs with the same settings to regenerate it")
+            raise FileNotFoundError(
+                f"shard {record['file']} of the pair store {self.root} is missing; rerun "
+                "generate_pairs with the same settings to regenerate it"
+            )
         actual = sha256_file(path)
         if actual != record["sha256"]:
-            raise PairStoreError(f"shard {record['file']} of the pair store {self.root} is corrupt: sha256 {actual}, "
-                                 f"manifest expects {record['sha256']}; rerun generate_pairs with the same settings "
-                                 "to regenerate it")
+            raise PairStoreError(
+                f"shard {record['file']} of the pair store {self.root} is corrupt: sha256 {actual}, "
+                f"manifest expects {record['sha256']}; rerun generate_pairs with the same settings "
+                "to regenerate it"
+            )
         self._verified.add(k)
 
     def verify(self) -> None:
@@ -375,8 +458,9 @@ class PairStore:
         """
         idx = _as_indices(indices)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
-            raise IndexError(f"pair indices must lie in [0, {len(self)}), got min {int(idx.min())}, "
-                             f"max {int(idx.max())}")
+            raise IndexError(
+                f"pair indices must lie in [0, {len(self)}), got min {int(idx.min())}, max {int(idx.max())}"
+            )
         images = torch.empty((len(idx), *self.shape), dtype=torch.float32)
         shard_of = idx // self.shard_size
         for k in shard_of.unique().tolist():
@@ -384,8 +468,9 @@ class PairStore:
             images[rows] = decode_images(self._images(k)[idx[rows] - self._records[k]["start"]], self.image_format)
         return noise_for(idx, self.seed, self.shape), images
 
-    def batch(self, indices: int | Sequence[int] | torch.Tensor,
-              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, indices: int | Sequence[int] | torch.Tensor, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training fast path: `get(indices)` moved to `device` (pinned, non-blocking copies to a CUDA device)."""
         noise, images = self.get(indices)
         if device is None or torch.device(device).type == "cpu":
@@ -401,24 +486,34 @@ def open_pairs(path: str | Path, teacher: str | Path | None = None) -> PairStore
     store = PairStore(path)
     if teacher is not None:
         if not Path(teacher).exists():
-            raise FileNotFoundError(f"teacher file {str(teacher)!r} does not exist (needed to check that the pairs in "
-                                    f"{path} were made by it)")
+            raise FileNotFoundError(
+                f"teacher file {str(teacher)!r} does not exist (needed to check that the pairs in "
+                f"{path} were made by it)"
+            )
         wanted = content_hash(load_model(teacher))
         if store.manifest["teacher_hash"] != wanted:
-            raise PairStoreError(f"the pair store {path} was made by another teacher (teacher_hash "
-                                 f"{store.manifest['teacher_hash'][:16]}…, {teacher} hashes to {wanted[:16]}…); "
-                                 "generate pairs with this teacher into another folder")
+            raise PairStoreError(
+                f"the pair store {path} was made by another teacher (teacher_hash "
+                f"{store.manifest['teacher_hash'][:16]}…, {teacher} hashes to {wanted[:16]}…); "
+                "generate pairs with this teacher into another folder"
+            )
     return store
 
 
 def pairs_hash(store: PairStore) -> str:
     """Identity of a store's pairs: its manifest's settings and every shard's checksum (not timings)."""
     manifest = store.manifest
-    return content_hash({**{key: manifest[key] for key in SETTINGS_KEYS},
-                         "shards": [r["sha256"] for r in manifest["shards"]]})
+    return content_hash(
+        {**{key: manifest[key] for key in SETTINGS_KEYS}, "shards": [r["sha256"] for r in manifest["shards"]]}
+    )
 
 
 def pairs_record(store: PairStore) -> dict:
     """What a student's sidecar records about the pairs it was trained on."""
-    return {"dir": str(store.root), "hash": pairs_hash(store), "teacher_hash": store.manifest["teacher_hash"],
-            "count": len(store), "solver": store.manifest["solver"]}
+    return {
+        "dir": str(store.root),
+        "hash": pairs_hash(store),
+        "teacher_hash": store.manifest["teacher_hash"],
+        "count": len(store),
+        "solver": store.manifest["solver"],
+    }

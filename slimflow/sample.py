@@ -5,6 +5,7 @@ file by `teachers.zoo.load_model`: the time a distilled student was trained at; 
 t0 = 0 it is exactly one Euler step of the flow, so `sample(..., method="euler", steps=1)` is the one-step
 generator for every model (docs/methods.md, "One-step generator").
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -3,10 +3,12 @@
 `velocity(x, t)` gets t as a tensor of shape (B,) on x's device and dtype. t_end < t_start integrates
 backwards (inversion: data → noise). Gradients flow through the solver unless the caller disables them.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -96,7 +98,9 @@ def _error_norm(err: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, rtol: f
     return ratio.pow(2).mean(dim=1).sqrt().max().item()
 
 
-def _initial_step(f: _Counted, x: torch.Tensor, t: float, v: torch.Tensor, span: float, rtol: float, atol: float) -> float:
+def _initial_step(
+    f: _Counted, x: torch.Tensor, t: float, v: torch.Tensor, span: float, rtol: float, atol: float
+) -> float:
     """Hairer–Wanner starting step size for an order-5 method (costs 1 NFE); positive, at most |span|."""
     scale = atol + rtol * x.detach().abs()
 
@@ -115,8 +119,15 @@ def _initial_step(f: _Counted, x: torch.Tensor, t: float, v: torch.Tensor, span:
 
 
 def _dopri5(
-    f: _Counted, x: torch.Tensor, t_start: float, t_end: float, rtol: float, atol: float, max_steps: int,
-    path: list[torch.Tensor] | None, times: list[float],
+    f: _Counted,
+    x: torch.Tensor,
+    t_start: float,
+    t_end: float,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+    path: list[torch.Tensor] | None,
+    times: list[float],
 ) -> torch.Tensor:
     span = t_end - t_start
     direction = 1.0 if span > 0 else -1.0
@@ -139,11 +150,11 @@ def _dopri5(
             if path is not None:
                 path.append(x)
             times.append(t)
-            factor = _MAX_FACTOR if err == 0.0 else min(_MAX_FACTOR, _SAFETY * err ** -0.2)
+            factor = _MAX_FACTOR if err == 0.0 else min(_MAX_FACTOR, _SAFETY * err**-0.2)
         elif not math.isfinite(err):
             factor = _MIN_FACTOR
         else:
-            factor = max(_MIN_FACTOR, _SAFETY * err ** -0.2)
+            factor = max(_MIN_FACTOR, _SAFETY * err**-0.2)
         h *= factor
         if h < min_h:
             raise RuntimeError(

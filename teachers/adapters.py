@@ -30,14 +30,15 @@ E[x0] − z), so holding it costs O(t_min²) at the noise end and O((1 − t_max
 it over [t_max, 1] is exactly DDIM's final jump to x̂0. Divisions by t or 1 − t are guarded the same way
 (t ∈ [1e-3, 1 − 1e-3] when the schedule itself allows 0 or 1, e.g. reverse-time x-prediction flows).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -81,8 +82,10 @@ def vp_time(alpha_bar: float) -> float:
 def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0, s_min: float = 1e-3, s_max: float = 1.0) -> NoiseSchedule:
     """Continuous linear-β VP SDE (score_sde): ᾱ(s) = exp(−½·s²·(β_max − β_min) − s·β_min); network time s ∈ [0, 1]."""
     if not beta_max > beta_min > 0 or not 0 <= s_min < s_max <= 1:
-        raise ValueError(f"vp_linear needs beta_max > beta_min > 0 and 0 <= s_min < s_max <= 1, got "
-                         f"beta_min={beta_min}, beta_max={beta_max}, s_min={s_min}, s_max={s_max}")
+        raise ValueError(
+            f"vp_linear needs beta_max > beta_min > 0 and 0 <= s_min < s_max <= 1, got "
+            f"beta_min={beta_min}, beta_max={beta_max}, s_min={s_min}, s_max={s_max}"
+        )
     spread = beta_max - beta_min
 
     def alpha_bar(s: float) -> float:
@@ -92,8 +95,13 @@ def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0, s_min: float = 1e-3
         neg_log_alpha_bar = nn.functional.softplus(-log_snr(t))  # −log sigmoid(λ)
         return (torch.sqrt(beta_min**2 + 2.0 * spread * neg_log_alpha_bar) - beta_min) / spread
 
-    return NoiseSchedule(f"vp_linear(beta_min={beta_min}, beta_max={beta_max})", "vp",
-                         vp_time(alpha_bar(s_max)), vp_time(alpha_bar(s_min)), network_time)
+    return NoiseSchedule(
+        f"vp_linear(beta_min={beta_min}, beta_max={beta_max})",
+        "vp",
+        vp_time(alpha_bar(s_max)),
+        vp_time(alpha_bar(s_min)),
+        network_time,
+    )
 
 
 def cosine_alpha_bar(s: float, offset: float = 0.008) -> float:
@@ -104,21 +112,27 @@ def cosine_alpha_bar(s: float, offset: float = 0.008) -> float:
 def vp_cosine(s_min: float = 1e-3, s_max: float = 0.999, offset: float = 0.008) -> NoiseSchedule:
     """Continuous cosine VP schedule; network time s ∈ [0, 1]. ᾱ(1) = 0, so s_max < 1 bounds the noise end."""
     if not 0 <= s_min < s_max < 1:
-        raise ValueError(f"vp_cosine needs 0 <= s_min < s_max < 1 (ᾱ(1) = 0 has no finite log-SNR), "
-                         f"got s_min={s_min}, s_max={s_max}")
+        raise ValueError(
+            f"vp_cosine needs 0 <= s_min < s_max < 1 (ᾱ(1) = 0 has no finite log-SNR), got s_min={s_min}, s_max={s_max}"
+        )
     cos0 = math.cos(math.pi / 2 * offset / (1 + offset))
 
     def network_time(t: torch.Tensor) -> torch.Tensor:
         alpha = torch.sigmoid(log_snr(t)).sqrt()
         return (1 + offset) * (2 / math.pi) * torch.arccos((alpha * cos0).clamp(max=1.0)) - offset
 
-    return NoiseSchedule(f"vp_cosine(offset={offset})", "vp",
-                         vp_time(cosine_alpha_bar(s_max, offset)), vp_time(cosine_alpha_bar(s_min, offset)),
-                         network_time)
+    return NoiseSchedule(
+        f"vp_cosine(offset={offset})",
+        "vp",
+        vp_time(cosine_alpha_bar(s_max, offset)),
+        vp_time(cosine_alpha_bar(s_min, offset)),
+        network_time,
+    )
 
 
-def ddpm_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-               beta_end: float = 0.02) -> torch.Tensor:
+def ddpm_betas(
+    beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
     """Discrete β_k as diffusers builds them: "linear", "scaled_linear" or "squaredcos_cap_v2" (cosine, β ≤ 0.999)."""
     n = num_train_timesteps
     if beta_schedule == "linear":
@@ -128,8 +142,10 @@ def ddpm_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, b
     if beta_schedule == "squaredcos_cap_v2":
         ratios = [cosine_alpha_bar((k + 1) / n) / cosine_alpha_bar(k / n) for k in range(n)]
         return torch.tensor([min(1.0 - r, 0.999) for r in ratios], dtype=torch.float64)
-    raise ValueError(f"unsupported beta_schedule {beta_schedule!r}: use 'linear', 'scaled_linear' or "
-                     "'squaredcos_cap_v2', or give the betas themselves (trained_betas)")
+    raise ValueError(
+        f"unsupported beta_schedule {beta_schedule!r}: use 'linear', 'scaled_linear' or "
+        "'squaredcos_cap_v2', or give the betas themselves (trained_betas)"
+    )
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -155,22 +171,33 @@ def vp_discrete(betas: torch.Tensor) -> NoiseSchedule:
     def network_time(t: torch.Tensor) -> torch.Tensor:
         return _interp(log_snr(t), lam.to(t), steps.to(t))
 
-    return NoiseSchedule(f"vp_discrete({len(betas)} steps)", "vp",
-                         vp_time(float(alpha_bar[-1])), vp_time(float(alpha_bar[0])), network_time)
+    return NoiseSchedule(
+        f"vp_discrete({len(betas)} steps)",
+        "vp",
+        vp_time(float(alpha_bar[-1])),
+        vp_time(float(alpha_bar[0])),
+        network_time,
+    )
 
 
 def edm(sigma_min: float = 0.002, sigma_max: float = 80.0) -> NoiseSchedule:
     """EDM / VE path x = x0 + σ·n (Karras et al.): t = 1/(1 + σ); the network is called with σ = (1 − t)/t."""
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"edm needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    return NoiseSchedule(f"edm(sigma_min={sigma_min}, sigma_max={sigma_max})", "ve",
-                         1.0 / (1.0 + sigma_max), 1.0 / (1.0 + sigma_min), lambda t: (1.0 - t) / t)
+    return NoiseSchedule(
+        f"edm(sigma_min={sigma_min}, sigma_max={sigma_max})",
+        "ve",
+        1.0 / (1.0 + sigma_max),
+        1.0 / (1.0 + sigma_min),
+        lambda t: (1.0 - t) / t,
+    )
 
 
 def reverse_flow(time_scale: float = 1.0) -> NoiseSchedule:
     """Flow model with t' = 0 data, t' = 1 noise (minRF, rfpp, FLUX); called with t'·time_scale, t' = 1 − t."""
-    return NoiseSchedule(f"reverse_flow(time_scale={time_scale})", "reverse_flow", 0.0, 1.0,
-                         lambda t: (1.0 - t) * time_scale)
+    return NoiseSchedule(
+        f"reverse_flow(time_scale={time_scale})", "reverse_flow", 0.0, 1.0, lambda t: (1.0 - t) * time_scale
+    )
 
 
 class TeacherVelocity(nn.Module):
@@ -181,15 +208,22 @@ class TeacherVelocity(nn.Module):
     (reverse-time flow velocity z − x).
     """
 
-    def __init__(self, network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
-                 prediction: str, sample_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        schedule: NoiseSchedule,
+        prediction: str,
+        sample_shape: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         allowed = PREDICTIONS.get(schedule.kind)
         if allowed is None:
             raise ValueError(f"unknown schedule kind {schedule.kind!r}; kinds: {', '.join(PREDICTIONS)}")
         if prediction not in allowed:
-            raise ValueError(f"prediction {prediction!r} is not defined for a {schedule.kind} teacher "
-                             f"({schedule.name}); use one of {', '.join(allowed)}")
+            raise ValueError(
+                f"prediction {prediction!r} is not defined for a {schedule.kind} teacher "
+                f"({schedule.name}); use one of {', '.join(allowed)}"
+            )
         self.network = network
         self.schedule = schedule
         self.prediction = prediction
@@ -201,11 +235,13 @@ class TeacherVelocity(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(t) or t.shape != (x.shape[0],):
             shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-            raise ValueError(f"teacher velocity expects t of shape ({x.shape[0]},) for x of shape "
-                             f"{tuple(x.shape)}, got {shape}")
+            raise ValueError(
+                f"teacher velocity expects t of shape ({x.shape[0]},) for x of shape {tuple(x.shape)}, got {shape}"
+            )
         if self.sample_shape is not None and tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"teacher expects samples of shape (B, {', '.join(map(str, self.sample_shape))}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"teacher expects samples of shape (B, {', '.join(map(str, self.sample_shape))}), got {tuple(x.shape)}"
+            )
         dtype = torch.promote_types(x.dtype, torch.float32)
         tc = t.to(dtype).clamp(self.t_lo, self.t_hi)
         scale = self._state_scale(tc)  # α + σ
@@ -231,11 +267,26 @@ class TeacherVelocity(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- diffusers
-DDPM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-                 "prediction_type": "epsilon"}
-VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                 "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                 "HeunDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
+DDPM_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
+VP_SCHEDULERS = {
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+}
 
 
 class DiffusersUNet(nn.Module):
@@ -254,12 +305,15 @@ def diffusers_layout(folder: str | Path) -> tuple[Path, Path | None]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no diffusers folder at {str(folder)!r}")
-    for unet_dir, scheduler in ((folder, folder / "scheduler_config.json"),
-                                (folder / "unet", folder / "scheduler" / "scheduler_config.json")):
+    for unet_dir, scheduler in (
+        (folder, folder / "scheduler_config.json"),
+        (folder / "unet", folder / "scheduler" / "scheduler_config.json"),
+    ):
         if (unet_dir / "config.json").is_file():
             return unet_dir, scheduler if scheduler.is_file() else None
-    raise FileNotFoundError(f"{str(folder)!r} is not a diffusers model folder: neither config.json nor "
-                            "unet/config.json is there")
+    raise FileNotFoundError(
+        f"{str(folder)!r} is not a diffusers model folder: neither config.json nor unet/config.json is there"
+    )
 
 
 def read_json(path: Path) -> dict:
@@ -273,11 +327,14 @@ def diffusers_schedule(config: dict) -> tuple[NoiseSchedule, str]:
     """(schedule, prediction) from a diffusers scheduler config (missing keys take DDPMScheduler's defaults)."""
     name = config.get("_class_name")
     if name is not None and name not in VP_SCHEDULERS:
-        raise ValueError(f"scheduler {name!r} is not a VP (DDPM-family) scheduler; supported: "
-                         f"{', '.join(sorted(VP_SCHEDULERS))}")
+        raise ValueError(
+            f"scheduler {name!r} is not a VP (DDPM-family) scheduler; supported: {', '.join(sorted(VP_SCHEDULERS))}"
+        )
     if config.get("rescale_betas_zero_snr"):
-        raise ValueError("rescale_betas_zero_snr=True gives ᾱ = 0 at the last timestep (infinite log-SNR); "
-                         "such schedules are not supported")
+        raise ValueError(
+            "rescale_betas_zero_snr=True gives ᾱ = 0 at the last timestep (infinite log-SNR); "
+            "such schedules are not supported"
+        )
     cfg = {**DDPM_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     betas = cfg.get("trained_betas")
     if betas is None:
@@ -298,13 +355,16 @@ def load_diffusers_teacher(folder: str | Path, scheduler_config: str | Path | di
     try:
         from diffusers import UNet2DModel
     except ImportError:
-        raise ImportError("loading a diffusers folder needs the optional extra: pip install 'slimflow[diffusers]'") \
-            from None
+        raise ImportError(
+            "loading a diffusers folder needs the optional extra: pip install 'slimflow[diffusers]'"
+        ) from None
     unet_dir, found = diffusers_layout(folder)
     config = read_json(unet_dir / "config.json")
     if config.get("_class_name") != "UNet2DModel":
-        raise ValueError(f"{str(unet_dir / 'config.json')!r} describes a {config.get('_class_name')!r}; "
-                         "only unconditional UNet2DModel teachers are supported")
+        raise ValueError(
+            f"{str(unet_dir / 'config.json')!r} describes a {config.get('_class_name')!r}; "
+            "only unconditional UNet2DModel teachers are supported"
+        )
     if config.get("num_class_embeds") or config.get("class_embed_type"):
         raise ValueError(f"{str(unet_dir)!r} is a class-conditional UNet2DModel; only unconditional ones are supported")
     if isinstance(scheduler_config, dict):
@@ -315,8 +375,9 @@ def load_diffusers_teacher(folder: str | Path, scheduler_config: str | Path | di
             raise FileNotFoundError(f"no scheduler config at {str(path)!r}")
         sched = read_json(path)
     else:
-        warnings.warn(f"{str(folder)!r} has no scheduler_config.json: using DDPM defaults {DDPM_DEFAULTS}",
-                      stacklevel=2)
+        warnings.warn(
+            f"{str(folder)!r} has no scheduler_config.json: using DDPM defaults {DDPM_DEFAULTS}", stacklevel=2
+        )
         sched = {}
     schedule, prediction = diffusers_schedule(sched)
     unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)

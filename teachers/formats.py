@@ -12,6 +12,7 @@ Formats, recognised by content rather than by file name:
 Torch files are read by `slimflow.checkpoint.load_torch_file` (weights only; a file that pickles Python objects is
 refused unless the caller passes `unsafe_pickle=True`, CLI `--unsafe-pickle`).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -52,7 +53,8 @@ def detect(path: Path, unsafe_pickle: bool) -> tuple[str, Any]:
                 return "diffusers", None
         raise CheckpointError(
             f"unknown checkpoint format: directory {str(path)!r} has no meta.json or latest (slimflow checkpoint), "
-            "nor a config.json or unet/config.json with a _class_name (diffusers)")
+            "nor a config.json or unet/config.json with a _class_name (diffusers)"
+        )
     if path.suffix == ".safetensors" and (path.parent / "meta.json").is_file():
         return "slimflow-checkpoint", None
     if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
@@ -88,8 +90,10 @@ def plain_state(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
         if state is not None:
             return state, where
     keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-    raise CheckpointError(f"unknown checkpoint format: no name -> tensor mapping at the top level or under "
-                          f"{', '.join(map(repr, STATE_WRAPPERS))} (found {keys})")
+    raise CheckpointError(
+        f"unknown checkpoint format: no name -> tensor mapping at the top level or under "
+        f"{', '.join(map(repr, STATE_WRAPPERS))} (found {keys})"
+    )
 
 
 def ddpmpp_config_guess(shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -103,7 +107,7 @@ def ddpmpp_config_guess(shapes: dict[str, tuple[int, ...]]) -> dict:
     modules: dict[int, dict[str, tuple[int, ...]]] = defaultdict(dict)
     for key, shape in shapes.items():
         if key.startswith("all_modules."):
-            index, _, rest = key[len("all_modules."):].partition(".")
+            index, _, rest = key[len("all_modules.") :].partition(".")
             modules[int(index)][rest] = tuple(shape)
     try:
         if sorted(modules) != list(range(len(modules))):
@@ -130,10 +134,17 @@ def ddpmpp_config_guess(shapes: dict[str, tuple[int, ...]]) -> dict:
                         attn_levels.append(level)
             i += level != levels - 1
     except (KeyError, IndexError, ValueError):
-        raise CheckpointError("the all_modules.* tensors do not follow the reference DDPM++ layout "
-                              "(BigGAN res-blocks, no progressive paths); cannot tell its architecture") from None
-    return {"nf": nf, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks, "attn_levels": attn_levels,
-            "in_channels": in_channels}
+        raise CheckpointError(
+            "the all_modules.* tensors do not follow the reference DDPM++ layout "
+            "(BigGAN res-blocks, no progressive paths); cannot tell its architecture"
+        ) from None
+    return {
+        "nf": nf,
+        "ch_mult": ch_mult,
+        "num_res_blocks": num_res_blocks,
+        "attn_levels": attn_levels,
+        "in_channels": in_channels,
+    }
 
 
 def _widens(block: dict[str, tuple[int, ...]]) -> bool:
@@ -151,9 +162,15 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def reference_unet_config(guess: dict, resolution: int) -> dict:
     """`teachers.unet` config of a guessed reference architecture at an image resolution (dropout 0: inference)."""
-    return {"in_channels": guess["in_channels"], "resolution": resolution, "nf": guess["nf"],
-            "ch_mult": guess["ch_mult"], "num_res_blocks": guess["num_res_blocks"],
-            "attn_resolutions": [resolution // 2**level for level in guess["attn_levels"]], "dropout": 0.0}
+    return {
+        "in_channels": guess["in_channels"],
+        "resolution": resolution,
+        "nf": guess["nf"],
+        "ch_mult": guess["ch_mult"],
+        "num_res_blocks": guess["num_res_blocks"],
+        "attn_resolutions": [resolution // 2**level for level in guess["attn_levels"]],
+        "dropout": 0.0,
+    }
 
 
 def load_reference(obj: Any, resolution: int | None, path: Path) -> tuple[torch.nn.Module, str, dict]:

@@ -1,5 +1,6 @@
 """Channel-pruned UNets: what Torch-Pruning needs to know about `teachers.unet`, and how a pruned model file's
 record is replayed onto the unpruned architecture (so every stage loads pruned students like any other)."""
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ it returns is on `device`, in eval mode, frozen, with two attributes every stage
 - `one_step_time`: the time t0 its one-step generator z + v(z, t0) is evaluated at (recorded by distillation in
   the sidecar; 0 for every other model).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,8 +46,14 @@ def build_from_sidecar(sidecar: dict) -> torch.nn.Module:
     return model
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", expect: dict | None = None,
-               resolution: int | None = None, unsafe_pickle: bool = False) -> torch.nn.Module:
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    expect: dict | None = None,
+    resolution: int | None = None,
+    unsafe_pickle: bool = False,
+) -> torch.nn.Module:
     """The model at `path` as a velocity field v(x, t) in the project's convention (see the module docstring).
 
     `expect`: the architecture config the caller requires of a project model file (any difference is an error);
@@ -60,15 +67,19 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", expect: 
         one_step_time = float(sidecar.get("one_step_time") or 0.0)
     elif fmt == "reference-ddpmpp":
         if resolution is None:
-            raise ValueError(f"{str(path)!r} is a reference DDPM++ checkpoint, which does not record its image "
-                             "resolution: pass resolution= (32 for the CIFAR-10 models)")
+            raise ValueError(
+                f"{str(path)!r} is a reference DDPM++ checkpoint, which does not record its image "
+                "resolution: pass resolution= (32 for the CIFAR-10 models)"
+            )
         model = load_reference(obj, resolution, path)[0]
     elif fmt == "diffusers":
         model = load_diffusers_teacher(path)
     else:
-        raise CheckpointError(f"{str(path)!r} is a plain state dict: it does not record its architecture, so it "
-                              "cannot be loaded as a model; export it with its config "
-                              "(slimflow.checkpoint.save_model)")
+        raise CheckpointError(
+            f"{str(path)!r} is a plain state dict: it does not record its architecture, so it "
+            "cannot be loaded as a model; export it with its config "
+            "(slimflow.checkpoint.save_model)"
+        )
     if getattr(model, "sample_shape", None) is None:
         config = getattr(model, "config", None)
         if not isinstance(config, dict):

@@ -1,4 +1,5 @@
 """Run by tests/test_engine.py under `torchrun --nproc_per_node 2`: trains the tiny task, rank 0 dumps the losses."""
+
 import json
 import sys
 from pathlib import Path

@@ -5,6 +5,7 @@ Closed forms (data x0 ~ N(μ, diag(s²)) per dimension, noise ε ~ N(0, I), x = 
 The exact predictors below implement these in each teacher's own time variable; the adapter must turn them into
 `slimflow.flow.gaussian_rf_velocity`, and its ODE must map N(0, I) to N(μ, diag(s²)).
 """
+
 from __future__ import annotations
 
 import json
@@ -60,6 +61,7 @@ def vp_network(alpha_bar_of, output: str):
         alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
         x0, eps = posterior(alpha, sigma, x)
         return {"epsilon": eps, "sample": x0, "v_prediction": alpha[:, None] * eps - sigma[:, None] * x0}[output]
+
     return network
 
 
@@ -70,9 +72,11 @@ def edm_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 def reverse_flow_network(output: str):
     """Exact reverse-time flow teacher: x_t' = (1 − t')·x0 + t'·z; predicts z − x0 ("velocity") or x0 ("sample")."""
+
     def network(x: torch.Tensor, t_rev: torch.Tensor) -> torch.Tensor:
         x0, z = posterior(1 - t_rev, t_rev, x)
         return z - x0 if output == "velocity" else x0
+
     return network
 
 
@@ -81,8 +85,9 @@ TEACHERS = {
     "vp_linear-sample": lambda: TeacherVelocity(vp_network(linear_alpha_bar, "sample"), vp_linear(), "sample"),
     "vp_linear-v": lambda: TeacherVelocity(vp_network(linear_alpha_bar, "v_prediction"), vp_linear(), "v_prediction"),
     "vp_cosine-epsilon": lambda: TeacherVelocity(vp_network(cosine_alpha_bar, "epsilon"), vp_cosine(), "epsilon"),
-    "ddpm1000-epsilon": lambda: TeacherVelocity(vp_network(discrete_alpha_bar, "epsilon"), vp_discrete(ddpm_betas()),
-                                                "epsilon"),
+    "ddpm1000-epsilon": lambda: TeacherVelocity(
+        vp_network(discrete_alpha_bar, "epsilon"), vp_discrete(ddpm_betas()), "epsilon"
+    ),
     "edm-denoiser": lambda: TeacherVelocity(edm_denoiser, edm(), "sample"),
     "reverse_flow-velocity": lambda: TeacherVelocity(reverse_flow_network("velocity"), reverse_flow(), "velocity"),
     "reverse_flow-sample": lambda: TeacherVelocity(reverse_flow_network("sample"), reverse_flow(), "sample"),
@@ -106,8 +111,10 @@ def test_converted_field_equals_the_exact_rf_velocity_inside_the_trained_range(n
         torch.testing.assert_close(teacher(y, tb), gaussian_rf_velocity(y, tb, MU, STD), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("method, steps, tol", [("euler", 200, 0.05), ("heun", 40, 1.5e-3), ("rf_solver", 40, 1.5e-3),
-                                                ("dopri5", None, 1.5e-3)])
+@pytest.mark.parametrize(
+    "method, steps, tol",
+    [("euler", 200, 0.05), ("heun", 40, 1.5e-3), ("rf_solver", 40, 1.5e-3), ("dopri5", None, 1.5e-3)],
+)
 @pytest.mark.parametrize("name", TEACHERS)
 def test_adapter_ode_maps_standard_noise_to_the_gaussian_data(name, method, steps, tol):
     """Mean and covariance of the ODE's samples match N(μ, diag(s²)); truncation to [t_min, t_max] included.
@@ -196,9 +203,15 @@ def test_bad_inputs_raise_clear_errors():
 def tiny_unet_folder(root, prediction_type: str | None, layout: str = "flat"):
     diffusers = pytest.importorskip("diffusers", reason="optional extra 'diffusers' is not installed")
     unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=4,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
     )
     flat = layout == "flat"
     unet.save_pretrained(root if flat else root / "unet")
@@ -234,8 +247,17 @@ def test_diffusers_folder_matches_the_unet_and_makes_pairs(tmp_path, prediction_
         got = teacher(y, torch.full((3,), float(t))).double()
     torch.testing.assert_close(got, x0 - eps, rtol=1e-3, atol=1e-3)
 
-    summary = generate_pairs(teacher, tmp_path / "pairs", n=6, shape=(1, 8, 8), seed=0,
-                             solver={"method": "rf_solver", "steps": 3}, shard_size=4, batch_size=3, progress=False)
+    summary = generate_pairs(
+        teacher,
+        tmp_path / "pairs",
+        n=6,
+        shape=(1, 8, 8),
+        seed=0,
+        solver={"method": "rf_solver", "steps": 3},
+        shard_size=4,
+        batch_size=3,
+        progress=False,
+    )
     noise, images = PairStore(tmp_path / "pairs").get(range(6))
     assert images.shape == (6, 1, 8, 8) and torch.isfinite(images).all() and summary
     assert (images - noise).abs().mean() > 0.01  # the teacher moved the noise

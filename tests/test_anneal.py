@@ -1,24 +1,38 @@
 """Annealing reflow: β schedules (closed forms), the noise perturbation, joint per-sample flips, and the stage."""
+
 import json
 import math
 
 import pytest
 import torch
 
-from slimflow.stages.anneal import (DEFAULTS, anneal, anneal_loss, beta_schedule, copy_matching, make_anneal_batch,
-                                    perturb_noise)
-from slimflow.stages.runner import full_config, start_run_dir
-from slimflow.domain_net import DEFAULT_WEIGHTS as DOMAIN_WEIGHTS
 from slimflow.checkpoint import read_model_file, save_model
+from slimflow.domain_net import DEFAULT_WEIGHTS as DOMAIN_WEIGHTS
 from slimflow.engine import batch_indices
-from slimflow.pairs import PairStore, PairStoreError, generate_pairs
 from slimflow.flow import flow_matching_batch
+from slimflow.pairs import PairStore, PairStoreError, generate_pairs
+from slimflow.stages.anneal import (
+    DEFAULTS,
+    anneal,
+    anneal_loss,
+    beta_schedule,
+    copy_matching,
+    make_anneal_batch,
+    perturb_noise,
+)
+from slimflow.stages.runner import full_config, start_run_dir
 from teachers.unet import UNet
 
 SHAPE = (1, 8, 8)
 TINY_UNET = {"preset": None, "nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-TINY_TRAIN = {"steps": 4, "batch_size": 8, "warmup": 2, "log_every": 2, "ckpt_every": 2,
-              "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999}}
+TINY_TRAIN = {
+    "steps": 4,
+    "batch_size": 8,
+    "warmup": 2,
+    "log_every": 2,
+    "ckpt_every": 2,
+    "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999},
+}
 
 
 def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -29,8 +43,18 @@ def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
-    generate_pairs(field, root, n=32, shape=SHAPE, seed=0, solver={"method": "euler", "steps": 2}, shard_size=16,
-                   batch_size=16, teacher_hash="field:1-x", progress=False)
+    generate_pairs(
+        field,
+        root,
+        n=32,
+        shape=SHAPE,
+        seed=0,
+        solver={"method": "euler", "steps": 2},
+        shard_size=16,
+        batch_size=16,
+        teacher_hash="field:1-x",
+        progress=False,
+    )
     return root
 
 
@@ -41,12 +65,23 @@ def tiny_teacher_file(path, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------ β schedules
-@pytest.mark.parametrize("kind, step, n, expected", [
-    ("linear", 0, 100, 1.0), ("linear", 25, 100, 0.75), ("linear", 100, 100, 0.0), ("linear", 250, 100, 0.0),
-    ("exp", 0, 100, 1.0), ("exp", 100, 100, math.exp(-1)), ("exp", 300, 100, math.exp(-3)),
-    ("cosine", 0, 90, 1.0), ("cosine", 30, 90, 0.75), ("cosine", 45, 90, 0.5), ("cosine", 90, 90, 0.0),
-    ("cosine", 200, 90, 0.0),
-])
+@pytest.mark.parametrize(
+    "kind, step, n, expected",
+    [
+        ("linear", 0, 100, 1.0),
+        ("linear", 25, 100, 0.75),
+        ("linear", 100, 100, 0.0),
+        ("linear", 250, 100, 0.0),
+        ("exp", 0, 100, 1.0),
+        ("exp", 100, 100, math.exp(-1)),
+        ("exp", 300, 100, math.exp(-3)),
+        ("cosine", 0, 90, 1.0),
+        ("cosine", 30, 90, 0.75),
+        ("cosine", 45, 90, 0.5),
+        ("cosine", 90, 90, 0.0),
+        ("cosine", 200, 90, 0.0),
+    ],
+)
 def test_beta_schedule_closed_forms(kind, step, n, expected):
     assert beta_schedule(kind, step, n) == pytest.approx(expected, abs=1e-12)
 
@@ -69,7 +104,7 @@ def test_perturbed_noise_keeps_unit_variance_and_mixes_as_specified():
         assert out.var().item() == pytest.approx(1.0, abs=0.015)
         assert out.mean().item() == pytest.approx(0.0, abs=0.01)
         corr = torch.corrcoef(torch.stack([z, out]))[0, 1].item()
-        assert corr == pytest.approx(math.sqrt(1 - beta ** 2), abs=0.01)  # the share of z that is kept
+        assert corr == pytest.approx(math.sqrt(1 - beta**2), abs=0.01)  # the share of z that is kept
 
 
 def test_beta_zero_is_the_paired_noise_and_beta_one_is_independent_noise():
@@ -131,11 +166,27 @@ def test_linear_schedule_reaches_plain_reflow_at_n(store_dir):
 # ------------------------------------------------------------------------------------------------ the stage
 def test_anneal_stage_exports_the_ema_student_with_its_provenance(tmp_path):
     teacher_file, teacher = tiny_teacher_file(tmp_path / "teacher.safetensors", seed=0)
-    generate_pairs(teacher, tmp_path / "pairs", n=16, shape=SHAPE, seed=0, solver={"method": "euler", "steps": 2},
-                   shard_size=16, batch_size=16, progress=False)
+    generate_pairs(
+        teacher,
+        tmp_path / "pairs",
+        n=16,
+        shape=SHAPE,
+        seed=0,
+        solver={"method": "euler", "steps": 2},
+        shard_size=16,
+        batch_size=16,
+        progress=False,
+    )
     init_file, _ = tiny_teacher_file(tmp_path / "init.safetensors", seed=1)
-    cfg = {"out": str(tmp_path / "anneal"), "pairs": str(tmp_path / "pairs"), "teacher": str(teacher_file),
-           "model": TINY_UNET, "init": str(init_file), "train": TINY_TRAIN, "sample": {"n": 4, "seed": 0}}
+    cfg = {
+        "out": str(tmp_path / "anneal"),
+        "pairs": str(tmp_path / "pairs"),
+        "teacher": str(teacher_file),
+        "model": TINY_UNET,
+        "init": str(init_file),
+        "train": TINY_TRAIN,
+        "sample": {"n": 4, "seed": 0},
+    }
     summary = anneal(cfg)
     sidecar, weights = read_model_file(summary["export"])
     assert sidecar["kind"] == "annealed-student" and sidecar["steps"] == 4
@@ -192,7 +243,11 @@ def test_lpips_huber_annealing_loss_compares_the_clean_images_the_student_predic
     from slimflow.losses import distance, pseudo_huber
 
     g = torch.Generator().manual_seed(0)
-    z, x, t = torch.randn(4, *SHAPE, generator=g), torch.rand(4, *SHAPE, generator=g) * 2 - 1, torch.rand(4, generator=g)
+    z, x, t = (
+        torch.randn(4, *SHAPE, generator=g),
+        torch.rand(4, *SHAPE, generator=g) * 2 - 1,
+        torch.rand(4, generator=g),
+    )
     batch = {**flow_matching_batch(z, x, t), "beta": 0.5}
     delta = 0.1 * torch.randn(4, *SHAPE, generator=g)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from slimflow.stages.bench import DEFAULTS, bench, check_entries, check_prepare, pareto_front
 from slimflow.checkpoint import save_model
 from slimflow.config import load_config
 from slimflow.data import load_images, to_float
 from slimflow.domain_net import DEFAULT_WEIGHTS, KIND, DomainNet
+from slimflow.stages.bench import DEFAULTS, bench, check_entries, check_prepare, pareto_front
 from teachers.unet import build_unet
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "bench" / "fmnist-cpu.yaml"
@@ -41,8 +41,11 @@ def test_cpu_preset_is_valid():
     for size in ("s", "m"):
         a, b = by_out[f"runs/ablation/{size}-reflow-l2"], by_out[f"runs/ablation/{size}-slimflow"]
         assert a["anneal"]["model"] == b["anneal"]["model"] == {"preset": f"fmnist-student-{size}"}
-        assert (a["anneal"]["beta"]["schedule"], a["anneal"]["beta"]["value"], a["anneal"]["hflip"]) == ("constant", 0.0,
-                                                                                                     False)
+        assert (a["anneal"]["beta"]["schedule"], a["anneal"]["beta"]["value"], a["anneal"]["hflip"]) == (
+            "constant",
+            0.0,
+            False,
+        )
         assert (a["distill"]["loss"]["distance"], a["distill"]["loss"]["w_2step"]) == ("l2", 0.0)
         assert b["anneal"]["beta"]["schedule"] == "linear" and b["anneal"]["hflip"] is True
         assert b["distill"]["loss"]["w_2step"] > 0 and b["distill"]["loss"]["distance"] == "domain"
@@ -50,12 +53,15 @@ def test_cpu_preset_is_valid():
         assert a["pairs"] == b["pairs"]
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"name": "a", "model": "m", "stpes": 2}, "unknown keys"),
-    ({"model": "m"}, "missing"),
-    ({"name": "a/b", "model": "m"}, "names files"),
-    ({"name": "a", "model": "m", "method": "rk4"}, "unknown method"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": "a", "model": "m", "stpes": 2}, "unknown keys"),
+        ({"model": "m"}, "missing"),
+        ({"name": "a/b", "model": "m"}, "names files"),
+        ({"name": "a", "model": "m", "method": "rk4"}, "unknown method"),
+    ],
+)
 def test_bad_entries_are_rejected(entry, message):
     with pytest.raises(ValueError, match=message):
         check_entries([entry])
@@ -63,8 +69,17 @@ def test_bad_entries_are_rejected(entry, message):
 
 def _tiny_model(path: Path, nf: int, seed: int) -> str:
     torch.manual_seed(seed)
-    model = build_unet({"in_channels": 1, "resolution": 32, "nf": nf, "ch_mult": [1, 2], "num_res_blocks": 1,
-                        "attn_resolutions": [], "dropout": 0.0})
+    model = build_unet(
+        {
+            "in_channels": 1,
+            "resolution": 32,
+            "nf": nf,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        }
+    )
     save_model(path, model, {"model": model.config, "kind": "test"})
     return str(path)
 
@@ -88,15 +103,21 @@ def domain_weights(tmp_path_factory):
 def test_bench_writes_reports_and_skips_cached_entries(tmp_path, domain_weights):
     small, large = _tiny_model(tmp_path / "small.safetensors", 4, 1), _tiny_model(tmp_path / "large.safetensors", 8, 2)
     cfg = load_config(DEFAULTS)
-    cfg.update(out=str(tmp_path / "bench"), device="cpu", grid=16, entries=[
-        {"name": "large-euler-2", "model": large, "method": "euler", "steps": 2},
-        {"name": "large-heun-1", "model": large, "method": "heun", "steps": 1},
-        {"name": "small-euler-1", "model": small},
-        {"name": "small-dopri5", "model": small, "method": "dopri5", "tol": 1e-3},
-    ])
+    cfg.update(
+        out=str(tmp_path / "bench"),
+        device="cpu",
+        grid=16,
+        entries=[
+            {"name": "large-euler-2", "model": large, "method": "euler", "steps": 2},
+            {"name": "large-heun-1", "model": large, "method": "heun", "steps": 1},
+            {"name": "small-euler-1", "model": small},
+            {"name": "small-dopri5", "model": small, "method": "dopri5", "tol": 1e-3},
+        ],
+    )
     cfg["reference"]["n"] = 128
-    cfg["metrics"].update(n_samples=64, batch_size=64, kid_subsets=5, domain_weights=domain_weights,
-                          cache_dir=str(tmp_path / "cache"))
+    cfg["metrics"].update(
+        n_samples=64, batch_size=64, kid_subsets=5, domain_weights=domain_weights, cache_dir=str(tmp_path / "cache")
+    )
     cfg["cost"].update(batch_sizes=[1, 4], warmup=1, repeats=2)
 
     first = bench(cfg, command="pytest")
@@ -115,7 +136,8 @@ def test_bench_writes_reports_and_skips_cached_entries(tmp_path, domain_weights)
     table = (out / "bench.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| name"))
     assert {"FID (domain)", "KID (domain)", "precision (domain)", "recall (domain)"} <= {
-        cell.strip() for cell in header.split("|")}
+        cell.strip() for cell in header.split("|")
+    }
     assert "Inception)" not in table
     for name in ("fid_vs_params.png", "fid_vs_latency.png", *(f"samples/{n}.png" for n in names)):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -140,14 +162,28 @@ def test_prepare_makes_the_models_and_compare_sets_entries_side_by_side(tmp_path
     student = _tiny_model(tmp_path / "student.safetensors", 8, 3)
     cfg = load_config(DEFAULTS)
     pruned = str(tmp_path / "prune" / "pruned.safetensors")
-    cfg.update(out=str(tmp_path / "bench"), device="cpu", grid=0, entries=[
-        {"name": "student", "model": student}, {"name": "pruned", "model": pruned}])
+    cfg.update(
+        out=str(tmp_path / "bench"),
+        device="cpu",
+        grid=0,
+        entries=[{"name": "student", "model": student}, {"name": "pruned", "model": pruned}],
+    )
     cfg["reference"]["n"] = 128
-    cfg["metrics"].update(n_samples=64, batch_size=64, kid_subsets=5, domain_weights=domain_weights,
-                          cache_dir=str(tmp_path / "cache"))
+    cfg["metrics"].update(
+        n_samples=64, batch_size=64, kid_subsets=5, domain_weights=domain_weights, cache_dir=str(tmp_path / "cache")
+    )
     cfg["cost"].update(batch_sizes=[1], warmup=1, repeats=2)
-    cfg["prepare"] = [{"stage": "prune", "overrides": [f"out={tmp_path / 'prune'}", f"student={student}",
-                                                       "prune.macs_fraction=0.5", "recover.mode=none"]}]
+    cfg["prepare"] = [
+        {
+            "stage": "prune",
+            "overrides": [
+                f"out={tmp_path / 'prune'}",
+                f"student={student}",
+                "prune.macs_fraction=0.5",
+                "recover.mode=none",
+            ],
+        }
+    ]
     cfg["compare"] = [{"label": "pruning", "baseline": "student", "candidate": "prune"}]
     with pytest.raises(ValueError, match=r"compare names entries that are not in `entries`: \['prune'\]"):
         bench(cfg)

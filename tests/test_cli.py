@@ -1,4 +1,5 @@
 """The command line turns bad input into one clear line and a non-zero exit, and its happy paths work."""
+
 import json
 
 import pytest
@@ -37,8 +38,21 @@ def test_teacher_info_and_sample_on_the_committed_teacher(tmp_path, capsys):
     main(["teacher", "info", TEACHER])
     out = capsys.readouterr().out
     assert "slimflow-model" in out and "1,394,425" in out
-    main(["sample", "--model", TEACHER, "--steps", "2", "--n", "4", "--out", str(tmp_path / "g.png"),
-          "--npz", str(tmp_path / "s.npz")])
+    main(
+        [
+            "sample",
+            "--model",
+            TEACHER,
+            "--steps",
+            "2",
+            "--n",
+            "4",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--npz",
+            str(tmp_path / "s.npz"),
+        ]
+    )
     assert (tmp_path / "g.png").stat().st_size > 0 and (tmp_path / "s.npz").stat().st_size > 0
 
 
@@ -47,6 +61,14 @@ def test_prune_names_a_missing_student(tmp_path, capsys):
     assert "no model file" in message and "none.safetensors" in message
     assert "unknown config key 'prune.ratoi'" in _fails(["prune", "prune.ratoi=0.3"], capsys)
     # a pair store that is not there (taylor importance reads it) is one line too, not a traceback
-    message = _fails(["prune", f"out={tmp_path / 'p'}", f"student={TEACHER}", "prune.importance=taylor",
-                      f"pairs={tmp_path / 'nopairs'}"], capsys)
+    message = _fails(
+        [
+            "prune",
+            f"out={tmp_path / 'p'}",
+            f"student={TEACHER}",
+            "prune.importance=taylor",
+            f"pairs={tmp_path / 'nopairs'}",
+        ],
+        capsys,
+    )
     assert "nopairs" in message

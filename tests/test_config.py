@@ -9,8 +9,11 @@ def test_preset_and_overrides_merge(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("train:\n  lr: 0.01\nmodel:\n  nf: 32\n")
     cfg = load_config(DEFAULTS, preset, ["train.steps=5", "train.ema.kind=power", "model.ch_mult=[1,2]"])
-    assert cfg == {"out": "runs/x", "train": {"lr": 0.01, "steps": 5, "ema": {"kind": "power"}},
-                   "model": {"nf": 32, "ch_mult": [1, 2]}}
+    assert cfg == {
+        "out": "runs/x",
+        "train": {"lr": 0.01, "steps": 5, "ema": {"kind": "power"}},
+        "model": {"nf": 32, "ch_mult": [1, 2]},
+    }
 
 
 def test_unknown_key_names_the_key_and_suggests(tmp_path):

@@ -42,8 +42,17 @@ def test_median_ms_of_a_known_duration():
 
 
 def tiny_unet():
-    return build_unet({"in_channels": 1, "resolution": 16, "nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
-                       "attn_resolutions": [8], "dropout": 0.0}).eval()
+    return build_unet(
+        {
+            "in_channels": 1,
+            "resolution": 16,
+            "nf": 8,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [8],
+            "dropout": 0.0,
+        }
+    ).eval()
 
 
 def test_measure_cost_times_each_batch_size_through_the_solver():
@@ -63,7 +72,7 @@ def test_measure_cost_times_each_batch_size_through_the_solver():
 
 def test_cpu_peak_memory_counts_live_tensor_bytes(capfd):
     def run():
-        x = torch.ones(16 * 2 ** 20)  # 64 MiB of float32
+        x = torch.ones(16 * 2**20)  # 64 MiB of float32
         y = x * 2  # + 64 MiB while x is alive
         del x
         return (y + 1).sum()  # y + 1 takes 64 MiB again after x was freed: the peak stays 128 MiB

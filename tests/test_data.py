@@ -1,4 +1,5 @@
 """Data loading on the real Fashion-MNIST files, real-format CIFAR-10 batches and PNG trees; toy samplers."""
+
 import gzip
 import math
 import pickle
@@ -13,8 +14,10 @@ from slimflow import data
 from slimflow.data import load_images, sample_toy, to_float, to_uint8
 
 FMNIST = data.DEBIAN_FASHION_MNIST
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
-                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +119,9 @@ def test_wrong_magic_is_a_clear_error(tmp_path):
     labels[3] = 0x03  # claims to be an image file
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(labels)))
     (tmp_path / "t10k-images-idx3-ubyte.gz").symlink_to(FMNIST / "t10k-images-idx3-ubyte.gz")
-    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte\.gz: IDX magic number 0x00000803, expected 0x00000801"):
+    with pytest.raises(
+        ValueError, match=r"t10k-labels-idx1-ubyte\.gz: IDX magic number 0x00000803, expected 0x00000801"
+    ):
         load_images("fashion_mnist", "test", root=tmp_path)
 
 
@@ -151,8 +156,12 @@ def test_missing_fashion_mnist_names_every_place(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ CIFAR-10
 def _write_cifar_batch(path, images: np.ndarray, labels: list[int]) -> None:
     """The CIFAR-10 python format: pickled dict, data (n, 3072) uint8 rows of R, G, B planes."""
-    batch = {"batch_label": "fake", "labels": labels, "data": images.reshape(len(labels), -1),
-             "filenames": [f"img_{i}.png" for i in range(len(labels))]}
+    batch = {
+        "batch_label": "fake",
+        "labels": labels,
+        "data": images.reshape(len(labels), -1),
+        "filenames": [f"img_{i}.png" for i in range(len(labels))],
+    }
     path.write_bytes(pickle.dumps(batch, protocol=2))
 
 
@@ -247,6 +256,7 @@ def test_digits_shapes_and_range():
     assert train.images.dtype == torch.uint8 and train.images.max() == 255 and train.images.min() == 0
     assert set(train.labels.tolist()) == set(range(10)) and train.labels.dtype == torch.int64
     from sklearn.datasets import load_digits
+
     assert torch.equal(train.labels, torch.from_numpy(load_digits().target[:1500]).long())
 
 

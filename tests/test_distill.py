@@ -1,20 +1,34 @@
 """Flow-guided distillation: the 2-step target against closed forms, the two variants, gradients, the stage."""
+
 import pytest
 import torch
 from torch import nn
 
-from slimflow.stages.anneal import anneal
 from slimflow.checkpoint import read_model_file, save_model
-from slimflow.stages.distill import (DEFAULTS, check_loss_config, distill, distill_loss, distill_terms,
-                                     make_distill_batch, two_step_target)
 from slimflow.losses import l2
 from slimflow.pairs import PairStore, PairStoreError, generate_pairs
+from slimflow.stages.anneal import anneal
+from slimflow.stages.distill import (
+    DEFAULTS,
+    check_loss_config,
+    distill,
+    distill_loss,
+    distill_terms,
+    make_distill_batch,
+    two_step_target,
+)
 from teachers.unet import UNet
 
 SHAPE = (1, 8, 8)
 TINY_UNET = {"preset": None, "nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-TINY_TRAIN = {"steps": 4, "batch_size": 8, "warmup": 2, "log_every": 2, "ckpt_every": 2,
-              "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999}}
+TINY_TRAIN = {
+    "steps": 4,
+    "batch_size": 8,
+    "warmup": 2,
+    "log_every": 2,
+    "ckpt_every": 2,
+    "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999},
+}
 
 
 class LinearField(nn.Module):
@@ -31,8 +45,12 @@ class LinearField(nn.Module):
 
 def batch_of(n: int = 5, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"z": torch.randn(n, 1, 2, 2, generator=g), "x_hat": torch.randn(n, 1, 2, 2, generator=g),
-            "e": torch.randn(n, 1, 2, 2, generator=g), "t2": 0.2 + 0.6 * torch.rand(n, generator=g)}
+    return {
+        "z": torch.randn(n, 1, 2, 2, generator=g),
+        "x_hat": torch.randn(n, 1, 2, 2, generator=g),
+        "e": torch.randn(n, 1, 2, 2, generator=g),
+        "t2": 0.2 + 0.6 * torch.rand(n, generator=g),
+    }
 
 
 def test_two_step_target_closed_form():
@@ -68,6 +86,7 @@ def test_student_runs_at_the_one_step_time_and_the_guide_at_t_prime(variant):
         def v(x, t):
             calls[name].append(t.clone())
             return -x
+
         return v
 
     batch = batch_of()
@@ -97,7 +116,6 @@ def test_l2_loss_and_gradient_match_closed_forms_and_only_the_student_learns(var
     assert guide.w.grad is None
 
 
-
 def test_zero_two_step_weight_is_plain_distillation_without_calling_the_guide():
     student = LinearField(2.0)
 
@@ -110,9 +128,20 @@ def test_zero_two_step_weight_is_plain_distillation_without_calling_the_guide():
     one = (3 * batch["z"] - batch["x_hat"]).square().mean()
     assert set(parts) == {"distill"} and loss.item() == pytest.approx(0.7 * one.item(), rel=1e-5)
 
+
 def test_batches_draw_fresh_noise_and_times_from_the_generator(tmp_path):
-    generate_pairs(lambda x, t: 1.0 - x, tmp_path, n=16, shape=SHAPE, seed=0, solver={"method": "euler", "steps": 2},
-                   shard_size=16, batch_size=16, teacher_hash="field", progress=False)
+    generate_pairs(
+        lambda x, t: 1.0 - x,
+        tmp_path,
+        n=16,
+        shape=SHAPE,
+        seed=0,
+        solver={"method": "euler", "steps": 2},
+        shard_size=16,
+        batch_size=16,
+        teacher_hash="field",
+        progress=False,
+    )
     store = PairStore(tmp_path)
     make = make_distill_batch(store, {"batch_size": 16, "seed": 0}, {"t_min": 0.2, "t_max": 0.8})
     batch = make(0, torch.Generator().manual_seed(1))
@@ -148,18 +177,40 @@ def tiny_teacher_file(path, seed: int):
 def annealed(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     teacher_file, teacher = tiny_teacher_file(root / "teacher.safetensors", seed=0)
-    generate_pairs(teacher, root / "pairs", n=16, shape=SHAPE, seed=0, solver={"method": "euler", "steps": 2},
-                   shard_size=16, batch_size=16, progress=False)
-    summary = anneal({"out": str(root / "anneal"), "pairs": str(root / "pairs"), "model": TINY_UNET,
-                      "train": TINY_TRAIN, "sample": {"n": 4, "seed": 0}})
+    generate_pairs(
+        teacher,
+        root / "pairs",
+        n=16,
+        shape=SHAPE,
+        seed=0,
+        solver={"method": "euler", "steps": 2},
+        shard_size=16,
+        batch_size=16,
+        progress=False,
+    )
+    summary = anneal(
+        {
+            "out": str(root / "anneal"),
+            "pairs": str(root / "pairs"),
+            "model": TINY_UNET,
+            "train": TINY_TRAIN,
+            "sample": {"n": 4, "seed": 0},
+        }
+    )
     return root, summary["export"]
 
 
 def test_distill_stage_starts_from_the_annealed_model_and_exports_the_student(annealed):
     root, student_file = annealed
-    cfg = {"out": str(root / "distill"), "pairs": str(root / "pairs"), "teacher": str(root / "teacher.safetensors"),
-           "student": student_file, "loss": {"variant": "paper", "w_2step": 0.5}, "train": TINY_TRAIN,
-           "sample": {"n": 4, "seed": 0}}
+    cfg = {
+        "out": str(root / "distill"),
+        "pairs": str(root / "pairs"),
+        "teacher": str(root / "teacher.safetensors"),
+        "student": student_file,
+        "loss": {"variant": "paper", "w_2step": 0.5},
+        "train": TINY_TRAIN,
+        "sample": {"n": 4, "seed": 0},
+    }
     summary = distill(cfg)
     sidecar, weights = read_model_file(summary["export"])
     start_sidecar, start = read_model_file(student_file)
@@ -179,8 +230,17 @@ def test_distill_refuses_bad_inputs(annealed, tmp_path):
         distill({**base, "loss": {"distance": "lpips-squeeze"}})
     # pairs of another teacher than the one the annealed student learned from
     _, other = tiny_teacher_file(tmp_path / "other.safetensors", seed=5)
-    generate_pairs(other, tmp_path / "other_pairs", n=16, shape=SHAPE, seed=0, solver={"method": "euler", "steps": 2},
-                   shard_size=16, batch_size=16, progress=False)
+    generate_pairs(
+        other,
+        tmp_path / "other_pairs",
+        n=16,
+        shape=SHAPE,
+        seed=0,
+        solver={"method": "euler", "steps": 2},
+        shard_size=16,
+        batch_size=16,
+        progress=False,
+    )
     with pytest.raises(PairStoreError, match="made by another teacher"):
         distill({**base, "pairs": str(tmp_path / "other_pairs")})
 
@@ -197,13 +257,36 @@ def test_a_student_distilled_at_t0_is_sampled_benchmarked_and_exported_at_t0(tmp
 
     torch.manual_seed(0)
     teacher = UNet(1, 32, 8, [1, 2], 1, [], 0.0)
-    generate_pairs(teacher, tmp_path / "pairs", n=16, shape=(1, 32, 32), seed=0,
-                   solver={"method": "euler", "steps": 1}, shard_size=16, batch_size=16, progress=False)
-    annealed = anneal({"out": str(tmp_path / "anneal"), "pairs": str(tmp_path / "pairs"), "model": TINY_UNET,
-                       "train": {**TINY_TRAIN, "steps": 2}, "sample": {"n": 4, "seed": 0}})["export"]
-    distilled = distill({"out": str(tmp_path / "distill"), "pairs": str(tmp_path / "pairs"), "student": annealed,
-                         "loss": {"one_step_time": 0.3, "t_min": 0.4}, "train": {**TINY_TRAIN, "steps": 2},
-                         "sample": {"n": 4, "seed": 0}})["export"]
+    generate_pairs(
+        teacher,
+        tmp_path / "pairs",
+        n=16,
+        shape=(1, 32, 32),
+        seed=0,
+        solver={"method": "euler", "steps": 1},
+        shard_size=16,
+        batch_size=16,
+        progress=False,
+    )
+    annealed = anneal(
+        {
+            "out": str(tmp_path / "anneal"),
+            "pairs": str(tmp_path / "pairs"),
+            "model": TINY_UNET,
+            "train": {**TINY_TRAIN, "steps": 2},
+            "sample": {"n": 4, "seed": 0},
+        }
+    )["export"]
+    distilled = distill(
+        {
+            "out": str(tmp_path / "distill"),
+            "pairs": str(tmp_path / "pairs"),
+            "student": annealed,
+            "loss": {"one_step_time": 0.3, "t_min": 0.4},
+            "train": {**TINY_TRAIN, "steps": 2},
+            "sample": {"n": 4, "seed": 0},
+        }
+    )["export"]
     sidecar = read_model_file(distilled)[0]
     assert sidecar["one_step_time"] == 0.3 and load_model(distilled).one_step_time == 0.3
     # two steps leave v nearly independent of t; random weights (same file, same sidecar) make t matter
@@ -229,8 +312,9 @@ def test_a_student_distilled_at_t0_is_sampled_benchmarked_and_exported_at_t0(tmp
     cfg = load_config(bench_stage.DEFAULTS)
     cfg.update(out=str(tmp_path / "bench"), device="cpu", grid=8, entries=[{"name": "student", "model": distilled}])
     cfg["reference"]["n"] = 64
-    cfg["metrics"].update(n_samples=8, batch_size=8, kid_subsets=2, kid_subset_size=8,
-                          cache_dir=str(tmp_path / "cache"))
+    cfg["metrics"].update(
+        n_samples=8, batch_size=8, kid_subsets=2, kid_subset_size=8, cache_dir=str(tmp_path / "cache")
+    )
     cfg["cost"].update(batch_sizes=[1], warmup=0, repeats=1)
     bench_stage.bench(cfg, command="pytest")
     expected = save_grid(images, tmp_path / "expected.png")

@@ -9,7 +9,9 @@ from slimflow.data import DEBIAN_FASHION_MNIST, IDX_IMAGES_MAGIC, IDX_LABELS_MAG
 from slimflow.domain_net import DEFAULT_WEIGHTS, DomainNet, MissingWeightsError, load_domain_net
 from slimflow.flow import random_hflip
 from slimflow.stages.domain_net import (
-    accuracy, random_shift, train_domain_net,
+    accuracy,
+    random_shift,
+    train_domain_net,
 )
 
 FAST_TEST_IMAGES = 2000
@@ -135,7 +137,12 @@ def test_random_shift_translates_each_image_within_range():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
     offsets = []
     for i in range(4):
-        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy:dy + 6, dx:dx + 6])]
+        found = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 6, dx : dx + 6])
+        ]
         assert len(found) == 1
         offsets.append(found[0])
     assert len(set(offsets)) > 1  # offsets are drawn per image
@@ -151,8 +158,9 @@ def test_random_hflip_flips_per_sample():
 
 def test_train_writes_loadable_weights_and_sidecar(tiny_fmnist, tmp_path):
     out = tmp_path / "out" / "dn.safetensors"
-    meta = train_domain_net(out, epochs=1, batch_size=64, lr=0.05, seed=3, data_root=tiny_fmnist,
-                            widths=(8, 16), depths=(1, 1))
+    meta = train_domain_net(
+        out, epochs=1, batch_size=64, lr=0.05, seed=3, data_root=tiny_fmnist, widths=(8, 16), depths=(1, 1)
+    )
     assert sorted(p.name for p in out.parent.iterdir()) == ["dn.json", "dn.safetensors"]  # no temp files left
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["test_images"] == 128 and 0.0 <= sidecar["test_accuracy"] <= 1.0

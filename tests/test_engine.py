@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_training import loss_fn, make_batch, make_trainer, train
 
 from slimflow import checkpoint as ckpt
 from slimflow.engine import NonFiniteLossError, batch_indices, ema_decay, warmup_lr
-from tiny_training import loss_fn, make_batch, make_trainer, train
 
 HERE = Path(__file__).parent
 
@@ -29,7 +29,7 @@ def test_schedules_and_batch_indices():
     n, b = 50, 8
     seen = torch.cat([batch_indices(s, b, n, seed=3) for s in range(25)])  # 200 = 4 epochs
     for epoch in range(4):
-        assert sorted(seen[epoch * n:(epoch + 1) * n].tolist()) == list(range(n))
+        assert sorted(seen[epoch * n : (epoch + 1) * n].tolist()) == list(range(n))
     assert torch.equal(batch_indices(7, b, n, 3), batch_indices(7, b, n, 3))
     assert not torch.equal(batch_indices(7, b, n, 3), batch_indices(7, b, n, 4))
 
@@ -120,9 +120,22 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     out = tmp_path / "ddp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(HERE / "ddp_train_script.py"), str(tmp_path / "two"), str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(HERE / "ddp_train_script.py"),
+            str(tmp_path / "two"),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads(out.read_text())

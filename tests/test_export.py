@@ -7,8 +7,15 @@ from slimflow.checkpoint import save_model
 from slimflow.stages.export import OneStepGenerator, export_model
 from teachers.unet import build_unet
 
-TINY = {"in_channels": 1, "resolution": 16, "nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
-        "attn_resolutions": [8], "dropout": 0.0}
+TINY = {
+    "in_channels": 1,
+    "resolution": 16,
+    "nf": 8,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [8],
+    "dropout": 0.0,
+}
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """Rectified-flow maths: interpolant, time samplers, and the exact Gaussian 1-RF field (closed forms, Monte Carlo)."""
+
 import math
 
 import pytest
@@ -100,7 +101,7 @@ def test_logit_normal_mean_and_median():
     assert t.median().item() == pytest.approx(1 / (1 + math.exp(-1.0)), abs=3e-3)
     # E[sigmoid(1 + 0.5·ε)], ε ~ N(0, 1), by quadrature on a fine grid.
     eps = torch.linspace(-10, 10, 200_001, dtype=F64)
-    density = torch.exp(-eps**2 / 2) / math.sqrt(2 * math.pi)
+    density = torch.exp(-(eps**2) / 2) / math.sqrt(2 * math.pi)
     expected = torch.trapezoid(torch.sigmoid(1 + 0.5 * eps) * density, eps).item()
     assert abs(t.mean().item() - expected) < 5 * t.std().item() / math.sqrt(len(t))
 
@@ -155,7 +156,9 @@ def test_exact_field_minimises_the_flow_matching_loss(dim):
         se = gap.std().item() / math.sqrt(len(gap))
         assert gap.mean().item() > 5 * se, name
         distance = ((field - best) ** 2).mean(dim=1)
-        assert abs(gap.mean().item() - distance.mean().item()) < 5 * (gap - distance).std().item() / math.sqrt(len(gap)), name
+        assert abs(gap.mean().item() - distance.mean().item()) < 5 * (gap - distance).std().item() / math.sqrt(
+            len(gap)
+        ), name
 
 
 def test_briefly_trained_mlp_approaches_the_exact_field():

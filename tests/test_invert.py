@@ -1,4 +1,5 @@
 """Inversion (images → noise) and regeneration; RF-Solver against Euler at equal NFE."""
+
 from __future__ import annotations
 
 import csv
@@ -18,8 +19,9 @@ from slimflow.stages.invert import invert_images
 class ToyVelocity(nn.Module):
     def __init__(self, width: int = 64) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, 2))
+        self.net = nn.Sequential(
+            nn.Linear(3, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2)
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([x, t[:, None]], dim=1))
@@ -46,8 +48,14 @@ def test_rf_solver_round_trip_beats_euler_at_equal_nfe_on_a_trained_teacher():
     images = sample_toy("moons", 512, torch.Generator().manual_seed(1))
     rows = reconstruction_error_vs_nfe(teacher, images, ("euler", "rf_solver"), nfe_per_direction=(4, 8, 16))
     table = {(r["method"], r["nfe"]): r for r in rows}
-    assert sorted(table) == [("euler", 8), ("euler", 16), ("euler", 32),
-                             ("rf_solver", 8), ("rf_solver", 16), ("rf_solver", 32)]
+    assert sorted(table) == [
+        ("euler", 8),
+        ("euler", 16),
+        ("euler", 32),
+        ("rf_solver", 8),
+        ("rf_solver", 16),
+        ("rf_solver", 32),
+    ]
     for nfe in (8, 16, 32):
         assert table["rf_solver", nfe]["mse"] < 0.2 * table["euler", nfe]["mse"]
     assert table["rf_solver", 32]["mse"] < table["rf_solver", 16]["mse"] < table["rf_solver", 8]["mse"]
@@ -73,8 +81,14 @@ def tiny_teacher_file(tmp_path):
     from slimflow.checkpoint import save_model
     from teachers.unet import build_unet
 
-    config = {"in_channels": 1, "resolution": 8, "nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
-              "attn_resolutions": []}
+    config = {
+        "in_channels": 1,
+        "resolution": 8,
+        "nf": 8,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+    }
     model = build_unet(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -85,8 +99,9 @@ def tiny_teacher_file(tmp_path):
 def test_invert_images_writes_grids_and_the_error_table(tmp_path):
     teacher = tiny_teacher_file(tmp_path)
     out = tmp_path / "invert"
-    summary = invert_images(teacher, "digits", method="rf_solver", steps=2, out_dir=out, n=6,
-                            nfe_per_direction=(2, 4), device="cpu")
+    summary = invert_images(
+        teacher, "digits", method="rf_solver", steps=2, out_dir=out, n=6, nfe_per_direction=(2, 4), device="cpu"
+    )
     assert summary["n"] == 6 and summary["nfe"] == 8 and summary["mse"] >= 0
     for name in ("originals", "reconstructions"):
         with Image.open(summary["files"][name]) as image:

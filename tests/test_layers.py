@@ -1,5 +1,6 @@
 """The layering of the code base, read from the source: no import cycle, `pruning/` generic, imports go downwards,
 and loading a model file pulls in no stage."""
+
 import ast
 import subprocess
 import sys
@@ -13,8 +14,14 @@ PACKAGES = ("slimflow", "teachers", "pruning")
 LAYERS = {
     "maths": ["slimflow.flow", "slimflow.solvers", "slimflow.invert", "slimflow.checkpoint", "slimflow.config"],
     "models": ["teachers", "slimflow.losses", "slimflow.domain_net", "slimflow.sample"],
-    "runtime": ["slimflow.engine", "slimflow.data", "slimflow.images", "slimflow.pairs", "slimflow.cost",
-                "slimflow.metrics"],
+    "runtime": [
+        "slimflow.engine",
+        "slimflow.data",
+        "slimflow.images",
+        "slimflow.pairs",
+        "slimflow.cost",
+        "slimflow.metrics",
+    ],
     "stages": ["slimflow.stages"],
     "cli": ["slimflow.cli"],
 }
@@ -35,7 +42,9 @@ def project_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
@@ -61,7 +70,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -95,19 +104,24 @@ def test_no_import_cycle():
 
 
 def test_pruning_imports_nothing_of_slimflow_or_teachers():
-    bad = {m: sorted(i for i in deps if i.split(".")[0] in ("slimflow", "teachers"))
-           for m, deps in graph().items() if m.split(".")[0] == "pruning"}
+    bad = {
+        m: sorted(i for i in deps if i.split(".")[0] in ("slimflow", "teachers"))
+        for m, deps in graph().items()
+        if m.split(".")[0] == "pruning"
+    }
     assert not any(bad.values()), {m: d for m, d in bad.items() if d}
 
 
 def test_every_module_has_a_layer_and_imports_only_downwards():
     edges = graph()
-    unplaced = sorted(m for m in edges if m.split(".")[0] != "pruning" and layer_of(m) is None
-                      and m not in PACKAGES)
+    unplaced = sorted(m for m in edges if m.split(".")[0] != "pruning" and layer_of(m) is None and m not in PACKAGES)
     assert not unplaced, f"modules without a layer: {unplaced}"
-    upward = [f"{m} ({list(LAYERS)[layer_of(m)]}) imports {d} ({list(LAYERS)[layer_of(d)]})"
-              for m, deps in edges.items() for d in sorted(deps)
-              if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m)]
+    upward = [
+        f"{m} ({list(LAYERS)[layer_of(m)]}) imports {d} ({list(LAYERS)[layer_of(d)]})"
+        for m, deps in edges.items()
+        for d in sorted(deps)
+        if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -118,22 +132,36 @@ def test_loading_a_pruned_student_imports_no_stage_and_no_tensorboard(tmp_path):
     from teachers.pruned import example_inputs, unet_custom_pruners
     from teachers.unet import build_unet
 
-    config = {"in_channels": 1, "resolution": 16, "nf": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-              "attn_resolutions": [8], "dropout": 0.0}
+    config = {
+        "in_channels": 1,
+        "resolution": 16,
+        "nf": 16,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [8],
+        "dropout": 0.0,
+    }
     model = build_unet(config)
     inputs = example_inputs(config)
     report = prune_structured(model, inputs, ratio=0.5, global_pruning=False, custom_pruners=unet_custom_pruners())
     record = {"history": report["history"], "example_inputs": input_specs(inputs)}
     path = save_model(tmp_path / "pruned.safetensors", model, {"model": config, "pruning": record})
-    code = ("import sys; from teachers.zoo import load_model; m = load_model(sys.argv[1]); "
-            "print(sum(p.numel() for p in m.parameters())); "
-            "print(' '.join(sorted(k for k in sys.modules if k.startswith(('slimflow', 'teachers', 'pruning', "
-            "'torch.utils.tensorboard', 'tensorboard')))))")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
-                         cwd=ROOT).stdout.splitlines()
-    assert int(out[0]) == sum(p.numel() for p in model.parameters()) < sum(
-        p.numel() for p in build_unet(config).parameters())
+    code = (
+        "import sys; from teachers.zoo import load_model; m = load_model(sys.argv[1]); "
+        "print(sum(p.numel() for p in m.parameters())); "
+        "print(' '.join(sorted(k for k in sys.modules if k.startswith(('slimflow', 'teachers', 'pruning', "
+        "'torch.utils.tensorboard', 'tensorboard')))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.splitlines()
+    assert (
+        int(out[0])
+        == sum(p.numel() for p in model.parameters())
+        < sum(p.numel() for p in build_unet(config).parameters())
+    )
     loaded = out[1].split()
-    assert not [m for m in loaded if m.startswith(("slimflow.stages", "slimflow.cli", "torch.utils.tensorboard",
-                                                   "tensorboard"))], loaded
+    assert not [
+        m for m in loaded if m.startswith(("slimflow.stages", "slimflow.cli", "torch.utils.tensorboard", "tensorboard"))
+    ], loaded
     assert "teachers.zoo" in loaded and torch.nn  # the loader itself was imported

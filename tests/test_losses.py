@@ -6,8 +6,17 @@ import torch
 from slimflow.checkpoint import CheckpointError
 from slimflow.data import load_images, to_float
 from slimflow.losses import (
-    MIN_DATA_TIME, DomainDistance, LpipsDistance, MissingWeightsError, distance, huber_c, l1, l2, lpips_huber,
-    make_perceptual, pseudo_huber,
+    MIN_DATA_TIME,
+    DomainDistance,
+    LpipsDistance,
+    MissingWeightsError,
+    distance,
+    huber_c,
+    l1,
+    l2,
+    lpips_huber,
+    make_perceptual,
+    pseudo_huber,
 )
 
 
@@ -45,15 +54,20 @@ def test_pseudo_huber_c_formula_and_value():
     c = 0.00054 * 2.0  # d = 4 elements per sample
     expected = torch.tensor([math.sqrt(25 + c * c) - c, math.sqrt(1 + c * c) - c])
     assert torch.allclose(pseudo_huber(e, torch.zeros_like(e)), expected)
-    assert torch.allclose(pseudo_huber(e, torch.zeros_like(e), c=0.5), torch.tensor([math.sqrt(25.25) - 0.5,
-                                                                                      math.sqrt(1.25) - 0.5]))
+    assert torch.allclose(
+        pseudo_huber(e, torch.zeros_like(e), c=0.5), torch.tensor([math.sqrt(25.25) - 0.5, math.sqrt(1.25) - 0.5])
+    )
 
 
 def test_pseudo_huber_small_error_limit_is_half_squared_norm_over_c():
     e = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     c = huber_c(3 * 8 * 8)
-    e = e / e.flatten(1).norm(dim=1)[:, None, None, None] * c * torch.tensor([1e-4, 1e-3, 3e-3, 1e-2],
-                                                                           dtype=torch.float64)[:, None, None, None]
+    e = (
+        e
+        / e.flatten(1).norm(dim=1)[:, None, None, None]
+        * c
+        * torch.tensor([1e-4, 1e-3, 3e-3, 1e-2], dtype=torch.float64)[:, None, None, None]
+    )
     norm2 = e.flatten(1).square().sum(1)
     # relative error of the limit is about ‖e‖²/(4c²) ≤ 2.5e-5 here
     assert torch.allclose(pseudo_huber(e, torch.zeros_like(e)), norm2 / (2 * c), rtol=1e-4, atol=0)
@@ -104,7 +118,9 @@ def test_lpips_huber_checks_t_shape(domain):
 
 
 # ------------------------------------------------------------------------------------------------ LPIPS
-@pytest.mark.parametrize("kind,filename", [("lpips-vgg", "vgg16-397923af.pth"), ("lpips-alex", "alexnet-owt-7be5be79.pth")])
+@pytest.mark.parametrize(
+    "kind,filename", [("lpips-vgg", "vgg16-397923af.pth"), ("lpips-alex", "alexnet-owt-7be5be79.pth")]
+)
 def test_missing_lpips_backbone_names_the_file(hub_dir, kind, filename):
     with pytest.raises(MissingWeightsError) as info:
         make_perceptual(kind)
@@ -124,6 +140,7 @@ def test_missing_explicit_backbone_path(tmp_path):
 def test_lpips_uses_a_local_backbone_file(hub_dir):
     """A (random) AlexNet trunk saved under torchvision's file name in the hub cache is found and loaded."""
     import torchvision
+
     trunk = torchvision.models.alexnet(weights=None).features
     state = {f"features.{k}": v for k, v in trunk.state_dict().items()}
     (hub_dir / "checkpoints").mkdir(parents=True)
@@ -141,6 +158,7 @@ def test_lpips_uses_a_local_backbone_file(hub_dir):
 
 def test_lpips_backbone_of_the_wrong_network_is_refused(hub_dir):
     import torchvision
+
     state = {f"features.{k}": v for k, v in torchvision.models.alexnet(weights=None).features.state_dict().items()}
     (hub_dir / "checkpoints").mkdir(parents=True)
     torch.save(state, hub_dir / "checkpoints" / "vgg16-397923af.pth")

@@ -6,8 +6,15 @@ from slimflow.checkpoint import save_model
 from slimflow.data import load_images, to_float, to_uint8
 from slimflow.domain_net import DEFAULT_WEIGHTS, KIND, DomainNet, MissingWeightsError
 from slimflow.images import save_npz
-from slimflow.metrics import (INCEPTION_CONFIG_KEY, INCEPTION_FILE, DomainNetFeatures, compute_metrics, load_samples,
-                              metric_labels, resolve_extractor)
+from slimflow.metrics import (
+    INCEPTION_CONFIG_KEY,
+    INCEPTION_FILE,
+    DomainNetFeatures,
+    compute_metrics,
+    load_samples,
+    metric_labels,
+    resolve_extractor,
+)
 from slimflow.sample import sample
 from teachers.unet import build_unet
 
@@ -43,8 +50,13 @@ def domain_weights(test_images, tmp_path_factory):
 
 
 def test_labels_name_the_extractor():
-    assert metric_labels("domain") == ["FID (domain)", "KID (domain)", "KID std (domain)", "precision (domain)",
-                                       "recall (domain)"]
+    assert metric_labels("domain") == [
+        "FID (domain)",
+        "KID (domain)",
+        "KID std (domain)",
+        "precision (domain)",
+        "recall (domain)",
+    ]
     assert metric_labels("inception", ("fid",)) == ["FID (Inception)"]
 
 
@@ -74,8 +86,14 @@ def test_fid_and_kid_grow_with_gaussian_noise(test_images, domain_weights, tmp_p
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
     fids, kids = [], []
     for sigma in (0.0, 0.1, 0.2, 0.4):
-        result = compute_metrics(to_uint8(clean + sigma * noise), reference, weights=domain_weights,
-                                 metrics=("fid", "kid"), cache_dir=tmp_path, **FAST)
+        result = compute_metrics(
+            to_uint8(clean + sigma * noise),
+            reference,
+            weights=domain_weights,
+            metrics=("fid", "kid"),
+            cache_dir=tmp_path,
+            **FAST,
+        )
         fids.append(result["FID (domain)"])
         kids.append(result["KID (domain)"])
     assert all(a < b for a, b in zip(fids, fids[1:])), fids
@@ -124,11 +142,21 @@ def test_samples_from_npz_folder_and_model_agree(tmp_path, test_images):
     assert torch.equal(load_samples(folder), images)
 
     torch.manual_seed(0)
-    model = build_unet({"in_channels": 1, "resolution": 32, "nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
-                        "attn_resolutions": [], "dropout": 0.0})
+    model = build_unet(
+        {
+            "in_channels": 1,
+            "resolution": 32,
+            "nf": 8,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        }
+    )
     save_model(tmp_path / "m.safetensors", model, {"model": model.config})
-    sampled = load_samples(tmp_path / "m.safetensors", {"n": 6, "method": "heun", "steps": 2}, device="cpu",
-                           progress=False)
+    sampled = load_samples(
+        tmp_path / "m.safetensors", {"n": 6, "method": "heun", "steps": 2}, device="cpu", progress=False
+    )
     direct, nfe = sample(model.eval(), 6, (1, 32, 32), method="heun", steps=2)
     direct = to_uint8(direct)
     assert sampled.dtype == torch.uint8 and torch.equal(sampled, direct) and nfe == 4

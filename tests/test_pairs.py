@@ -1,4 +1,5 @@
 """Pair store: noise regenerated from (seed, index), resumable sharded generation, checksums, formats, torchrun."""
+
 import hashlib
 import json
 import os
@@ -22,8 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 4, 4)
 STEPS = 4
 # Keyword arguments of one store: 6 shards of 8 pairs, 2 batches of 4 per shard.
-SETTINGS = dict(n=48, shape=SHAPE, seed=3, solver=dict(method="euler", steps=STEPS), shard_size=8, batch_size=4,
-                image_format="float16", teacher_hash="field:1-x", progress=False)
+SETTINGS = dict(
+    n=48,
+    shape=SHAPE,
+    seed=3,
+    solver=dict(method="euler", steps=STEPS),
+    shard_size=8,
+    batch_size=4,
+    image_format="float16",
+    teacher_hash="field:1-x",
+    progress=False,
+)
 
 
 def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -72,8 +82,10 @@ def test_noise_is_bit_exact_and_independent_of_the_batch():
 
 
 def test_noise_is_the_same_on_the_generic_cpu_kernels():
-    code = ("import hashlib; from slimflow.flow import noise_for; "
-            "print(hashlib.sha256(noise_for(range(64), 9, (3, 8, 8)).numpy().tobytes()).hexdigest())")
+    code = (
+        "import hashlib; from slimflow.flow import noise_for; "
+        "print(hashlib.sha256(noise_for(range(64), 9, (3, 8, 8)).numpy().tobytes()).hexdigest())"
+    )
     env = {**subprocess_env(), "ATEN_CPU_CAPABILITY": "default"}  # no AVX2: torch's float32 randn would differ
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -83,7 +95,7 @@ def test_noise_is_the_same_on_the_generic_cpu_kernels():
 
 def test_noise_is_standard_normal_and_uncorrelated_across_indices():
     noise = noise_for(range(4000), seed=0, shape=(2,))  # the small-tensor path of randn
-    wide = noise_for(range(500), seed=0, shape=(64,))   # the vectorised path
+    wide = noise_for(range(500), seed=0, shape=(64,))  # the vectorised path
     for sample in (noise, wide):
         assert abs(sample.mean().item()) < 0.03
         assert abs(sample.std().item() - 1.0) < 0.03
@@ -98,7 +110,7 @@ def test_uint8_and_float16_round_trip_bounds():
     assert encode_images(torch.tensor([-1.0, 1.0, -3.0, 2.0]), "uint8").tolist() == [0, 255, 0, 255]
     wide = torch.linspace(-3.0, 3.0, 10_001)
     back16 = decode_images(encode_images(wide, "float16"), "float16")
-    assert ((back16 - wide).abs() <= wide.abs() * 2.0 ** -11 + 1e-7).all()
+    assert ((back16 - wide).abs() <= wide.abs() * 2.0**-11 + 1e-7).all()
     with pytest.raises(ValueError, match="image_format"):
         encode_images(x, "bfloat16")
 
@@ -115,7 +127,11 @@ def test_content_hash_of_tensors_sees_names_shapes_dtypes_and_values():
     hashes = {content_hash(s) for s in (nudged, renamed, doubled, reshaped)}
     assert len(hashes) == 4 and base not in hashes
     # settings are hashed as sorted JSON: key order does not matter, values do
-    assert content_hash({"a": 1, "b": [1, 2]}) == content_hash({"b": [1, 2], "a": 1}) != content_hash({"a": 1, "b": [2, 1]})
+    assert (
+        content_hash({"a": 1, "b": [1, 2]})
+        == content_hash({"b": [1, 2], "a": 1})
+        != content_hash({"a": 1, "b": [2, 1]})
+    )
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -137,7 +153,7 @@ def test_pairs_follow_the_closed_form_and_manifest_records_them(tmp_path, image_
         expected = expected.clamp(-1, 1)
         assert (images - expected).abs().max().item() <= tol
     else:
-        assert ((images - expected).abs() <= expected.abs() * 2.0 ** -11 + 1e-6).all()
+        assert ((images - expected).abs() <= expected.abs() * 2.0**-11 + 1e-6).all()
 
     solver_nfe = solve(field, noise[:4], method="euler", steps=STEPS).nfe
     assert manifest["nfe_per_pair_mean"] == solver_nfe
@@ -158,7 +174,7 @@ def test_adaptive_solver_nfe_per_pair_is_the_solvers_count(tmp_path):
     solver = dict(method="dopri5", rtol=1e-6, atol=1e-6)
     manifest = generate_pairs(field, tmp_path, **{**SETTINGS, "n": 12, "solver": solver})
     noise, images = PairStore(tmp_path).get(range(12))
-    batch_nfe = [solve(field, noise[i:i + 4], **solver).nfe for i in range(0, 12, 4)]
+    batch_nfe = [solve(field, noise[i : i + 4], **solver).nfe for i in range(0, 12, 4)]
     assert manifest["nfe_total"] == 4 * sum(batch_nfe)
     assert manifest["nfe_per_pair_mean"] == pytest.approx(sum(batch_nfe) / 3)
     exact = 1.0 + (noise - 1.0) * torch.exp(torch.tensor(-1.0))  # x(1) of dx/dt = 1 - x
@@ -234,8 +250,12 @@ generate_pairs(slow_field, sys.argv[1], n=48, shape=(1, 4, 4), seed=3, solver=di
 
 def test_sigkill_during_generation_then_resume_equals_uninterrupted_run(tmp_path, reference):
     root = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(root)], env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(root)],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while not (root / "shard_00000.json").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -324,8 +344,9 @@ def test_other_settings_on_resume_are_refused_with_the_differences(tmp_path, ref
     before = shard_hashes(root)
     differences = r"(?s)other settings.*seed: store has 3, requested 4.*solver.*teacher_hash"
     with pytest.raises(PairStoreError, match=differences):
-        generate_pairs(field, root, **{**SETTINGS, "seed": 4, "solver": dict(method="heun", steps=2),
-                                       "teacher_hash": "another"})
+        generate_pairs(
+            field, root, **{**SETTINGS, "seed": 4, "solver": dict(method="heun", steps=2), "teacher_hash": "another"}
+        )
     with pytest.raises(PairStoreError, match="shape"):
         generate_pairs(field, root, **{**SETTINGS, "shape": (1, 2, 8)})
     assert shard_hashes(root) == before
@@ -367,9 +388,25 @@ def test_two_process_torchrun_writes_the_same_pairs(tmp_path, reference):
     script = tmp_path / "generate.py"
     script.write_text(textwrap.dedent(TORCHRUN_SCRIPT))
     root = tmp_path / "store"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(root)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(root),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert shard_hashes(root) == shard_hashes(reference)
     PairStore(root).verify()

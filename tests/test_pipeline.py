@@ -1,4 +1,5 @@
 """`run`: pairs → anneal → distill → grids on a tiny random teacher; skipping, resuming after SIGINT, bad input."""
+
 import json
 import os
 import signal
@@ -9,15 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimflow.checkpoint import latest_checkpoint, read_meta, read_model_file, save_model
-from slimflow.checkpoint import content_hash
+from slimflow.checkpoint import content_hash, latest_checkpoint, read_meta, read_model_file, save_model
 from slimflow.pairs import PairStoreError
 from slimflow.stages.pairs import generate_pairs_from_config, solver_kwargs
 from slimflow.stages.run import run_pipeline
 from teachers.unet import UNet
 
-TRAIN = {"batch_size": 8, "warmup": 2, "log_every": 5, "ckpt_every": 2, "keep_ckpts": 1,
-         "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999}}
+TRAIN = {
+    "batch_size": 8,
+    "warmup": 2,
+    "log_every": 5,
+    "ckpt_every": 2,
+    "keep_ckpts": 1,
+    "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999},
+}
 STUDENT = {"preset": None, "nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 ANNEAL_STEPS = 30
 
@@ -29,11 +35,14 @@ def tiny_teacher(path: Path, seed: int) -> Path:
 
 
 def config(out: Path, teacher: Path, **changes) -> dict:
-    cfg = {"out": str(out), "teacher": str(teacher),
-           "pairs": {"n": 24, "solver": {"method": "heun", "steps": 2}, "shard_size": 8, "batch_size": 8},
-           "anneal": {"model": STUDENT, "train": {**TRAIN, "steps": ANNEAL_STEPS}, "sample": {"n": 4}},
-           "distill": {"train": {**TRAIN, "steps": 4}, "sample": {"n": 4}},
-           "grids": {"n": 6, "seed": 3}}
+    cfg = {
+        "out": str(out),
+        "teacher": str(teacher),
+        "pairs": {"n": 24, "solver": {"method": "heun", "steps": 2}, "shard_size": 8, "batch_size": 8},
+        "anneal": {"model": STUDENT, "train": {**TRAIN, "steps": ANNEAL_STEPS}, "sample": {"n": 4}},
+        "distill": {"train": {**TRAIN, "steps": 4}, "sample": {"n": 4}},
+        "grids": {"n": 6, "seed": 3},
+    }
     cfg.update(changes)
     return cfg
 
@@ -58,8 +67,10 @@ def test_run_writes_every_output(finished):
         assert any(p.name.startswith("events.out.tfevents") for p in (folder / "tb").iterdir())
         assert list((folder / "samples").glob("step_*.png"))
         assert (folder / f"{export}.safetensors").is_file() and (folder / f"{export}.json").is_file()
-    kinds = {read_model_file(out / "anneal" / "annealed_ema.safetensors")[0]["kind"],
-             read_model_file(out / "distill" / "distilled_ema.safetensors")[0]["kind"]}
+    kinds = {
+        read_model_file(out / "anneal" / "annealed_ema.safetensors")[0]["kind"],
+        read_model_file(out / "distill" / "distilled_ema.safetensors")[0]["kind"],
+    }
     assert kinds == {"annealed-student", "distilled-student"}
     for name in ("teacher_1step", "teacher_ode", "annealed_1step", "distilled_1step", "side_by_side"):
         assert Path(summary["stages"]["grids"]["files"][name]).is_file()
@@ -84,8 +95,12 @@ def test_second_call_skips_finished_stages(finished):
     export = Path(cfg["out"]) / "distill" / "distilled_ema.safetensors"
     before = export.stat().st_mtime_ns
     again = run_pipeline(cfg)
-    assert {s: again["stages"][s]["status"] for s in again["stages"]} == \
-        {"pairs": "skipped", "anneal": "skipped", "distill": "skipped", "grids": "skipped"}
+    assert {s: again["stages"][s]["status"] for s in again["stages"]} == {
+        "pairs": "skipped",
+        "anneal": "skipped",
+        "distill": "skipped",
+        "grids": "skipped",
+    }
     assert export.stat().st_mtime_ns == before
 
 
@@ -153,9 +168,14 @@ def test_a_reference_checkpoint_teacher_needs_and_takes_its_resolution(tmp_path)
     torch.manual_seed(0)
     net = UNet(1, 8, 8, [1, 2], 1, [], 0.0)
     state = {f"module.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"model": state, "ema": {"decay": 0.999, "num_updates": 1,
-                                        "shadow_params": [p.detach().clone() for p in net.parameters()]},
-                "step": 1}, tmp_path / "checkpoint_1.pth")
+    torch.save(
+        {
+            "model": state,
+            "ema": {"decay": 0.999, "num_updates": 1, "shadow_params": [p.detach().clone() for p in net.parameters()]},
+            "step": 1,
+        },
+        tmp_path / "checkpoint_1.pth",
+    )
     cfg = config(tmp_path / "run", tmp_path / "checkpoint_1.pth")
     cfg["anneal"]["train"]["steps"] = 2
     with pytest.raises(ValueError, match="pass resolution="):
@@ -170,8 +190,12 @@ def test_runs_naming_one_pairs_dir_share_the_store(finished, tmp_path):
     cfg, reference = finished
     shared = Path(reference["stages"]["pairs"]["dir"])
     manifest = (shared / "manifest.json").read_text()
-    variant = {**cfg, "out": str(tmp_path / "variant"), "pairs": {**cfg["pairs"], "dir": str(shared)},
-               "anneal": {**cfg["anneal"], "hflip": False, "train": {**cfg["anneal"]["train"], "steps": 2}}}
+    variant = {
+        **cfg,
+        "out": str(tmp_path / "variant"),
+        "pairs": {**cfg["pairs"], "dir": str(shared)},
+        "anneal": {**cfg["anneal"], "hflip": False, "train": {**cfg["anneal"]["train"], "steps": 2}},
+    }
     summary = run_pipeline(variant)
     assert summary["stages"]["pairs"]["status"] == "skipped" and summary["stages"]["pairs"]["dir"] == str(shared)
     assert not (tmp_path / "variant" / "pairs").exists() and (shared / "manifest.json").read_text() == manifest

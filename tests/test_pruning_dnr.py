@@ -1,4 +1,5 @@
 """Dead-neuron rate on hand-built layers (known inputs → known dead fraction), and its TensorBoard output."""
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

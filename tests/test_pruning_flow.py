@@ -1,24 +1,42 @@
 """Pruning a flow student: UNet-aware channel pruning, model files that load pruned, recovery by distillation."""
+
 import json
 
 import pytest
 import torch
 
 from pruning import count_macs_params
-from slimflow.stages.prune import prune_model, prune_student
 from slimflow.checkpoint import read_model_file, save_model
-from slimflow.sample import one_step_images
 from slimflow.pairs import generate_pairs
-from teachers.unet import AttnBlock, build_unet
+from slimflow.sample import one_step_images
+from slimflow.stages.prune import prune_model, prune_student
 from teachers.pruned import example_inputs
+from teachers.unet import AttnBlock, build_unet
 from teachers.zoo import load_model
 
-TINY = {"in_channels": 1, "resolution": 16, "nf": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-        "attn_resolutions": [8], "dropout": 0.0}  # attention at 8x8: the NIN layers are pruned too
+TINY = {
+    "in_channels": 1,
+    "resolution": 16,
+    "nf": 16,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [8],
+    "dropout": 0.0,
+}  # attention at 8x8: the NIN layers are pruned too
 PRUNE = {"importance": "l2", "ratio": None, "macs_fraction": 0.5, "steps": 1}
-RECOVER = {"mode": "one_step", "distance": "l2",
-           "train": {"steps": 60, "batch_size": 16, "lr": 3e-3, "warmup": 5, "log_every": 20, "ckpt_every": 30,
-                     "ema": {"kind": "none"}}}
+RECOVER = {
+    "mode": "one_step",
+    "distance": "l2",
+    "train": {
+        "steps": 60,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup": 5,
+        "log_every": 20,
+        "ckpt_every": 30,
+        "ema": {"kind": "none"},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +48,9 @@ def student_file(tmp_path_factory):
         for p in model.parameters():
             p.normal_(0.0, 0.05)
     root = tmp_path_factory.mktemp("student")
-    return save_model(root / "student.safetensors", model, {"model": model.config, "kind": "distilled-student",
-                                                            "one_step_time": 0.0})
+    return save_model(
+        root / "student.safetensors", model, {"model": model.config, "kind": "distilled-student", "one_step_time": 0.0}
+    )
 
 
 def outputs(model, seed=1):
@@ -72,8 +91,13 @@ def test_pruned_model_file_loads_bit_identically_everywhere(student_file, tmp_pa
 
 
 def test_prune_student_recovers_towards_the_unpruned_student_and_resumes(student_file, tmp_path):
-    cfg = {"out": str(tmp_path / "p"), "student": str(student_file), "prune": PRUNE, "recover": RECOVER,
-           "compare": {"n": 16, "seed": 0}}
+    cfg = {
+        "out": str(tmp_path / "p"),
+        "student": str(student_file),
+        "prune": PRUNE,
+        "recover": RECOVER,
+        "compare": {"n": 16, "seed": 0},
+    }
     summary = prune_student(cfg)
     m = summary["models"]
     assert summary["prune"]["status"] == "ran" and summary["recover"]["status"] == "ran"
@@ -111,11 +135,25 @@ def test_interrupted_recovery_resumes_to_the_same_weights(student_file, tmp_path
 
 def test_taylor_importance_from_the_flow_loss_on_pairs(student_file, tmp_path):
     student = load_model(student_file)
-    generate_pairs(student, tmp_path / "pairs", n=32, shape=[1, 16, 16], seed=0,
-                   solver={"method": "euler", "steps": 2}, shard_size=32, batch_size=32, progress=False)
-    cfg = {"out": str(tmp_path / "p"), "student": str(student_file), "pairs": str(tmp_path / "pairs"),
-           "prune": {**PRUNE, "importance": "taylor", "taylor": {"batches": 3, "batch_size": 8}},
-           "recover": {"mode": "flow", "train": {**RECOVER["train"], "steps": 4}}, "compare": {"n": 4, "seed": 0}}
+    generate_pairs(
+        student,
+        tmp_path / "pairs",
+        n=32,
+        shape=[1, 16, 16],
+        seed=0,
+        solver={"method": "euler", "steps": 2},
+        shard_size=32,
+        batch_size=32,
+        progress=False,
+    )
+    cfg = {
+        "out": str(tmp_path / "p"),
+        "student": str(student_file),
+        "pairs": str(tmp_path / "pairs"),
+        "prune": {**PRUNE, "importance": "taylor", "taylor": {"batches": 3, "batch_size": 8}},
+        "recover": {"mode": "flow", "train": {**RECOVER["train"], "steps": 4}},
+        "compare": {"n": 4, "seed": 0},
+    }
     summary = prune_student(cfg)
     assert summary["prune"]["importance"] == "taylor"
     assert summary["models"]["pruned"]["macs"] <= 0.5 * summary["models"]["unpruned"]["macs"]
@@ -147,7 +185,14 @@ def test_a_recovered_pruned_student_exports_to_onnx_with_parity(student_file, tm
     pytest.importorskip("onnxruntime", reason="the ONNX parity check needs the optional extra slimflow[onnx]")
     from slimflow.stages.export import export_model
 
-    prune_student({"out": str(tmp_path / "p"), "student": str(student_file), "prune": PRUNE,
-                   "recover": {**RECOVER, "train": {**RECOVER["train"], "steps": 2}}, "compare": {"n": 4, "seed": 0}})
+    prune_student(
+        {
+            "out": str(tmp_path / "p"),
+            "student": str(student_file),
+            "prune": PRUNE,
+            "recover": {**RECOVER, "train": {**RECOVER["train"], "steps": 2}},
+            "compare": {"n": 4, "seed": 0},
+        }
+    )
     report = export_model(tmp_path / "p" / "recovered_ema.safetensors", tmp_path / "export", warmup=1, repeats=2)
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["torch_export"]["max_abs_diff"] < 1e-4

@@ -1,12 +1,25 @@
 """timm / torchvision networks pruned end to end on real Fashion-MNIST, and the prune_network entry point."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from pruning import (accumulate_gradients, build_model, classification_loss, create_model, fine_tune, image_batches,
-                     load_masks, load_pruned, model_spec, prune_network, prune_structured, save_pruned)
+from pruning import (
+    accumulate_gradients,
+    build_model,
+    classification_loss,
+    create_model,
+    fine_tune,
+    image_batches,
+    load_masks,
+    load_pruned,
+    model_spec,
+    prune_network,
+    prune_structured,
+    save_pruned,
+)
 from slimflow.data import load_images  # the data adapter an entry point passes in
 
 
@@ -40,17 +53,32 @@ def test_torchvision_mobilenet_taylor_prune_finetune_forward(fmnist):
     batches = list(image_batches(images, labels, 16, channels=3))
     assert batches[0][0].shape == (16, 3, 28, 28)
     report = prune_structured(
-        model, torch.zeros(1, 3, 28, 28), importance="taylor", ratio=0.3,
-        compute_gradients=lambda m: accumulate_gradients(m, classification_loss, batches[:2], stop_ratio=None))
+        model,
+        torch.zeros(1, 3, 28, 28),
+        importance="taylor",
+        ratio=0.3,
+        compute_gradients=lambda m: accumulate_gradients(m, classification_loss, batches[:2], stop_ratio=None),
+    )
     assert report["macs_after"] < report["macs_before"] and model.classifier[-1].out_features == 10
     fine_tune(model, classification_loss, batches[2:], steps=1, lr=1e-3)
     assert model.eval()(batches[0][0]).shape == (16, 10)
 
 
 def test_prune_network_structured_writes_a_reloadable_model(tmp_path):
-    report = prune_network(model="timm:resnet18", out_dir=tmp_path, load_images=load_images, image_size=28,
-                           method="l1", ratio=0.5, steps=2, finetune_epochs=1.0, batch_size=32,
-                           max_train_images=64, max_eval_images=64, latency_batch_size=4)
+    report = prune_network(
+        model="timm:resnet18",
+        out_dir=tmp_path,
+        load_images=load_images,
+        image_size=28,
+        method="l1",
+        ratio=0.5,
+        steps=2,
+        finetune_epochs=1.0,
+        batch_size=32,
+        max_train_images=64,
+        max_eval_images=64,
+        latency_batch_size=4,
+    )
     assert report["after"]["macs"] < 0.5 * report["before"]["macs"]
     assert set(report["after"]["latency_ms"]) == {"1", "4"} and len(report["phases"]) == 2
     assert 0.0 <= report["after"]["accuracy"] <= 1.0 and 0.0 < report["phases"][0]["dnr_train"] < 1.0
@@ -60,9 +88,20 @@ def test_prune_network_structured_writes_a_reloadable_model(tmp_path):
 
 
 def test_prune_network_ap_keeps_masks(tmp_path):
-    report = prune_network(model="torchvision:mobilenet_v3_small", out_dir=tmp_path, load_images=load_images,
-                           image_size=28, method="ap", sparsity=0.75, steps=2, finetune_epochs=0.5, batch_size=32,
-                           max_train_images=64, max_eval_images=32, latency_batch_size=2)
+    report = prune_network(
+        model="torchvision:mobilenet_v3_small",
+        out_dir=tmp_path,
+        load_images=load_images,
+        image_size=28,
+        method="ap",
+        sparsity=0.75,
+        steps=2,
+        finetune_epochs=0.5,
+        batch_size=32,
+        max_train_images=64,
+        max_eval_images=32,
+        latency_batch_size=2,
+    )
     assert report["unstructured"]["sparsity"] == pytest.approx(0.75, abs=0.01)
     assert len(report["phases"]) == 3  # one phase before the first cut, one after each
     model = load_pruned(tmp_path)

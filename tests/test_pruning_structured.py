@@ -1,4 +1,5 @@
 """Structural pruning on Torch-Pruning: counts by hand, bit-identity, output layers, GroupNorm, attention, save/load."""
+
 import copy
 
 import pytest
@@ -6,13 +7,30 @@ import timm
 import torch
 from torch import nn
 
-from pruning import (MatmulPruner, StructuredPruner, accumulate_gradients, count_macs_params, find_output_layers,
-                     load_pruned, measure_latency, prune_structured, ratio_for_macs, save_pruned)
+from pruning import (
+    MatmulPruner,
+    StructuredPruner,
+    accumulate_gradients,
+    count_macs_params,
+    find_output_layers,
+    load_pruned,
+    measure_latency,
+    prune_structured,
+    ratio_for_macs,
+    save_pruned,
+)
 
 
 def tiny_classifier(c1: int = 8, c2: int = 8) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, 10),
+    )
 
 
 def hand_count(c1: int, c2: int, hw: int = 64) -> tuple[int, int]:
@@ -79,8 +97,9 @@ class SkipAttnNet(nn.Module):
 
 
 def test_ratio_zero_changes_nothing():
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 64, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+    )
     model.train()
     x = torch.randn(4, 1, 8, 8)
     before = copy.deepcopy(model.state_dict())
@@ -167,8 +186,15 @@ def test_concat_fed_groupnorm_and_matmul_attention(tmp_path):
 
 
 def test_round_to_keeps_channel_multiples():
-    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     prune_structured(model, torch.randn(1, 1, 8, 8), ratio=0.3, round_to=8)
     assert model[0].out_channels % 8 == 0 and model[2].out_channels % 8 == 0 and model[0].out_channels < 32
 
@@ -188,8 +214,9 @@ def test_taylor_with_accumulated_gradients_prunes():
     def gradients(m):
         calls.append(accumulate_gradients(m, loss, batches, stop_ratio=None))
 
-    report = prune_structured(model, torch.randn(1, 1, 8, 8), importance="taylor", ratio=0.5, steps=2,
-                              compute_gradients=gradients)
+    report = prune_structured(
+        model, torch.randn(1, 1, 8, 8), importance="taylor", ratio=0.5, steps=2, compute_gradients=gradients
+    )
     assert len(calls) == 2 and report["params_after"] == hand_count(4, 4)[1]
 
 
@@ -222,8 +249,9 @@ def test_save_load_replays_history_bit_identically(tmp_path):
 
 
 def test_timm_attention_heads_are_respected():
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
-                              num_classes=10, in_chans=1)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1, num_classes=10, in_chans=1
+    )
     x = torch.randn(1, 1, 16, 16)
     with pytest.warns(UserWarning):  # Torch-Pruning reports the unwrapped pos_embed / cls_token it prunes
         prune_structured(model, x, ratio=0.25)

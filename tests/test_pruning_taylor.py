@@ -1,4 +1,5 @@
 """Diff-Pruning style gradient accumulation: closed-form sums and the stop rule."""
+
 import pytest
 import torch
 from torch import nn

@@ -1,10 +1,20 @@
 """Unstructured magnitude / AP pruning with masks: exact counts, AP picks negatives, masks survive optimizers."""
+
 import pytest
 import torch
 from torch import nn
 
-from pruning import (WeightMasks, classification_loss, cycle_rate, fine_tune, iterative_pruning, prunable_weights,
-                     prune_cycle, rewind, snapshot)
+from pruning import (
+    WeightMasks,
+    classification_loss,
+    cycle_rate,
+    fine_tune,
+    iterative_pruning,
+    prunable_weights,
+    prune_cycle,
+    rewind,
+    snapshot,
+)
 
 
 def relu_net() -> nn.Sequential:
@@ -71,11 +81,14 @@ def test_ap_share_of_a_cycle_and_its_precondition():
         prune_cycle(model, masks, rate=0.2, ap_fraction=0.1)
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.Adam(p, lr=1e-2),
-    lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=1e-2),
-    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    ],
+)
 def test_masked_weights_stay_exactly_zero_through_optimizer_steps(make_opt):
     model = relu_net()
     opt = make_opt(model.parameters())
@@ -125,8 +138,17 @@ def test_iterative_pruning_hits_each_target_and_trains_masked():
 
     def train(m, masks):
         calls = []
-        fine_tune(m, classification_loss, batches, steps=5, lr=1e-2, optimizer="sgd", weight_decay=1e-3, masks=masks,
-                  on_step=lambda model, step, loss: calls.append(step))
+        fine_tune(
+            m,
+            classification_loss,
+            batches,
+            steps=5,
+            lr=1e-2,
+            optimizer="sgd",
+            weight_decay=1e-3,
+            masks=masks,
+            on_step=lambda model, step, loss: calls.append(step),
+        )
         assert calls == [0, 1, 2, 3, 4]
 
     def after(m, masks, target):

@@ -6,14 +6,11 @@ import pytest
 import torch
 
 from slimflow.checkpoint import CheckpointError
-
 from teachers.reference import load_reference_state_dict, reference_config_to_unet_config
 from teachers.unet import PRESETS, build_unet
 
 _FIXTURE_NAME = "ddpmpp_reference_shapes.json"
-_FIXTURE_CANDIDATES = (
-    Path(__file__).parent / "fixtures" / _FIXTURE_NAME,
-)
+_FIXTURE_CANDIDATES = (Path(__file__).parent / "fixtures" / _FIXTURE_NAME,)
 
 
 @pytest.fixture(scope="module")

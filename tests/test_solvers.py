@@ -1,4 +1,5 @@
 """ODE solvers against closed-form solutions; straightness against hand-computed values."""
+
 import math
 
 import pytest
@@ -36,9 +37,15 @@ def x0() -> torch.Tensor:
     return torch.randn(16, 2, dtype=F64)
 
 
-@pytest.mark.parametrize("method,band", [
-    ("euler", (1.8, 2.2)), ("heun", (3.5, 4.5)), ("midpoint", (3.5, 4.5)), ("rf_solver", (3.5, 4.5)),
-])
+@pytest.mark.parametrize(
+    "method,band",
+    [
+        ("euler", (1.8, 2.2)),
+        ("heun", (3.5, 4.5)),
+        ("midpoint", (3.5, 4.5)),
+        ("rf_solver", (3.5, 4.5)),
+    ],
+)
 def test_fixed_step_error_shrinks_at_the_method_order(x0, method, band):
     target = exact(x0, 0.0, 1.0)
     errors = [(solve(linear_field, x0, method, steps=n).x - target).abs().max().item() for n in (64, 128)]
@@ -70,9 +77,16 @@ def test_dopri5_ignores_steps(x0):
     assert torch.equal(with_steps.x, without.x) and with_steps.nfe == without.nfe
 
 
-@pytest.mark.parametrize("method,steps,tol", [
-    ("euler", 400, 5e-2), ("heun", 100, 3e-3), ("midpoint", 100, 3e-3), ("rf_solver", 100, 3e-3), ("dopri5", None, 1e-6),
-])
+@pytest.mark.parametrize(
+    "method,steps,tol",
+    [
+        ("euler", 400, 5e-2),
+        ("heun", 100, 3e-3),
+        ("midpoint", 100, 3e-3),
+        ("rf_solver", 100, 3e-3),
+        ("dopri5", None, 1e-6),
+    ],
+)
 def test_backward_integration_inverts_forward(x0, method, steps, tol):
     # Backwards the decay becomes growth (×e^0.75), so these bounds are looser than the forward errors.
     kw = {"steps": steps, "rtol": 1e-8, "atol": 1e-8}
@@ -159,7 +173,8 @@ def test_straightness_matches_a_hand_computed_value():
     value = straightness(lambda x, t: t[:, None] * w, torch.randn(5, 3, dtype=F64), steps=n)
     assert value == pytest.approx((n * n - 1) / (12 * n * n) * 14 / 3, rel=1e-12)
     assert straightness(lambda x, t: t[:, None] * w, torch.randn(5, 3, dtype=F64), steps=1000) == pytest.approx(
-        14 / 3 / 12, rel=1e-5)
+        14 / 3 / 12, rel=1e-5
+    )
 
 
 def test_straightness_refuses_bad_steps():
@@ -172,8 +187,11 @@ def test_straightness_of_the_solved_euler_path_matches_its_definition():
     noise, n = torch.randn(6, 2, dtype=F64), 16
     path = solve(linear_field, noise, "euler", steps=n, return_path=True).path
     chord = path[-1] - path[0]
-    by_hand = sum(
-        ((chord - linear_field(p, torch.full((6,), i / n, dtype=F64))) ** 2).mean() for i, p in enumerate(path[:-1])
-    ) / n
+    by_hand = (
+        sum(
+            ((chord - linear_field(p, torch.full((6,), i / n, dtype=F64))) ** 2).mean() for i, p in enumerate(path[:-1])
+        )
+        / n
+    )
     assert straightness(linear_field, noise, steps=n) == pytest.approx(by_hand.item(), rel=1e-10)
     assert math.isfinite(by_hand.item())

@@ -1,4 +1,5 @@
 """`slimflow teacher info`: recognise a checkpoint's format, architecture, size and time convention, or say why not."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,18 @@ from safetensors.torch import save_file
 from slimflow.checkpoint import CheckpointError, rng_state, save_model, save_training_checkpoint
 from teachers.formats import ddpmpp_config_guess, detect_format
 from teachers.inspect import describe_checkpoint, format_summary
-from teachers.zoo import load_model as load_teacher
 from teachers.unet import build_unet
+from teachers.zoo import load_model as load_teacher
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddpmpp_reference_shapes.json"
-TINY = {"in_channels": 3, "resolution": 16, "nf": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 2,
-        "attn_resolutions": [8]}
+TINY = {
+    "in_channels": 3,
+    "resolution": 16,
+    "nf": 16,
+    "ch_mult": [1, 2, 2],
+    "num_res_blocks": 2,
+    "attn_resolutions": [8],
+}
 
 
 @pytest.fixture
@@ -40,8 +47,11 @@ def reference_checkpoint(path: Path, model: torch.nn.Module) -> Path:
 
 
 def test_exported_project_model(tmp_path, tiny_unet):
-    path = save_model(tmp_path / "teacher.safetensors", tiny_unet,
-                      {"model": tiny_unet.config, "kind": "1-rf-teacher", "time_convention": "t=0 noise, t=1 data"})
+    path = save_model(
+        tmp_path / "teacher.safetensors",
+        tiny_unet,
+        {"model": tiny_unet.config, "kind": "1-rf-teacher", "time_convention": "t=0 noise, t=1 data"},
+    )
     info = describe_checkpoint(path)
     assert info["format"] == "slimflow-model" and info["params"] == params(tiny_unet)
     assert info["architecture"] == tiny_unet.config and info["prediction"] == "velocity"
@@ -52,8 +62,15 @@ def test_exported_project_model(tmp_path, tiny_unet):
 
 
 def test_training_checkpoint_run_dir_and_files(tmp_path, tiny_unet):
-    ckpt = save_training_checkpoint(tmp_path / "run", 12, model=tiny_unet, optimizer=None, ema=tiny_unet,
-                                    config={"model": tiny_unet.config}, rng=rng_state())
+    ckpt = save_training_checkpoint(
+        tmp_path / "run",
+        12,
+        model=tiny_unet,
+        optimizer=None,
+        ema=tiny_unet,
+        config={"model": tiny_unet.config},
+        rng=rng_state(),
+    )
     for path in (tmp_path / "run", ckpt, ckpt / "model.safetensors"):
         info = describe_checkpoint(path)
         assert info["format"] == "slimflow-checkpoint" and info["params"] == params(tiny_unet)
@@ -63,8 +80,13 @@ def test_training_checkpoint_run_dir_and_files(tmp_path, tiny_unet):
 def test_reference_checkpoint_architecture_guess(tmp_path, tiny_unet):
     info = describe_checkpoint(reference_checkpoint(tmp_path / "checkpoint_7.pth", tiny_unet))
     assert info["format"] == "reference-ddpmpp" and info["params"] == params(tiny_unet)
-    assert info["architecture"] == {"nf": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 2, "attn_levels": [1],
-                                    "in_channels": 3}
+    assert info["architecture"] == {
+        "nf": 16,
+        "ch_mult": [1, 2, 2],
+        "num_res_blocks": 2,
+        "attn_levels": [1],
+        "in_channels": 3,
+    }
     assert "state dict found at 'model'; its 'ema' weights load into teachers.unet.UNet" in info["notes"]
     assert any("shadow parameters" in n for n in info["notes"])
     assert "999*t" in info["time_convention"]
@@ -96,8 +118,12 @@ def test_architecture_guess_for_the_five_slimflow_configurations():
         shapes = {k: tuple(s) for k, s in entry["state_dict_shapes"].items() if k != "sigmas"}
         config = entry["config"]
         guess = ddpmpp_config_guess(shapes)
-        assert (guess["nf"], guess["ch_mult"], guess["num_res_blocks"], guess["in_channels"]) == \
-            (config["nf"], config["ch_mult"], config["num_res_blocks"], config["num_channels"]), name
+        assert (guess["nf"], guess["ch_mult"], guess["num_res_blocks"], guess["in_channels"]) == (
+            config["nf"],
+            config["ch_mult"],
+            config["num_res_blocks"],
+            config["num_channels"],
+        ), name
         assert guess["attn_levels"] == [1], name  # attention at 16² of a 32² model
         assert sum(math.prod(s) for s in shapes.values()) == entry["params"], name
 
@@ -105,13 +131,22 @@ def test_architecture_guess_for_the_five_slimflow_configurations():
 def test_diffusers_folder_is_described_without_the_extra(tmp_path):
     folder = tmp_path / "ddpm"
     folder.mkdir()
-    config = {"_class_name": "UNet2DModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,
-              "block_out_channels": [32, 64], "layers_per_block": 2}
+    config = {
+        "_class_name": "UNet2DModel",
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+    }
     (folder / "config.json").write_text(json.dumps(config))
-    save_file({"conv_in.weight": torch.zeros(32, 3, 3, 3), "conv_in.bias": torch.zeros(32)},
-              str(folder / "diffusion_pytorch_model.safetensors"))
-    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler",
-                                                              "prediction_type": "v_prediction"}))
+    save_file(
+        {"conv_in.weight": torch.zeros(32, 3, 3, 3), "conv_in.bias": torch.zeros(32)},
+        str(folder / "diffusion_pytorch_model.safetensors"),
+    )
+    (folder / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDPMScheduler", "prediction_type": "v_prediction"})
+    )
     info = describe_checkpoint(folder)
     assert info["format"] == "diffusers" and info["params"] == 32 * 27 + 32 and info["prediction"] == "v_prediction"
     assert info["architecture"]["block_out_channels"] == [32, 64] and "t in [0.0063, 0.9901]" in info["time_convention"]

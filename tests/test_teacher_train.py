@@ -1,5 +1,6 @@
 """The teacher stage follows the stage recipe: it exports a loadable model, skips when current, resumes, and refuses
 a run directory started with other settings."""
+
 import pytest
 
 from slimflow.checkpoint import read_model_file
@@ -10,9 +11,13 @@ TINY = {"preset": None, "nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_reso
 
 
 def config(out, **train):
-    return {"out": str(out), "data": {"name": "digits", "image_size": 8}, "model": TINY,
-            "train": {"steps": 4, "batch_size": 8, "warmup": 2, "log_every": 2, "ckpt_every": 2, **train},
-            "sample": {"n": 4, "steps": 2}}
+    return {
+        "out": str(out),
+        "data": {"name": "digits", "image_size": 8},
+        "model": TINY,
+        "train": {"steps": 4, "batch_size": 8, "warmup": 2, "log_every": 2, "ckpt_every": 2, **train},
+        "sample": {"n": 4, "steps": 2},
+    }
 
 
 def test_teacher_stage_exports_skips_and_refuses_changed_settings(tmp_path):

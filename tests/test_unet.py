@@ -8,9 +8,7 @@ import torch
 from teachers.unet import PRESETS, UNet, build_unet, timestep_embedding, variance_scaling_uniform_
 
 _FIXTURE_NAME = "ddpmpp_reference_shapes.json"
-_FIXTURE_CANDIDATES = (
-    Path(__file__).parent / "fixtures" / _FIXTURE_NAME,
-)
+_FIXTURE_CANDIDATES = (Path(__file__).parent / "fixtures" / _FIXTURE_NAME,)
 
 # SlimFlow paper parameter counts (32×32, 3 channels).
 PAPER_PARAMS = {

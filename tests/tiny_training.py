@@ -1,4 +1,5 @@
 """A tiny velocity MLP and a flow-matching task on 2-D Gaussian data, shared by engine tests and the torchrun script."""
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,16 @@ def loss_fn(model, batch):
 def make_trainer(run_dir, steps: int, dropout: float = 0.1, hidden: int = 32, **train_cfg) -> Trainer:
     torch.manual_seed(0)  # the initial weights, like a trainer seeding before it builds its model
     model = TinyVelocity(hidden=hidden, dropout=dropout)
-    cfg = {"steps": steps, "batch_size": 16, "lr": 1e-2, "warmup": 5, "log_every": 1, "ckpt_every": 4,
-           "ema": {"kind": "power", "decay": 0.99, "max_decay": 0.999}, **train_cfg}
+    cfg = {
+        "steps": steps,
+        "batch_size": 16,
+        "lr": 1e-2,
+        "warmup": 5,
+        "log_every": 1,
+        "ckpt_every": 4,
+        "ema": {"kind": "power", "decay": 0.99, "max_decay": 0.999},
+        **train_cfg,
+    }
     return Trainer(model, cfg, run_dir, {"model": model.config})
 
 

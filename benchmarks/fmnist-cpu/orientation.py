@@ -10,6 +10,7 @@ the benchmark's noise). Output: orientation.md next to this script.
 
 Run from the repository root after the benchmark:  OMP_NUM_THREADS=1 python benchmarks/fmnist-cpu/orientation.py
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,14 +28,22 @@ from teachers.zoo import load_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FOOTWEAR = (5, 7, 9)  # sandal, sneaker, ankle boot
-STUDENTS = ["s-reflow-l2-annealed", "s-slimflow-annealed", "s-reflow-l2-distilled", "s-slimflow-distilled",
-            "s-slimflow-l2-distilled", "m-reflow-l2-annealed", "m-slimflow-annealed", "m-reflow-l2-distilled",
-            "m-slimflow-distilled"]
+STUDENTS = [
+    "s-reflow-l2-annealed",
+    "s-slimflow-annealed",
+    "s-reflow-l2-distilled",
+    "s-slimflow-distilled",
+    "s-slimflow-l2-distilled",
+    "m-reflow-l2-annealed",
+    "m-slimflow-annealed",
+    "m-reflow-l2-distilled",
+    "m-slimflow-distilled",
+]
 
 
 def classify(net, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([net(images[i:i + 500]).argmax(1) for i in range(0, len(images), 500)])
+        return torch.cat([net(images[i : i + 500]).argmax(1) for i in range(0, len(images), 500)])
 
 
 def mirrored_share(images: torch.Tensor, labels: torch.Tensor, template: torch.Tensor) -> tuple[float, float]:
@@ -61,9 +70,14 @@ def main() -> None:
         path = Path("runs/ablation") / run / model_file[name.rsplit("-", 1)[1]]
         images, _ = sample(load_model(path), 2000, seed=0)
         sources[name] = to_float(to_uint8(images))  # as the benchmark sees them
-    lines = ["# Mirrored footwear in one-step samples", "",
-             "Command: `OMP_NUM_THREADS=1 python benchmarks/fmnist-cpu/orientation.py` (see its docstring).", "",
-             "| images | footwear share | mirrored footwear |", "|---|---|---|"]
+    lines = [
+        "# Mirrored footwear in one-step samples",
+        "",
+        "Command: `OMP_NUM_THREADS=1 python benchmarks/fmnist-cpu/orientation.py` (see its docstring).",
+        "",
+        "| images | footwear share | mirrored footwear |",
+        "|---|---|---|",
+    ]
     for name, images in sources.items():
         share, mirrored = mirrored_share(images, classify(net, images), template)
         lines.append(f"| {name} | {share:.1%} | {mirrored:.1%} |")

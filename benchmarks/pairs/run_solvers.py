@@ -10,6 +10,7 @@ Outputs: solvers.json, solvers.csv, solvers.md next to this script.
 Run from the repository root (one thread, as the README's numbers):
     OMP_NUM_THREADS=1 python benchmarks/pairs/run_solvers.py [--n 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,14 @@ from teachers.zoo import load_model  # noqa: E402
 HERE = Path(__file__).resolve().parent
 TEACHER = "teachers/weights/fmnist_teacher.safetensors"
 SETTINGS = [
-    {"method": "euler", "steps": 8}, {"method": "euler", "steps": 16}, {"method": "euler", "steps": 32},
-    {"method": "heun", "steps": 8}, {"method": "midpoint", "steps": 8}, {"method": "rf_solver", "steps": 8},
-    {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}, {"method": "dopri5", "rtol": 1e-4, "atol": 1e-4},
+    {"method": "euler", "steps": 8},
+    {"method": "euler", "steps": 16},
+    {"method": "euler", "steps": 32},
+    {"method": "heun", "steps": 8},
+    {"method": "midpoint", "steps": 8},
+    {"method": "rf_solver", "steps": 8},
+    {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3},
+    {"method": "dopri5", "rtol": 1e-4, "atol": 1e-4},
 ]
 REFERENCE = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "max_steps": 10_000}
 
@@ -57,38 +63,75 @@ def main() -> None:
     noise = noise_for(torch.arange(args.n), 0, shape)
     started = time.time()
     with torch.no_grad():
-        exact = torch.cat([solve(teacher, noise[i:i + args.batch_size], **REFERENCE).x
-                           for i in range(0, args.n, args.batch_size)])
+        exact = torch.cat(
+            [solve(teacher, noise[i : i + args.batch_size], **REFERENCE).x for i in range(0, args.n, args.batch_size)]
+        )
     reference_seconds = time.time() - started
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, solver in enumerate(SETTINGS):
-            manifest = generate_pairs(teacher, Path(tmp) / str(k), n=args.n, shape=shape, seed=0, solver=solver,
-                                      shard_size=args.n, batch_size=args.batch_size, image_format="float16")
+            manifest = generate_pairs(
+                teacher,
+                Path(tmp) / str(k),
+                n=args.n,
+                shape=shape,
+                seed=0,
+                solver=solver,
+                shard_size=args.n,
+                batch_size=args.batch_size,
+                image_format="float16",
+            )
             _, images = PairStore(Path(tmp) / str(k)).batch(torch.arange(args.n))
-            rows.append({"solver": label(solver), "pairs_per_s": round(manifest["pairs_per_s"], 2),
-                         "nfe_per_pair": round(manifest["nfe_per_pair_mean"], 1),
-                         "mse_to_exact": float((images - exact).square().mean())})
+            rows.append(
+                {
+                    "solver": label(solver),
+                    "pairs_per_s": round(manifest["pairs_per_s"], 2),
+                    "nfe_per_pair": round(manifest["nfe_per_pair_mean"], 1),
+                    "mse_to_exact": float((images - exact).square().mean()),
+                }
+            )
             print(rows[-1], flush=True)
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    machine = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = "OMP_NUM_THREADS=1 python benchmarks/pairs/run_solvers.py " + " ".join(sys.argv[1:])
-    (HERE / "solvers.json").write_text(json.dumps({"date": date, "command": command.strip(), "machine": machine,
-                                                   "n": args.n, "teacher": TEACHER,
-                                                   "reference_seconds": reference_seconds, "rows": rows}, indent=1))
+    (HERE / "solvers.json").write_text(
+        json.dumps(
+            {
+                "date": date,
+                "command": command.strip(),
+                "machine": machine,
+                "n": args.n,
+                "teacher": TEACHER,
+                "reference_seconds": reference_seconds,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     with open(HERE / "solvers.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# Pair generation per solver ({date})", "",
-             f"Command: `{command.strip()}`  ", f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch "
-             f"{machine['torch']} ({machine['torch_threads']} thread)  ",
-             f"Teacher: `{TEACHER}`; {args.n} pairs per solver, batch {args.batch_size}. Error: mean squared "
-             "difference per pixel (images in [-1, 1]) to dopri5 at tol 1e-5 on the same noise.", "",
-             "| solver | pairs/s | NFE/pair | MSE to exact |", "|---|---|---|---|"]
-    lines += [f"| {r['solver']} | {r['pairs_per_s']:.2f} | {r['nfe_per_pair']:g} | {r['mse_to_exact']:.2e} |"
-              for r in rows]
+    lines = [
+        f"# Pair generation per solver ({date})",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch "
+        f"{machine['torch']} ({machine['torch_threads']} thread)  ",
+        f"Teacher: `{TEACHER}`; {args.n} pairs per solver, batch {args.batch_size}. Error: mean squared "
+        "difference per pixel (images in [-1, 1]) to dopri5 at tol 1e-5 on the same noise.",
+        "",
+        "| solver | pairs/s | NFE/pair | MSE to exact |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['solver']} | {r['pairs_per_s']:.2f} | {r['nfe_per_pair']:g} | {r['mse_to_exact']:.2e} |" for r in rows
+    ]
     (HERE / "solvers.md").write_text("\n".join(lines) + "\n")
 
 

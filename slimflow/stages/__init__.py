@@ -4,12 +4,13 @@
 has `DEFAULTS` (the settings and their defaults) and `check_config(cfg)` (raises on a bad setting before any work);
 the CLI's config commands and the benchmark's `prepare` list both read it. Modules are imported when used.
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 CONFIG_STAGES: dict[str, tuple[str, str]] = {
     "teacher": ("slimflow.stages.teacher", "train_teacher"),

@@ -6,12 +6,13 @@ annealed from independent (β = 1, plain 1-RF on the teacher's images) to the pa
 
 with (z̃, x̂) flipped left-right together, per sample, with probability ½ (configurable off).
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,8 +35,15 @@ DEFAULTS: dict = {
     "model": {"_open": True, "preset": "fmnist-student-s"},
     "init": None,  # optional model file: tensors of matching name and shape are copied into the student
     "beta": {"schedule": "linear", "steps": None, "value": 1.0},  # steps N (None: train.steps); value: constant β
-    "flow": {"time_sampler": "uniform", "eps": 1e-3, "a": 4.0, "loss": "l2",
-             "perceptual": "domain", "perceptual_options": {"_open": True}, "one_over_t": False},
+    "flow": {
+        "time_sampler": "uniform",
+        "eps": 1e-3,
+        "a": 4.0,
+        "loss": "l2",
+        "perceptual": "domain",
+        "perceptual_options": {"_open": True},
+        "one_over_t": False,
+    },
     "hflip": True,
     "train": copy.deepcopy(TRAIN_DEFAULTS),
     "sample": {"n": 64, "seed": 0},  # 1-step grids of the EMA student during training
@@ -77,8 +85,10 @@ def perturb_noise(z: torch.Tensor, beta: float, generator: torch.Generator) -> t
 def check_flow_config(flow_cfg: dict) -> None:
     kind = flow_cfg["loss"]
     if kind not in ANNEAL_LOSSES:
-        raise ValueError(f"unknown annealing loss {kind!r}; choose one of {', '.join(ANNEAL_LOSSES)} (a perceptual "
-                         f"distance alone compares images, not velocities: use lpips_huber with flow.perceptual)")
+        raise ValueError(
+            f"unknown annealing loss {kind!r}; choose one of {', '.join(ANNEAL_LOSSES)} (a perceptual "
+            f"distance alone compares images, not velocities: use lpips_huber with flow.perceptual)"
+        )
     if kind == "lpips_huber" and flow_cfg["perceptual"] not in PERCEPTUAL_KINDS:
         raise ValueError(f"flow.perceptual must be one of {PERCEPTUAL_KINDS}, got {flow_cfg['perceptual']!r}")
 
@@ -141,8 +151,14 @@ def make_anneal_batch(store: PairStore, cfg: dict) -> Callable[[int, torch.Gener
     return make_batch
 
 
-def train_annealed(model: torch.nn.Module, store: PairStore, cfg: dict, out: str | Path, run_config: dict,
-                   sample_fn: Callable | None = None) -> tuple[Trainer, dict]:
+def train_annealed(
+    model: torch.nn.Module,
+    store: PairStore,
+    cfg: dict,
+    out: str | Path,
+    run_config: dict,
+    sample_fn: Callable | None = None,
+) -> tuple[Trainer, dict]:
     """Annealing reflow of `model` (any velocity network) on `store` with the engine; resumes from `out`.
     `cfg` needs beta, flow, hflip and train (see DEFAULTS); `run_config` is what checkpoints record."""
     check_anneal_config(cfg)
@@ -159,8 +175,13 @@ def copy_matching(model: torch.nn.Module, path: str | Path) -> dict:
     model.load_state_dict(matching, strict=False)
     skipped = sorted(set(own) - set(matching))
     more = [f"... {len(skipped) - 20} more"] if len(skipped) > 20 else []
-    return {"from": str(path), "copied_tensors": len(matching), "model_tensors": len(own),
-            "copied_values": sum(v.numel() for v in matching.values()), "not_copied": skipped[:20] + more}
+    return {
+        "from": str(path),
+        "copied_tensors": len(matching),
+        "model_tensors": len(own),
+        "copied_values": sum(v.numel() for v in matching.values()),
+        "not_copied": skipped[:20] + more,
+    }
 
 
 def anneal_job(cfg: dict) -> TrainingJob:
@@ -180,12 +201,19 @@ def anneal_job(cfg: dict) -> TrainingJob:
 
     s = cfg["sample"]
     return TrainingJob(
-        out=Path(cfg["out"]), kind="annealed-student", export_name="annealed_ema.safetensors",
-        run_config={**cfg, "model": model_cfg, "pairs_hash": record["hash"]}, train=cfg["train"], build=build,
-        make_batch=make_anneal_batch(store, cfg), make_loss=lambda device: anneal_loss(cfg["flow"], device),
+        out=Path(cfg["out"]),
+        kind="annealed-student",
+        export_name="annealed_ema.safetensors",
+        run_config={**cfg, "model": model_cfg, "pairs_hash": record["hash"]},
+        train=cfg["train"],
+        build=build,
+        make_batch=make_anneal_batch(store, cfg),
+        make_loss=lambda device: anneal_loss(cfg["flow"], device),
         sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]),
-        meta={"pairs": record, "init": init if cfg["init"] else None}, summary={"init": init if cfg["init"] else None},
-        settings=cfg)
+        meta={"pairs": record, "init": init if cfg["init"] else None},
+        summary={"init": init if cfg["init"] else None},
+        settings=cfg,
+    )
 
 
 def anneal(cfg: dict, command: str | None = None) -> dict:

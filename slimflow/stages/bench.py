@@ -14,6 +14,7 @@ when current), then evaluates each entry (a model file sampled with one solver s
   and the table; rewritten on each run),
 - `bench.json`: the rows, the config, the date and the machine.
 """
+
 from __future__ import annotations
 
 import copy
@@ -90,13 +91,16 @@ def check_entries(entries: list) -> list[dict]:
         unknown = sorted(set(entry) - set(ENTRY_KEYS))
         missing = [k for k in ("name", "model") if k not in entry]
         if unknown or missing:
-            raise ValueError(f"entries[{i}] ({entry.get('name', '?')}): unknown keys {unknown}, missing {missing}; "
-                             f"an entry has {list(ENTRY_KEYS)}")
+            raise ValueError(
+                f"entries[{i}] ({entry.get('name', '?')}): unknown keys {unknown}, missing {missing}; "
+                f"an entry has {list(ENTRY_KEYS)}"
+            )
         entry = {**ENTRY_DEFAULTS, **entry}
         name = str(entry["name"])
         if not NAME_PATTERN.match(name):
-            raise ValueError(f"entries[{i}]: name {name!r} must be letters, digits, '.', '_', '+' or '-' "
-                             "(it names files)")
+            raise ValueError(
+                f"entries[{i}]: name {name!r} must be letters, digits, '.', '_', '+' or '-' (it names files)"
+            )
         if name in seen:
             raise ValueError(f"entries[{i}]: name {name!r} is used twice")
         if entry["method"] not in METHODS:
@@ -116,13 +120,20 @@ def check_prepare(items: list) -> list[dict]:
         if not isinstance(item, dict) or set(item) - {"stage", "config", "overrides"} or "stage" not in item:
             raise ValueError(f"prepare[{i}] must be a mapping with keys stage, config, overrides; got {item!r}")
         if item["stage"] not in PREPARE_STAGES:
-            raise ValueError(f"prepare[{i}]: unknown stage {item['stage']!r}; "
-                             f"choose one of {', '.join(PREPARE_STAGES)}")
+            raise ValueError(
+                f"prepare[{i}]: unknown stage {item['stage']!r}; choose one of {', '.join(PREPARE_STAGES)}"
+            )
         module, run = stage(item["stage"])
         cfg = load_config(module.DEFAULTS, item.get("config"), item.get("overrides") or [])
         module.check_config(cfg)
-        loaded.append({"stage": item["stage"], "run": run, "config": cfg,
-                       "label": " ".join([item["stage"], str(item.get("config")), *(item.get("overrides") or [])])})
+        loaded.append(
+            {
+                "stage": item["stage"],
+                "run": run,
+                "config": cfg,
+                "label": " ".join([item["stage"], str(item.get("config")), *(item.get("overrides") or [])]),
+            }
+        )
     return loaded
 
 
@@ -141,18 +152,26 @@ def comparison_table(rows: list[dict], pairs: list, extractor: str) -> str:
     lines = [f"| comparison | baseline | {fid} | candidate | {fid} | change |", "|---|---|---|---|---|---|"]
     for pair in pairs:  # names checked by bench() before any work
         a, b = by_name[pair["baseline"]][fid], by_name[pair["candidate"]][fid]
-        lines.append(f"| {pair.get('label', '')} | {pair['baseline']} | {a:.4g} | {pair['candidate']} | {b:.4g} | "
-                     f"{100 * (b - a) / a:+.1f}% |")
+        lines.append(
+            f"| {pair.get('label', '')} | {pair['baseline']} | {a:.4g} | {pair['candidate']} | {b:.4g} | "
+            f"{100 * (b - a) / a:+.1f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def fingerprint(entry: dict, cfg: dict, device: torch.device, extractor_ids: dict[str, str]) -> str:
     """Hash of everything an entry's result depends on (extractor_ids: the registered extractor names, which
     include the domain net's weights hash)."""
-    blob = {"entry": entry, "model": model_identity(entry["model"]), "extractors": extractor_ids,
-            "reference": cfg["reference"],
-            "metrics": {k: v for k, v in cfg["metrics"].items() if k != "cache_dir"}, "cost": cfg["cost"],
-            "device": str(device), "torch": torch.__version__}
+    blob = {
+        "entry": entry,
+        "model": model_identity(entry["model"]),
+        "extractors": extractor_ids,
+        "reference": cfg["reference"],
+        "metrics": {k: v for k, v in cfg["metrics"].items() if k != "cache_dir"},
+        "cost": cfg["cost"],
+        "device": str(device),
+        "torch": torch.__version__,
+    }
     return content_hash(blob)
 
 
@@ -160,8 +179,15 @@ def fingerprint(entry: dict, cfg: dict, device: torch.device, extractor_ids: dic
 def columns(cfg: dict) -> list[tuple[str, str]]:
     """(result key, table header) of every column, metric columns named by their extractor."""
     batches = sorted(cfg["cost"]["batch_sizes"])
-    cols = [("name", "name"), ("solver", "solver"), ("steps", "steps"), ("nfe", "NFE"), ("params", "params (M)"),
-            ("macs_per_nfe", "MACs/NFE (M)"), ("macs_per_sample", "MACs/sample (M)")]
+    cols = [
+        ("name", "name"),
+        ("solver", "solver"),
+        ("steps", "steps"),
+        ("nfe", "NFE"),
+        ("params", "params (M)"),
+        ("macs_per_nfe", "MACs/NFE (M)"),
+        ("macs_per_sample", "MACs/sample (M)"),
+    ]
     cols += [(f"latency_ms_b{b}", f"latency b{b} (ms/img)") for b in batches]
     cols.append((f"peak_mem_mib_b{batches[-1]}", f"peak mem b{batches[-1]} (MiB)"))
     cols += [(label, label) for extractor in cfg["metrics"]["extractors"] for label in metric_labels(extractor)]
@@ -212,8 +238,13 @@ def plot_front(names: list[str], xs: list[float], ys: list[float], xlabel: str, 
     front = pareto_front(xs, ys)
     fig = Figure(figsize=(9.5, 4.8), dpi=120)  # no pyplot: PNGs are drawn by the Agg canvas, no global backend
     ax = fig.add_axes((0.08, 0.11, 0.6, 0.8))
-    ax.scatter([x for x, f in zip(xs, front) if not f], [y for y, f in zip(ys, front) if not f],
-               color="tab:gray", label="dominated", zorder=2)
+    ax.scatter(
+        [x for x, f in zip(xs, front) if not f],
+        [y for y, f in zip(ys, front) if not f],
+        color="tab:gray",
+        label="dominated",
+        zorder=2,
+    )
     order = sorted((x, y) for x, y, f in zip(xs, ys, front) if f)
     ax.step([x for x, _ in order], [y for _, y in order], where="post", color="tab:red", alpha=0.5, zorder=1)
     ax.scatter([x for x, _ in order], [y for _, y in order], color="tab:red", label="Pareto front", zorder=3)
@@ -222,8 +253,7 @@ def plot_front(names: list[str], xs: list[float], ys: list[float], xlabel: str, 
         if not (math.isnan(x) or math.isnan(y)):
             ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         legend.append(f"{i:>2}  {name}{'  *' if f else ''}")
-    fig.text(0.71, 0.91, "\n".join(legend + ["", "* on the Pareto front"]), fontsize=7, family="monospace",
-             va="top")
+    fig.text(0.71, 0.91, "\n".join(legend + ["", "* on the Pareto front"]), fontsize=7, family="monospace", va="top")
     ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(True, which="both", alpha=0.3)
@@ -241,33 +271,69 @@ def evaluate_entry(entry: dict, cfg: dict, model: torch.nn.Module, out: Path) ->
     """Sample the entry, compute every extractor's metrics and the cost measures; one result row."""
     m, c = cfg["metrics"], cfg["cost"]
     started = time.time()
-    images, nfe = sample(model, m["n_samples"], method=entry["method"], steps=entry["steps"], seed=m["seed"],
-                         batch_size=m["batch_size"], rtol=entry["tol"], atol=entry["tol"], progress=True)
+    images, nfe = sample(
+        model,
+        m["n_samples"],
+        method=entry["method"],
+        steps=entry["steps"],
+        seed=m["seed"],
+        batch_size=m["batch_size"],
+        rtol=entry["tol"],
+        atol=entry["tol"],
+        progress=True,
+    )
     images = to_uint8(images)
     if cfg["grid"]:
-        save_grid(to_float(images[:cfg["grid"]]), out / "samples" / f"{entry['name']}.png")
+        save_grid(to_float(images[: cfg["grid"]]), out / "samples" / f"{entry['name']}.png")
     adaptive = entry["method"] == "dopri5"
-    row = {"name": entry["name"], "model": str(entry["model"]), "method": entry["method"],
-           "solver": f"dopri5 (tol {entry['tol']:g})" if adaptive else entry["method"],
-           "steps": None if adaptive else entry["steps"], "tol": entry["tol"] if adaptive else None, "nfe": nfe}
+    row = {
+        "name": entry["name"],
+        "model": str(entry["model"]),
+        "method": entry["method"],
+        "solver": f"dopri5 (tol {entry['tol']:g})" if adaptive else entry["method"],
+        "steps": None if adaptive else entry["steps"],
+        "tol": entry["tol"] if adaptive else None,
+        "nfe": nfe,
+    }
     for extractor in m["extractors"]:
-        row.update(compute_metrics(
-            images, cfg["reference"], extractor, weights=m[f"{extractor}_weights"], cache_dir=m["cache_dir"],
-            device=next(model.parameters()).device, batch_size=m["batch_size"], kid_subsets=m["kid_subsets"],
-            kid_subset_size=m["kid_subset_size"], prc_neighborhood=m["prc_neighborhood"], seed=m["seed"]))
+        row.update(
+            compute_metrics(
+                images,
+                cfg["reference"],
+                extractor,
+                weights=m[f"{extractor}_weights"],
+                cache_dir=m["cache_dir"],
+                device=next(model.parameters()).device,
+                batch_size=m["batch_size"],
+                kid_subsets=m["kid_subsets"],
+                kid_subset_size=m["kid_subset_size"],
+                prc_neighborhood=m["prc_neighborhood"],
+                seed=m["seed"],
+            )
+        )
     shape = tuple(images.shape[1:])
-    cost = measure_cost(model, shape, entry["method"], entry["steps"], entry["tol"], tuple(c["batch_sizes"]),
-                        c["warmup"], c["repeats"])
+    cost = measure_cost(
+        model, shape, entry["method"], entry["steps"], entry["tol"], tuple(c["batch_sizes"]), c["warmup"], c["repeats"]
+    )
     cost.pop("nfe")  # the table's NFE is the mean over the benchmark's own samples
-    row.update(cost, macs_per_sample=round(cost["macs_per_nfe"] * nfe), n_samples=m["n_samples"],
-               seconds=round(time.time() - started, 1))
+    row.update(
+        cost,
+        macs_per_sample=round(cost["macs_per_nfe"] * nfe),
+        n_samples=m["n_samples"],
+        seconds=round(time.time() - started, 1),
+    )
     return row
 
 
 def _machine(device: torch.device) -> dict:
-    return {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    return {
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
 
 
 def _slug(label: str) -> str:
@@ -277,8 +343,12 @@ def _slug(label: str) -> str:
 def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: str = "") -> dict[str, Path]:
     """bench.csv, bench.md (header, table, footer), both PNG figures and TensorBoard (scalars, figures, table)."""
     cols = columns(cfg)
-    paths = {"csv": out / "bench.csv", "md": out / "bench.md", "fid_vs_params": out / "fid_vs_params.png",
-             "fid_vs_latency": out / "fid_vs_latency.png"}
+    paths = {
+        "csv": out / "bench.csv",
+        "md": out / "bench.md",
+        "fid_vs_params": out / "fid_vs_params.png",
+        "fid_vs_latency": out / "fid_vs_latency.png",
+    }
     write_csv(rows, cols, paths["csv"])
     table = markdown_table(rows, cols) + footer
     atomic_write_text(paths["md"], header + "\n" + table)
@@ -287,11 +357,17 @@ def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: s
     ys = [float(r[fid]) for r in rows]
     batch = min(cfg["cost"]["batch_sizes"])
     figures = {
-        "fid_vs_params": plot_front(names, [float(r["params"]) for r in rows], ys, "parameters", fid,
-                                    f"{fid} vs parameters"),
-        "fid_vs_latency": plot_front(names, [float(r[f"latency_ms_b{batch}"]) for r in rows], ys,
-                                     f"latency (ms/image, batch {batch}, {rows[0]['device']})", fid,
-                                     f"{fid} vs latency"),
+        "fid_vs_params": plot_front(
+            names, [float(r["params"]) for r in rows], ys, "parameters", fid, f"{fid} vs parameters"
+        ),
+        "fid_vs_latency": plot_front(
+            names,
+            [float(r[f"latency_ms_b{batch}"]) for r in rows],
+            ys,
+            f"latency (ms/image, batch {batch}, {rows[0]['device']})",
+            fid,
+            f"{fid} vs latency",
+        ),
     }
     for stale in (out / "tb").glob("events.out.tfevents.*"):  # the event files show the current table only
         stale.unlink()
@@ -312,16 +388,18 @@ def report_header(cfg: dict, command: str | None, now: str, machine: dict, extra
     """The Markdown header of bench.md: command, machine, reference, samples, extractors and what each cost means."""
     ref = cfg["reference"]
     extractor_names = ", ".join(f"{e} = {name}" for e, name in extractor_ids.items())
-    return (f"# Benchmark ({now})\n\nCommand: `{command or shlex.join(sys.orig_argv)}`\n\n"
-              f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
-              f"({machine['torch_threads']} threads), device {machine['device']}"
-              f"{', ' + machine['gpu'] if machine['gpu'] else ''}\n\n"
-              f"Reference: {ref['name']} {ref['split']} ({'all' if ref['n'] is None else ref['n']} images, "
-              f"{ref['image_size']}px); {cfg['metrics']['n_samples']} samples per entry, noise seed "
-              f"{cfg['metrics']['seed']}. Feature extractors (torch-fidelity names): {extractor_names}. "
-              f"MACs: Torch-Pruning count of one network evaluation (module ops; see slimflow.cost). Latency: "
-              f"median ms/image of a full generation. Peak memory: extra memory of one generation at the "
-              f"largest batch.\n")
+    return (
+        f"# Benchmark ({now})\n\nCommand: `{command or shlex.join(sys.orig_argv)}`\n\n"
+        f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), device {machine['device']}"
+        f"{', ' + machine['gpu'] if machine['gpu'] else ''}\n\n"
+        f"Reference: {ref['name']} {ref['split']} ({'all' if ref['n'] is None else ref['n']} images, "
+        f"{ref['image_size']}px); {cfg['metrics']['n_samples']} samples per entry, noise seed "
+        f"{cfg['metrics']['seed']}. Feature extractors (torch-fidelity names): {extractor_names}. "
+        f"MACs: Torch-Pruning count of one network evaluation (module ops; see slimflow.cost). Latency: "
+        f"median ms/image of a full generation. Peak memory: extra memory of one generation at the "
+        f"largest batch.\n"
+    )
 
 
 def bench(cfg: dict, command: str | None = None) -> dict:
@@ -330,8 +408,12 @@ def bench(cfg: dict, command: str | None = None) -> dict:
     cfg = full_config(DEFAULTS, copy.deepcopy(cfg))
     entries = check_entries(cfg["entries"])
     prepare = check_prepare(cfg["prepare"])
-    unknown = [n for pair in cfg["compare"] for n in (pair.get("baseline"), pair.get("candidate"))
-               if n not in {e["name"] for e in entries}]
+    unknown = [
+        n
+        for pair in cfg["compare"]
+        for n in (pair.get("baseline"), pair.get("candidate"))
+        if n not in {e["name"] for e in entries}
+    ]
     if unknown:
         raise ValueError(f"compare names entries that are not in `entries`: {unknown}")
     extractors = cfg["metrics"]["extractors"]
@@ -368,9 +450,10 @@ def bench(cfg: dict, command: str | None = None) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     machine = _machine(device)
     header = report_header(cfg, command, now, machine, extractor_ids)
-    footer = ("\n## Comparisons\n\n" + comparison_table(rows, cfg["compare"], extractors[0])
-              if cfg["compare"] else "")
+    footer = "\n## Comparisons\n\n" + comparison_table(rows, cfg["compare"], extractors[0]) if cfg["compare"] else ""
     files = write_reports(rows, cfg, out, header, footer)
-    atomic_write_text(out / "bench.json", json.dumps({"date": now, "machine": machine, "config": cfg,
-                                                      "rows": rows}, indent=1, default=str) + "\n")
+    atomic_write_text(
+        out / "bench.json",
+        json.dumps({"date": now, "machine": machine, "config": cfg, "rows": rows}, indent=1, default=str) + "\n",
+    )
     return {"rows": rows, "computed": computed, "skipped": skipped, "files": {k: str(v) for k, v in files.items()}}

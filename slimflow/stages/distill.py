@@ -11,11 +11,12 @@ t₀ (`loss.one_step_time`) defaults to 0; the exported model file records it, a
 student (`slimflow.sample`), benchmarks or exports it evaluates its one-step generator at that t₀. The reference
 code used ε = 1e-3 for both. D is any two-image distance of `slimflow.losses`.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -36,8 +37,16 @@ DEFAULTS: dict = {
     "pairs": "runs/pairs",  # the teacher pairs (z, x̂)
     "teacher": None,  # optional teacher file: the store must have been made by it (hash check)
     "student": "runs/anneal/annealed_ema.safetensors",  # the annealed model: student init and (frozen) guide
-    "loss": {"distance": "l2", "options": {"_open": True}, "w_distill": 1.0, "w_2step": 1.0,
-             "variant": "reference", "t_min": 0.2, "t_max": 0.8, "one_step_time": 0.0},
+    "loss": {
+        "distance": "l2",
+        "options": {"_open": True},
+        "w_distill": 1.0,
+        "w_2step": 1.0,
+        "variant": "reference",
+        "t_min": 0.2,
+        "t_max": 0.8,
+        "one_step_time": 0.0,
+    },
     "train": copy.deepcopy(TRAIN_DEFAULTS),
     "sample": {"n": 64, "seed": 0},
 }
@@ -52,8 +61,9 @@ def two_step_target(guide: Callable, e: torch.Tensor, first_velocity: torch.Tens
     return x_t + (1 - tb) * guide(x_t, t)
 
 
-def distill_terms(student: Callable, guide: Callable, batch: dict, variant: str = "reference",
-                  t0: float = 0.0) -> dict[str, torch.Tensor]:
+def distill_terms(
+    student: Callable, guide: Callable, batch: dict, variant: str = "reference", t0: float = 0.0
+) -> dict[str, torch.Tensor]:
     """The compared images of both terms: one_step vs pair_image (L_distill), two_step vs two_step_target
     (L_2step). The student runs once on [z; e]; the target is computed without gradient."""
     if variant not in VARIANTS:
@@ -102,16 +112,20 @@ def make_distill_batch(store: PairStore, train_cfg: dict, loss_cfg: dict) -> Cal
 def check_loss_config(loss_cfg: dict) -> None:
     kind = loss_cfg["distance"]
     if kind == "lpips_huber":
-        raise ValueError("loss.distance 'lpips_huber' does not apply to distillation: it weights its Huber term by "
-                         "the training time t, and the one-step student is only evaluated at t0 ≈ 0, where that term "
-                         f"vanishes and what is left is the perceptual distance itself. Use one of {DISTANCES}")
+        raise ValueError(
+            "loss.distance 'lpips_huber' does not apply to distillation: it weights its Huber term by "
+            "the training time t, and the one-step student is only evaluated at t0 ≈ 0, where that term "
+            f"vanishes and what is left is the perceptual distance itself. Use one of {DISTANCES}"
+        )
     if kind not in DISTANCES:
         raise ValueError(f"unknown distillation distance {kind!r}; choose one of {', '.join(DISTANCES)}")
     if loss_cfg["variant"] not in VARIANTS:
         raise ValueError(f"unknown loss.variant {loss_cfg['variant']!r}; choose one of {', '.join(VARIANTS)}")
     if not 0.0 <= loss_cfg["t_min"] < loss_cfg["t_max"] <= 1.0:
-        raise ValueError(f"loss.t_min and loss.t_max must satisfy 0 <= t_min < t_max <= 1, got "
-                         f"{loss_cfg['t_min']} and {loss_cfg['t_max']}")
+        raise ValueError(
+            f"loss.t_min and loss.t_max must satisfy 0 <= t_min < t_max <= 1, got "
+            f"{loss_cfg['t_min']} and {loss_cfg['t_max']}"
+        )
     if not 0.0 <= loss_cfg["one_step_time"] < loss_cfg["t_min"]:
         raise ValueError(f"loss.one_step_time must lie in [0, t_min), got {loss_cfg['one_step_time']}")
 
@@ -121,8 +135,15 @@ def check_config(cfg: dict) -> None:
     check_loss_config(full_config(DEFAULTS, cfg)["loss"])
 
 
-def train_distilled(student: torch.nn.Module, guide: torch.nn.Module, store: PairStore, cfg: dict, out: str | Path,
-                    run_config: dict, sample_fn: Callable | None = None) -> tuple[Trainer, dict]:
+def train_distilled(
+    student: torch.nn.Module,
+    guide: torch.nn.Module,
+    store: PairStore,
+    cfg: dict,
+    out: str | Path,
+    run_config: dict,
+    sample_fn: Callable | None = None,
+) -> tuple[Trainer, dict]:
     """Flow-guided distillation of `student` (any velocity network) with the frozen `guide`; resumes from `out`.
     `cfg` needs loss and train (see DEFAULTS)."""
     check_loss_config(cfg["loss"])
@@ -140,14 +161,17 @@ def distill_job(cfg: dict) -> TrainingJob:
     """The flow-guided distillation job of a merged, checked config: the student starts from the annealed model
     (a pruned one too), its frozen copy is the guide; exported to `out/distilled_ema.safetensors`."""
     store = open_pairs(cfg["pairs"], cfg["teacher"])
-    require_input(cfg["student"], "annealed model", "run `slimflow anneal` first or set student= to an exported "
-                  "model file")
+    require_input(
+        cfg["student"], "annealed model", "run `slimflow anneal` first or set student= to an exported model file"
+    )
     sidecar = read_model_file(cfg["student"])[0]
     made_from = (sidecar.get("pairs") or {}).get("teacher_hash")
     if made_from is not None and made_from != store.manifest["teacher_hash"]:
-        raise PairStoreError(f"the pair store {cfg['pairs']} was made by another teacher than the pairs "
-                             f"{cfg['student']} was trained on (teacher_hash {store.manifest['teacher_hash'][:16]}… vs "
-                             f"{made_from[:16]}…); distill on pairs of the same teacher")
+        raise PairStoreError(
+            f"the pair store {cfg['pairs']} was made by another teacher than the pairs "
+            f"{cfg['student']} was trained on (teacher_hash {store.manifest['teacher_hash'][:16]}… vs "
+            f"{made_from[:16]}…); distill on pairs of the same teacher"
+        )
     guide = load_model(cfg["student"])
     student_sha256 = sha256_file(cfg["student"])
     record = pairs_record(store)
@@ -164,14 +188,23 @@ def distill_job(cfg: dict) -> TrainingJob:
 
     s = cfg["sample"]
     return TrainingJob(
-        out=Path(cfg["out"]), kind="distilled-student", export_name="distilled_ema.safetensors",
+        out=Path(cfg["out"]),
+        kind="distilled-student",
+        export_name="distilled_ema.safetensors",
         run_config={**cfg, "model": sidecar["model"], "student_sha256": student_sha256, "pairs_hash": record["hash"]},
-        train=cfg["train"], build=build, make_batch=make_distill_batch(store, cfg["train"], loss_cfg),
-        make_loss=make_loss, sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]),
-        meta={**({"pruning": sidecar["pruning"]} if sidecar.get("pruning") else {}),
-              "one_step_time": loss_cfg["one_step_time"], "pairs": record,
-              "guide": {"file": str(cfg["student"]), "sha256": student_sha256, "kind": sidecar.get("kind")}},
-        settings=cfg)
+        train=cfg["train"],
+        build=build,
+        make_batch=make_distill_batch(store, cfg["train"], loss_cfg),
+        make_loss=make_loss,
+        sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]),
+        meta={
+            **({"pruning": sidecar["pruning"]} if sidecar.get("pruning") else {}),
+            "one_step_time": loss_cfg["one_step_time"],
+            "pairs": record,
+            "guide": {"file": str(cfg["student"]), "sha256": student_sha256, "kind": sidecar.get("kind")},
+        },
+        settings=cfg,
+    )
 
 
 def distill(cfg: dict, command: str | None = None) -> dict:

@@ -1,4 +1,5 @@
 """`slimflow domain-net train`: train the Fashion-MNIST domain net (slimflow.domain_net) and write its weights."""
+
 from __future__ import annotations
 
 import datetime
@@ -32,8 +33,12 @@ def random_shift(x: torch.Tensor, max_shift: int, fill: float, generator: torch.
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    return padded[torch.arange(n, device=x.device)[:, None, None, None],
-                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    return padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
 
 
 @torch.no_grad()
@@ -43,15 +48,23 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     device = next(model.parameters()).device
     correct = 0
     for start in range(0, images.shape[0], batch_size):
-        x = to_float(images[start:start + batch_size].to(device))
-        correct += (model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
+        x = to_float(images[start : start + batch_size].to(device))
+        correct += (model(x).argmax(1).cpu() == labels[start : start + batch_size]).sum().item()
     return correct / images.shape[0]
 
 
-def train_domain_net(out_path: str | Path, epochs: int = 8, batch_size: int = 128, lr: float = 0.1,
-                     weight_decay: float = 5e-4, seed: int = 0, data_root: str | Path | None = None,
-                     widths: tuple[int, ...] = (32, 64, 128), depths: tuple[int, ...] = (1, 2, 2),
-                     device: str = "auto") -> dict:
+def train_domain_net(
+    out_path: str | Path,
+    epochs: int = 8,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    widths: tuple[int, ...] = (32, 64, 128),
+    depths: tuple[int, ...] = (1, 2, 2),
+    device: str = "auto",
+) -> dict:
     """Train the domain net on the Fashion-MNIST train split (32×32, random flips and ±2-pixel shifts; SGD with
     Nesterov momentum, one-cycle learning rate), measure its test-split accuracy, and write `out_path`
     (.safetensors) plus its JSON sidecar atomically. Returns the sidecar's metadata."""
@@ -71,9 +84,10 @@ def train_domain_net(out_path: str | Path, epochs: int = 8, batch_size: int = 12
         model.train()
         order = torch.randperm(train.images.shape[0], generator=generator)
         loss_sum, correct = 0.0, 0
-        for start in tqdm(range(0, order.numel(), batch_size), desc=f"domain net epoch {epoch + 1}/{epochs}",
-                          leave=False):
-            idx = order[start:start + batch_size]
+        for start in tqdm(
+            range(0, order.numel(), batch_size), desc=f"domain net epoch {epoch + 1}/{epochs}", leave=False
+        ):
+            idx = order[start : start + batch_size]
             x = to_float(train.images[idx]).to(dev)
             x = random_shift(random_hflip(x, generator)[0], MAX_SHIFT, -1.0, generator)
             y = train.labels[idx].to(dev)
@@ -85,10 +99,18 @@ def train_domain_net(out_path: str | Path, epochs: int = 8, batch_size: int = 12
             schedule.step()
             loss_sum += loss.item() * idx.numel()
             correct += (logits.argmax(1) == y).sum().item()
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / order.numel(),
-                        "train_accuracy": correct / order.numel(), "elapsed_s": round(time.time() - started, 1)})
-        tqdm.write(f"domain net epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} "
-                   f"train acc {history[-1]['train_accuracy']:.4f} ({history[-1]['elapsed_s']} s)")
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / order.numel(),
+                "train_accuracy": correct / order.numel(),
+                "elapsed_s": round(time.time() - started, 1),
+            }
+        )
+        tqdm.write(
+            f"domain net epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} "
+            f"train acc {history[-1]['train_accuracy']:.4f} ({history[-1]['elapsed_s']} s)"
+        )
     test_accuracy = accuracy(model, test.images, test.labels)
     model.cpu()
     meta = {
@@ -97,18 +119,32 @@ def train_domain_net(out_path: str | Path, epochs: int = 8, batch_size: int = 12
         "params": sum(p.numel() for p in model.parameters()),
         "test_accuracy": test_accuracy,
         "test_images": int(test.images.shape[0]),
-        "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
-                  "optimizer": "SGD nesterov momentum 0.9, one-cycle lr", "augmentation": "hflip p=0.5, shift ±2 px",
-                  "history": history},
-        "call": (f"slimflow.domain_net.train_domain_net(out_path={str(out_path)!r}, epochs={epochs}, "
-                 f"batch_size={batch_size}, lr={lr}, weight_decay={weight_decay}, seed={seed}, "
-                 f"data_root={None if data_root is None else str(data_root)!r}, widths={tuple(widths)}, "
-                 f"depths={tuple(depths)}, device={device!r})"),
+        "train": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "optimizer": "SGD nesterov momentum 0.9, one-cycle lr",
+            "augmentation": "hflip p=0.5, shift ±2 px",
+            "history": history,
+        },
+        "call": (
+            f"slimflow.domain_net.train_domain_net(out_path={str(out_path)!r}, epochs={epochs}, "
+            f"batch_size={batch_size}, lr={lr}, weight_decay={weight_decay}, seed={seed}, "
+            f"data_root={None if data_root is None else str(data_root)!r}, widths={tuple(widths)}, "
+            f"depths={tuple(depths)}, device={device!r})"
+        ),
         "command": shlex.join(sys.orig_argv),
         "wall_time_s": round(time.time() - started, 3),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"device": str(dev), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "device": str(dev),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
     }
     save_model(out_path, model, meta)
     return meta

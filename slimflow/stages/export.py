@@ -14,6 +14,7 @@ Checks: the reloaded .pt2 program and onnxruntime (CPU provider) must reproduce 
 noise within `atol`, else ExportMismatchError. Latency: median ms per image at batch 1 for PyTorch eager and
 onnxruntime, both with torch's current thread count. Export runs on CPU (the files carry no device).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _check(name: str, diff: float, atol: float) -> None:
     if not diff <= atol:
-        raise ExportMismatchError(f"{name} output differs from PyTorch's by {diff:.3g} (max abs) on the same noise, "
-                                  f"above the tolerance {atol:g}")
+        raise ExportMismatchError(
+            f"{name} output differs from PyTorch's by {diff:.3g} (max abs) on the same noise, "
+            f"above the tolerance {atol:g}"
+        )
 
 
 def _onnxruntime():
@@ -77,8 +80,7 @@ def _export_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
     onnx_program.save(str(path))
 
 
-def _check_onnx(path: Path, z: torch.Tensor, expected: torch.Tensor, atol: float, warmup: int,
-                repeats: int) -> dict:
+def _check_onnx(path: Path, z: torch.Tensor, expected: torch.Tensor, atol: float, warmup: int, repeats: int) -> dict:
     """onnxruntime vs PyTorch on the same noise, and onnxruntime's batch-1 latency."""
     ort = _onnxruntime()
     options = ort.SessionOptions()
@@ -95,9 +97,18 @@ def _check_onnx(path: Path, z: torch.Tensor, expected: torch.Tensor, atol: float
 
 
 @torch.no_grad()
-def export_model(model_path: str | Path, out_dir: str | Path, formats: tuple[str, ...] = FORMATS, *,
-                 seed: int = 0, atol: float = 1e-4, warmup: int = 5, repeats: int = 50, resolution: int | None = None,
-                 unsafe_pickle: bool = False) -> dict:
+def export_model(
+    model_path: str | Path,
+    out_dir: str | Path,
+    formats: tuple[str, ...] = FORMATS,
+    *,
+    seed: int = 0,
+    atol: float = 1e-4,
+    warmup: int = 5,
+    repeats: int = 50,
+    resolution: int | None = None,
+    unsafe_pickle: bool = False,
+) -> dict:
     """Export the one-step generator of a velocity model file (any format `teachers.zoo.load_model` reads; a
     reference DDPM++ checkpoint needs `resolution`); returns (and writes as export.json) a report: files, params,
     max abs differences to PyTorch on the noise of (seed, 0..3), and batch-1 latencies."""
@@ -112,11 +123,17 @@ def export_model(model_path: str | Path, out_dir: str | Path, formats: tuple[str
     z = noise_for(list(range(CHECK_BATCH)), seed, shape)
     expected = generator(z)
     one = z[:1]
-    report: dict = {"model": str(model_path), "params": count_params(velocity), "input": ["batch", *shape],
-                    "mapping": f"image = z + v(z, {generator.t0:g}), z ~ N(0, I); output not clamped (nominally "
-                               "[-1, 1])", "one_step_time": generator.t0,
-                    "atol": atol, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "torch_latency_ms_b1": median_ms(lambda: generator(one), one.device, warmup, repeats)}
+    report: dict = {
+        "model": str(model_path),
+        "params": count_params(velocity),
+        "input": ["batch", *shape],
+        "mapping": f"image = z + v(z, {generator.t0:g}), z ~ N(0, I); output not clamped (nominally [-1, 1])",
+        "one_step_time": generator.t0,
+        "atol": atol,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "torch_latency_ms_b1": median_ms(lambda: generator(one), one.device, warmup, repeats),
+    }
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     program = torch.export.export(generator, (z[:TRACE_BATCH],), dynamic_shapes=({0: batch},))
     if "torch_export" in formats:

@@ -1,11 +1,12 @@
 """`slimflow invert`: map images to noise with a teacher and back, and compare RF-Solver with Euler at equal NFE
 (the maths: slimflow.invert)."""
+
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -27,8 +28,9 @@ def load_image_batch(source: str | Path, shape: Sequence[int], n: int, split: st
     elif str(source) in LOADERS:
         images = load_images(str(source), split=split, image_size=height).images
     else:
-        raise FileNotFoundError(f"images {str(source)!r}: neither a folder of images nor a data set name "
-                                f"({', '.join(LOADERS)})")
+        raise FileNotFoundError(
+            f"images {str(source)!r}: neither a folder of images nor a data set name ({', '.join(LOADERS)})"
+        )
     if images.shape[1] != channels:
         raise ValueError(f"images {str(source)!r} have {images.shape[1]} channel(s); the teacher expects {channels}")
     return to_float(images[:n])
@@ -60,14 +62,25 @@ def invert_images(
     _, rebuilt, nfe = round_trip(teacher, x, method, steps)
     table = reconstruction_error_vs_nfe(teacher, x, ("euler", "rf_solver"), nfe_per_direction)
     out = Path(out_dir)
-    files = {"originals": save_grid(x.cpu(), out / "originals.png"),
-             "reconstructions": save_grid(rebuilt.cpu(), out / "reconstructions.png"),
-             "table_json": out / "reconstruction_error.json", "table_csv": out / "reconstruction_error.csv"}
+    files = {
+        "originals": save_grid(x.cpu(), out / "originals.png"),
+        "reconstructions": save_grid(rebuilt.cpu(), out / "reconstructions.png"),
+        "table_json": out / "reconstruction_error.json",
+        "table_csv": out / "reconstruction_error.csv",
+    }
     atomic_write_text(files["table_json"], json.dumps(table, indent=1) + "\n")
     with atomic_file(files["table_csv"]) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["method", "steps", "nfe", "mse"])
         writer.writeheader()
         writer.writerows(table)
-    return {"teacher": str(teacher_path), "images": str(images), "n": len(x), "method": method, "steps": steps,
-            "nfe": nfe, "mse": (rebuilt - x).double().pow(2).mean().item(), "table": table,
-            "files": {k: str(v) for k, v in files.items()}}
+    return {
+        "teacher": str(teacher_path),
+        "images": str(images),
+        "n": len(x),
+        "method": method,
+        "steps": steps,
+        "nfe": nfe,
+        "mse": (rebuilt - x).double().pow(2).mean().item(),
+        "table": table,
+        "files": {k: str(v) for k, v in files.items()},
+    }

@@ -1,4 +1,5 @@
 """`slimflow pairs generate`: (noise seed, image) pairs from a teacher's ODE into a pair store (slimflow.pairs)."""
+
 from __future__ import annotations
 
 import time
@@ -45,7 +46,15 @@ def generate_pairs_from_config(cfg: dict) -> dict:
     require_input(cfg["teacher"], "teacher file", TEACHER_HINT)
     teacher = load_model(cfg["teacher"], resolution=cfg["teacher_resolution"], device=resolve_device(cfg["device"]))
     started = time.time()
-    manifest = generate_pairs(teacher, cfg["out"], n=cfg["n"], shape=list(teacher.sample_shape), seed=cfg["seed"],
-                              solver=solver, shard_size=cfg["shard_size"], batch_size=cfg["batch_size"],
-                              image_format=cfg["image_format"])
+    manifest = generate_pairs(
+        teacher,
+        cfg["out"],
+        n=cfg["n"],
+        shape=list(teacher.sample_shape),
+        seed=cfg["seed"],
+        solver=solver,
+        shard_size=cfg["shard_size"],
+        batch_size=cfg["batch_size"],
+        image_format=cfg["image_format"],
+    )
     return {**manifest, "seconds_this_session": time.time() - started}

@@ -16,6 +16,7 @@
 5. exports `recovered_ema.safetensors` and writes `summary.json`: params/MACs/latency before and after, the
    one-step distance to the unpruned student before and after recovery, and a grid of the three models.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,16 @@ from slimflow.images import save_grid
 from slimflow.losses import distance, l2
 from slimflow.pairs import open_pairs, pairs_hash
 from slimflow.sample import one_step_images, one_step_sampler
-from slimflow.stages.runner import (TrainingJob, command_line, full_config, is_current, output_key, plain_config,
-                                    run_training, write_summary)
+from slimflow.stages.runner import (
+    TrainingJob,
+    command_line,
+    full_config,
+    is_current,
+    output_key,
+    plain_config,
+    run_training,
+    write_summary,
+)
 from teachers.pruned import example_inputs, unet_custom_pruners
 from teachers.zoo import load_model
 
@@ -62,8 +71,15 @@ DEFAULTS: dict = {
         "mode": "one_step",
         "distance": "l2",  # one_step: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex (flow: l2)
         "options": {"_open": True},
-        "train": {**copy.deepcopy(TRAIN_DEFAULTS), "steps": 500, "batch_size": 32, "lr": 3e-4, "warmup": 25,
-                  "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999}, "ckpt_every": 100},
+        "train": {
+            **copy.deepcopy(TRAIN_DEFAULTS),
+            "steps": 500,
+            "batch_size": 32,
+            "lr": 3e-4,
+            "warmup": 25,
+            "ema": {"kind": "power", "decay": 0.999, "max_decay": 0.999},
+            "ckpt_every": 100,
+        },
     },
     "compare": {"n": 64, "seed": 0},  # noise of the grid and of the distance to the unpruned student
 }
@@ -114,8 +130,10 @@ def _check(cfg: dict) -> None:
     if r["mode"] == "one_step":
         distance(r["distance"], **r["options"])  # an unknown distance or missing LPIPS weights stop here
     if _needs_pairs(cfg) and not cfg["pairs"]:
-        raise ValueError("prune.importance taylor and recover.mode flow read the pair store: set pairs= to one "
-                         "(slimflow pairs generate)")
+        raise ValueError(
+            "prune.importance taylor and recover.mode flow read the pair store: set pairs= to one "
+            "(slimflow pairs generate)"
+        )
 
 
 def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=None) -> tuple[nn.Module, dict]:
@@ -131,10 +149,13 @@ def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=N
         t = prune_cfg["taylor"]
 
         def compute_gradients(m):
-            accumulate_gradients(m, flow_loss, taylor_batches(store, t["batches"], t["batch_size"], t["eps"],
-                                                              t["seed"]))
-    report = prune_structured(model, inputs, ratio=ratio, steps=prune_cfg["steps"],
-                              compute_gradients=compute_gradients, **kwargs)
+            accumulate_gradients(
+                m, flow_loss, taylor_batches(store, t["batches"], t["batch_size"], t["eps"], t["seed"])
+            )
+
+    report = prune_structured(
+        model, inputs, ratio=ratio, steps=prune_cfg["steps"], compute_gradients=compute_gradients, **kwargs
+    )
     return model.eval(), {**report, "ratio": ratio, "example_inputs": input_specs(inputs)}
 
 
@@ -163,12 +184,17 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
 
 def _file_meta(sidecar: dict) -> dict:
     """What a pruned or recovered file keeps from the student's sidecar."""
-    return {"model": sidecar["model"], "time_convention": sidecar.get("time_convention"),
-            "one_step_time": float(sidecar.get("one_step_time") or 0.0), "pairs": sidecar.get("pairs")}
+    return {
+        "model": sidecar["model"],
+        "time_convention": sidecar.get("time_convention"),
+        "one_step_time": float(sidecar.get("one_step_time") or 0.0),
+        "pairs": sidecar.get("pairs"),
+    }
 
 
-def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, store,
-                 command: str) -> tuple[dict, Path, dict]:
+def _prune_stage(
+    cfg: dict, student: nn.Module, sidecar: dict, source: dict, store, command: str
+) -> tuple[dict, Path, dict]:
     """Write out/pruned.safetensors unless it was made from this student with these settings; returns the stage
     summary, the file and its pruning record."""
     path = Path(cfg["out"]) / "pruned.safetensors"
@@ -178,19 +204,44 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
         status, record = "skipped", read_model_file(path)[0]["pruning"]
     else:
         pruned, report = prune_model(student, sidecar["model"], cfg["prune"], store)
-        record = {"history": report.pop("history"), "example_inputs": report.pop("example_inputs"),
-                  "report": report, "source": source}
-        save_model(path, pruned, {**_file_meta(sidecar), "pruning": record, "kind": KIND,
-                                  "config": plain_config(cfg), "key": key, "command": command})
+        record = {
+            "history": report.pop("history"),
+            "example_inputs": report.pop("example_inputs"),
+            "report": report,
+            "source": source,
+        }
+        save_model(
+            path,
+            pruned,
+            {
+                **_file_meta(sidecar),
+                "pruning": record,
+                "kind": KIND,
+                "config": plain_config(cfg),
+                "key": key,
+                "command": command,
+            },
+        )
         status = "ran"
     report = record["report"]
-    return {"status": status, "seconds": time.time() - started, "file": str(path),
-            **{k: report[k] for k in ("importance", "ratio", "steps", "params_before", "params_after", "macs_before",
-                                      "macs_after")}}, path, record
+    return (
+        {
+            "status": status,
+            "seconds": time.time() - started,
+            "file": str(path),
+            **{
+                k: report[k]
+                for k in ("importance", "ratio", "steps", "params_before", "params_after", "macs_before", "macs_after")
+            },
+        },
+        path,
+        record,
+    )
 
 
-def _recover_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path, record: dict, store,
-                   command: str) -> dict:
+def _recover_stage(
+    cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path, record: dict, store, command: str
+) -> dict:
     """Train the pruned model in out/recover and export out/recovered_ema.safetensors by the stage recipe (skipped
     when that export was made from this pruned file with these settings)."""
     out, r = Path(cfg["out"]), cfg["recover"]
@@ -199,6 +250,7 @@ def _recover_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Pa
     shape = tuple(example_inputs(sidecar["model"])[0].shape[1:])
     batch_size, seed = r["train"]["batch_size"], r["train"]["seed"]
     if r["mode"] == "one_step":
+
         def make_loss(device):
             d = distance(r["distance"], **r["options"])
             d = d.to(device) if isinstance(d, nn.Module) else d
@@ -207,26 +259,48 @@ def _recover_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Pa
         def make_batch(step, gen):
             return {"z": torch.randn((batch_size, *shape), generator=gen)}
     else:
+
         def make_loss(device):
             return flow_loss
 
         def make_batch(step, gen):
             z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
             return flow_matching_batch(z, x, 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=gen))
+
     started = time.time()
     job = TrainingJob(
         # train settings at the top level, where the run directory allows steps/logging to change on resume
-        out=out / "recover", export_dir=out, kind="recovered-" + KIND, export_name="recovered_ema.safetensors",
-        run_config={**recover_cfg, "recover": {k: v for k, v in r.items() if k != "train"}, "train": r["train"],
-                    "model": sidecar["model"], "pruning": record},
-        train=r["train"], build=lambda: load_model(pruned_path).train().requires_grad_(True), make_batch=make_batch,
-        make_loss=make_loss, sample_fn=one_step_sampler(cfg["compare"]["n"], shape, cfg["compare"]["seed"]),
-        meta={"one_step_time": meta["one_step_time"], "pairs": meta["pairs"], "pruning": record,
-              "recovered_from": str(pruned_path)},
-        settings=recover_cfg)
+        out=out / "recover",
+        export_dir=out,
+        kind="recovered-" + KIND,
+        export_name="recovered_ema.safetensors",
+        run_config={
+            **recover_cfg,
+            "recover": {k: v for k, v in r.items() if k != "train"},
+            "train": r["train"],
+            "model": sidecar["model"],
+            "pruning": record,
+        },
+        train=r["train"],
+        build=lambda: load_model(pruned_path).train().requires_grad_(True),
+        make_batch=make_batch,
+        make_loss=make_loss,
+        sample_fn=one_step_sampler(cfg["compare"]["n"], shape, cfg["compare"]["seed"]),
+        meta={
+            "one_step_time": meta["one_step_time"],
+            "pairs": meta["pairs"],
+            "pruning": record,
+            "recovered_from": str(pruned_path),
+        },
+        settings=recover_cfg,
+    )
     result = run_training(job, command)
-    return {"status": result["status"], "seconds": time.time() - started, "file": str(job.export),
-            **{k: result.get(k) for k in ("steps", "img_per_s", "final")}}
+    return {
+        "status": result["status"],
+        "seconds": time.time() - started,
+        "file": str(job.export),
+        **{k: result.get(k) for k in ("steps", "img_per_s", "final")},
+    }
 
 
 def _compare_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path) -> dict:
@@ -245,9 +319,11 @@ def _compare_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Pa
     rows = {}
     for name, m in models.items():
         macs, params = count_macs_params(m, inputs)
-        rows[name] = {"params": params, "macs": macs,
-                      "latency_ms_b1": measure_latency(m, inputs, warmup=3, repeats=10),
-                      "l2_to_unpruned": l2(images[name], images["unpruned"]).mean().item()}
+        rows[name] = {
+            "params": params,
+            "macs": macs,
+            "latency_ms_b1": measure_latency(m, inputs, warmup=3, repeats=10),
+            "l2_to_unpruned": l2(images[name], images["unpruned"]).mean().item(),
+        }
         save_grid(images[name], out / "grids" / f"{name}.png")
     return rows
-

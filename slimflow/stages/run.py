@@ -7,6 +7,7 @@ grids), summary.json.
 Each stage is skipped when its output is current, resumed from its checkpoints when partial
 (slimflow.stages.runner).
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,8 +26,17 @@ from slimflow.sample import sample
 from slimflow.stages import anneal as anneal_stage
 from slimflow.stages import distill as distill_stage
 from slimflow.stages import pairs as pairs_stage
-from slimflow.stages.runner import (TEACHER_HINT, command_line, full_config, is_current, output_key, plain_config,
-                                    read_summary, require_input, write_summary)
+from slimflow.stages.runner import (
+    TEACHER_HINT,
+    command_line,
+    full_config,
+    is_current,
+    output_key,
+    plain_config,
+    read_summary,
+    require_input,
+    write_summary,
+)
 from teachers.zoo import load_model
 
 DEFAULTS: dict = {
@@ -34,11 +44,20 @@ DEFAULTS: dict = {
     "teacher": pairs_stage.DEFAULTS["teacher"],
     "teacher_resolution": None,  # image size of a reference DDPM++ .pth teacher (it does not record it)
     # pairs.dir: where the pair store lives (None: <out>/pairs); runs that name the same dir share one store
-    "pairs": {"dir": None, **{k: copy.deepcopy(v) for k, v in pairs_stage.DEFAULTS.items()
-                                  if k not in ("out", "teacher", "teacher_resolution")}},
+    "pairs": {
+        "dir": None,
+        **{
+            k: copy.deepcopy(v)
+            for k, v in pairs_stage.DEFAULTS.items()
+            if k not in ("out", "teacher", "teacher_resolution")
+        },
+    },
     "anneal": {k: copy.deepcopy(v) for k, v in anneal_stage.DEFAULTS.items() if k not in ("out", "pairs", "teacher")},
-    "distill": {k: copy.deepcopy(v) for k, v in distill_stage.DEFAULTS.items()
-                if k not in ("out", "pairs", "teacher", "student")},
+    "distill": {
+        k: copy.deepcopy(v)
+        for k, v in distill_stage.DEFAULTS.items()
+        if k not in ("out", "pairs", "teacher", "student")
+    },
     "grids": {"n": 64, "seed": 0},  # the teacher's many-step grid uses the pairs' solver
 }
 GRIDS = ("teacher_1step", "teacher_ode", "annealed_1step", "distilled_1step")
@@ -63,8 +82,9 @@ def side_by_side(grids: dict[str, torch.Tensor], titles: dict[str, str], path: P
     return path
 
 
-def write_grids(out: Path, teacher: torch.nn.Module, students: dict[str, Path], solver: dict, n: int,
-                seed: int) -> dict:
+def write_grids(
+    out: Path, teacher: torch.nn.Module, students: dict[str, Path], solver: dict, n: int, seed: int
+) -> dict:
     """Grids of the teacher (1 step and its ODE with `solver`) and the students (1 step) from the noise of
     (seed, 0..n-1); PNGs, side_by_side.png and TensorBoard images under `out`, and each grid's mean l2 to the
     teacher's ODE images on the same noise."""
@@ -76,16 +96,24 @@ def write_grids(out: Path, teacher: torch.nn.Module, students: dict[str, Path], 
     grids = {"teacher_1step": sample(teacher, n, shape, method="euler", steps=1, seed=seed)[0], "teacher_ode": ode}
     for name, path in students.items():  # one-step generators, each at its own t0
         grids[name] = sample(load_model(path, device=device), n, shape, method="euler", steps=1, seed=seed)[0]
-    titles = {"teacher_1step": "teacher, 1 step", "teacher_ode": f"teacher, {solver['method']} ({nfe:g} NFE)",
-              "annealed_1step": "annealed student, 1 step", "distilled_1step": "distilled student, 1 step"}
+    titles = {
+        "teacher_1step": "teacher, 1 step",
+        "teacher_ode": f"teacher, {solver['method']} ({nfe:g} NFE)",
+        "annealed_1step": "annealed student, 1 step",
+        "distilled_1step": "distilled student, 1 step",
+    }
     files = {name: str(save_grid(images, out / "grids" / f"{name}.png")) for name, images in grids.items()}
     files["side_by_side"] = str(side_by_side(grids, titles, out / "grids" / "side_by_side.png"))
     with SummaryWriter(str(out / "tb")) as writer:
         for name, images in grids.items():
             writer.add_image(f"grids/{name}", grid_image(images), 0)
-    return {"files": files, "teacher_ode_nfe": nfe,
-            "l2_to_teacher_ode": {name: l2(images, ode).mean().item() for name, images in grids.items()
-                                  if name != "teacher_ode"}}
+    return {
+        "files": files,
+        "teacher_ode_nfe": nfe,
+        "l2_to_teacher_ode": {
+            name: l2(images, ode).mean().item() for name, images in grids.items() if name != "teacher_ode"
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -94,12 +122,20 @@ def _train_stage(runner, cfg: dict, command: str) -> dict:
     started = time.time()
     summary = runner(cfg, command=command)
     final = summary.get("final") or {}
-    return {"status": summary["status"], "wall_s": time.time() - started, "params": summary.get("params"),
-            "steps": summary.get("steps"), "img_per_s": summary.get("img_per_s"),
-            "seconds_of_last_session": summary.get("seconds_this_session"),
-            "final_losses": {k.removeprefix("train/"): v for k, v in final.items()
-                             if k in ("train/loss", "train/distill", "train/two_step", "train/beta")},
-            "export": summary.get("export")}
+    return {
+        "status": summary["status"],
+        "wall_s": time.time() - started,
+        "params": summary.get("params"),
+        "steps": summary.get("steps"),
+        "img_per_s": summary.get("img_per_s"),
+        "seconds_of_last_session": summary.get("seconds_this_session"),
+        "final_losses": {
+            k.removeprefix("train/"): v
+            for k, v in final.items()
+            if k in ("train/loss", "train/distill", "train/two_step", "train/beta")
+        },
+        "export": summary.get("export"),
+    }
 
 
 def _check_settings(cfg: dict) -> None:
@@ -135,23 +171,39 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     pairs_dir = Path(cfg["pairs"]["dir"]) if cfg["pairs"]["dir"] else out / "pairs"
     manifest_path = pairs_dir / "manifest.json"
     before = json.loads(manifest_path.read_text()).get("status") if manifest_path.is_file() else None
-    manifest = pairs_stage.generate_pairs_from_config({**pairs_settings, "out": str(pairs_dir),
-                                                       "teacher": cfg["teacher"],
-                                                       "teacher_resolution": cfg["teacher_resolution"]})
+    manifest = pairs_stage.generate_pairs_from_config(
+        {
+            **pairs_settings,
+            "out": str(pairs_dir),
+            "teacher": cfg["teacher"],
+            "teacher_resolution": cfg["teacher_resolution"],
+        }
+    )
     # the stages re-check the store's teacher hash from the teacher file; a reference .pth needs its resolution
     # for that, which they do not take, and the store was made by this very teacher a moment ago
     checked_teacher = cfg["teacher"] if cfg["teacher_resolution"] is None else None
     status = {"complete": "skipped", "running": "resumed"}.get(before, "ran")
-    stages["pairs"] = {"status": status, "wall_s": manifest["seconds_this_session"],
-                       "count": manifest["count"], "solver": manifest["solver"],
-                       "pairs_per_s": manifest["pairs_per_s"], "nfe_per_pair": manifest["nfe_per_pair_mean"],
-                       "teacher_hash": manifest["teacher_hash"], "dir": str(pairs_dir)}
+    stages["pairs"] = {
+        "status": status,
+        "wall_s": manifest["seconds_this_session"],
+        "count": manifest["count"],
+        "solver": manifest["solver"],
+        "pairs_per_s": manifest["pairs_per_s"],
+        "nfe_per_pair": manifest["nfe_per_pair_mean"],
+        "teacher_hash": manifest["teacher_hash"],
+        "dir": str(pairs_dir),
+    }
 
     anneal_cfg = {**cfg["anneal"], "out": str(out / "anneal"), "pairs": str(pairs_dir), "teacher": checked_teacher}
     stages["anneal"] = _train_stage(anneal_stage.anneal, anneal_cfg, f"{command} (stage anneal)")
     annealed = Path(stages["anneal"]["export"])
-    distill_cfg = {**cfg["distill"], "out": str(out / "distill"), "pairs": str(pairs_dir),
-                   "teacher": checked_teacher, "student": str(annealed)}
+    distill_cfg = {
+        **cfg["distill"],
+        "out": str(out / "distill"),
+        "pairs": str(pairs_dir),
+        "teacher": checked_teacher,
+        "student": str(annealed),
+    }
     stages["distill"] = _train_stage(distill_stage.distill, distill_cfg, f"{command} (stage distill)")
     distilled = Path(stages["distill"]["export"])
 
@@ -160,10 +212,17 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
         teacher = teacher.to(resolve_device(cfg["pairs"]["device"]))
         stages["grids"] = _grids_stage(out, cfg, teacher, {"annealed_1step": annealed, "distilled_1step": distilled})
         summary = {
-            "out": str(out), "config": str(out / "config.yaml"), "teacher": cfg["teacher"],
-            "params": {"teacher": sum(p.numel() for p in teacher.parameters()),
-                       "annealed": stages["anneal"]["params"], "distilled": stages["distill"]["params"]},
-            "stages": stages, "wall_s_this_call": time.time() - began, "torch_threads": torch.get_num_threads(),
+            "out": str(out),
+            "config": str(out / "config.yaml"),
+            "teacher": cfg["teacher"],
+            "params": {
+                "teacher": sum(p.numel() for p in teacher.parameters()),
+                "annealed": stages["anneal"]["params"],
+                "distilled": stages["distill"]["params"],
+            },
+            "stages": stages,
+            "wall_s_this_call": time.time() - began,
+            "torch_threads": torch.get_num_threads(),
         }
         cfglib.dump(plain_config(cfg), out / "config.yaml")  # the settings the outputs in `out` were made with
         write_summary(out, summary)
@@ -175,8 +234,14 @@ def _grids_stage(out: Path, cfg: dict, teacher: torch.nn.Module, students: dict[
     """Grids unless grids/grids.json was made from the same teacher, students, solver and grid settings."""
     started = time.time()
     solver = pairs_stage.solver_kwargs(cfg["pairs"]["solver"])
-    key = output_key({"teacher": content_hash(teacher), "solver": solver, "grids": cfg["grids"],
-                      **{name: sha256_file(path) for name, path in students.items()}})
+    key = output_key(
+        {
+            "teacher": content_hash(teacher),
+            "solver": solver,
+            "grids": cfg["grids"],
+            **{name: sha256_file(path) for name, path in students.items()},
+        }
+    )
     record_path = out / "grids" / "grids.json"
     current = is_current(record_path, key)
     record = json.loads(record_path.read_text()) if current else None
@@ -185,5 +250,10 @@ def _grids_stage(out: Path, cfg: dict, teacher: torch.nn.Module, students: dict[
         status = "ran"
         record = {"key": key, **write_grids(out, teacher, students, solver, cfg["grids"]["n"], cfg["grids"]["seed"])}
         atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
-    return {"status": status, "wall_s": time.time() - started, "files": record["files"],
-            "teacher_ode_nfe": record["teacher_ode_nfe"], "l2_to_teacher_ode": record["l2_to_teacher_ode"]}
+    return {
+        "status": status,
+        "wall_s": time.time() - started,
+        "files": record["files"],
+        "teacher_ode_nfe": record["teacher_ode_nfe"],
+        "l2_to_teacher_ode": record["l2_to_teacher_ode"],
+    }

@@ -13,6 +13,7 @@ then does the rest the same way for all of them:
 4. **export** the EMA (else raw) weights to `out/<export_name>` with a sidecar (model config, kind, time
    convention, the job's metadata, steps, settings, key, command), and write `out/summary.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,15 @@ from slimflow.engine import Trainer, barrier
 
 TIME_CONVENTION = "t=0 noise, t=1 data"
 # Settings a run may change between sessions without changing what it computes.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts",
-                     "train.device", "sample.")
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.log_every",
+    "train.sample_every",
+    "train.ckpt_every",
+    "train.keep_ckpts",
+    "train.device",
+    "sample.",
+)
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -68,11 +76,16 @@ def start_run_dir(out: Path, run_config: dict) -> None:
     path = out / "config.yaml"
     if path.is_file():
         old, new = _flat(yaml.safe_load(path.read_text()) or {}), _flat(plain_config(run_config))
-        diffs = [f"{key}: run has {old.get(key)!r}, requested {new.get(key)!r}" for key in sorted(set(old) | set(new))
-                 if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+        diffs = [
+            f"{key}: run has {old.get(key)!r}, requested {new.get(key)!r}"
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+        ]
         if diffs:
-            raise ValueError(f"{out} holds a run started with other settings; resuming it would mix them. Use another "
-                             f"out, or delete {out} to start over. Differences:\n  " + "\n  ".join(diffs))
+            raise ValueError(
+                f"{out} holds a run started with other settings; resuming it would mix them. Use another "
+                f"out, or delete {out} to start over. Differences:\n  " + "\n  ".join(diffs)
+            )
     out.mkdir(parents=True, exist_ok=True)
     cfglib.dump(plain_config(run_config), path)
 
@@ -156,16 +169,33 @@ def run_training(job: TrainingJob, command: str | None = None) -> dict:
     trainer = Trainer(model, job.train, job.out, job.run_config, sample_fn=job.sample_fn)
     result = trainer.fit(job.make_batch, job.make_loss(trainer.device))
     final = result["history"][-1] if result["history"] else None
-    summary = {"kind": job.kind, "status": status, "params": sum(p.numel() for p in model.parameters()),
-               "steps": result["steps"], "resumed": result["resumed"], "img_per_s": result["img_per_s"],
-               "seconds_this_session": time.time() - started, "final": final, **job.summary,
-               "export": str(job.export)}
+    summary = {
+        "kind": job.kind,
+        "status": status,
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": result["steps"],
+        "resumed": result["resumed"],
+        "img_per_s": result["img_per_s"],
+        "seconds_this_session": time.time() - started,
+        "final": final,
+        **job.summary,
+        "export": str(job.export),
+    }
     if trainer.rank == 0:
-        save_model(job.export, trainer.ema or trainer.model, {
-            "model": job.run_config["model"], "kind": job.kind, "time_convention": TIME_CONVENTION, **job.meta,
-            "steps": result["steps"], "config": plain_config(job.settings or job.run_config), "key": key,
-            "command": command_line(command)})
+        save_model(
+            job.export,
+            trainer.ema or trainer.model,
+            {
+                "model": job.run_config["model"],
+                "kind": job.kind,
+                "time_convention": TIME_CONVENTION,
+                **job.meta,
+                "steps": result["steps"],
+                "config": plain_config(job.settings or job.run_config),
+                "key": key,
+                "command": command_line(command),
+            },
+        )
         write_summary(job.out, summary)
     barrier()
     return summary
-

@@ -1,4 +1,5 @@
 """Train a 1-rectified-flow teacher on an image data set (docs/methods.md, "Teacher")."""
+
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,9 @@ def check_config(cfg: dict) -> None:
 def teacher_job(cfg: dict) -> TrainingJob:
     """The 1-RF job of a merged config: flow matching on the data set, exported to `out/teacher_ema.safetensors`."""
     data_cfg, flow_cfg, train_cfg = cfg["data"], cfg["flow"], cfg["train"]
-    images = load_images(data_cfg["name"], split="train", root=data_cfg["root"], image_size=data_cfg["image_size"]).images
+    images = load_images(
+        data_cfg["name"], split="train", root=data_cfg["root"], image_size=data_cfg["image_size"]
+    ).images
     model_cfg = resolve_model_config(cfg["model"])
     model_cfg.update(in_channels=images.shape[1], resolution=images.shape[-1])
     shape = tuple(images.shape[1:])
@@ -47,11 +50,17 @@ def teacher_job(cfg: dict) -> TrainingJob:
 
     s = cfg["sample"]
     return TrainingJob(
-        out=cfg["out"], kind="1-rf-teacher", export_name="teacher_ema.safetensors",
-        run_config={**cfg, "model": model_cfg}, train=train_cfg, build=lambda: build_model(model_cfg),
-        make_batch=make_batch, make_loss=lambda device: velocity_loss(flow_cfg["loss"]),
+        out=cfg["out"],
+        kind="1-rf-teacher",
+        export_name="teacher_ema.safetensors",
+        run_config={**cfg, "model": model_cfg},
+        train=train_cfg,
+        build=lambda: build_model(model_cfg),
+        make_batch=make_batch,
+        make_loss=lambda device: velocity_loss(flow_cfg["loss"]),
         sample_fn=lambda net: sample(net, s["n"], shape, method=s["method"], steps=s["steps"], seed=s["seed"])[0],
-        meta={"data": data_cfg, "train": train_cfg})
+        meta={"data": data_cfg, "train": train_cfg},
+    )
 
 
 def train_teacher(cfg: dict, command: str | None = None) -> dict:
