@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from slimflow.checkpoint import read_model_file
-from slimflow.engine import TRAIN_DEFAULTS, Trainer, batch_indices
+from slimflow.engine import TRAIN_DEFAULTS, batch_indices
 from slimflow.flow import flow_matching_batch, per_sample, random_hflip, sample_time
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber, velocity_loss
 from slimflow.pairs import PairStore, open_pairs, pairs_record
@@ -149,21 +149,6 @@ def make_anneal_batch(store: PairStore, cfg: dict) -> Callable[[int, torch.Gener
         return {**flow_matching_batch(z, x, t), "beta": beta}
 
     return make_batch
-
-
-def train_annealed(
-    model: torch.nn.Module,
-    store: PairStore,
-    cfg: dict,
-    out: str | Path,
-    run_config: dict,
-    sample_fn: Callable | None = None,
-) -> tuple[Trainer, dict]:
-    """Annealing reflow of `model` (any velocity network) on `store` with the engine; resumes from `out`.
-    `cfg` needs beta, flow, hflip and train (see DEFAULTS); `run_config` is what checkpoints record."""
-    check_anneal_config(cfg)
-    trainer = Trainer(model, cfg["train"], out, run_config, sample_fn=sample_fn)
-    return trainer, trainer.fit(make_anneal_batch(store, cfg), anneal_loss(cfg["flow"], trainer.device))
 
 
 # ------------------------------------------------------------------------------------------ the stage

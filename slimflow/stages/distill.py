@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slimflow.checkpoint import read_model_file, sha256_file
-from slimflow.engine import TRAIN_DEFAULTS, Trainer, batch_indices
+from slimflow.engine import TRAIN_DEFAULTS, batch_indices
 from slimflow.flow import per_sample
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, Distance, distance
 from slimflow.pairs import PairStore, PairStoreError, open_pairs, pairs_record
@@ -133,27 +133,6 @@ def check_loss_config(loss_cfg: dict) -> None:
 def check_config(cfg: dict) -> None:
     """Raise on any bad setting of a `distill` config (see DEFAULTS), before any work."""
     check_loss_config(full_config(DEFAULTS, cfg)["loss"])
-
-
-def train_distilled(
-    student: torch.nn.Module,
-    guide: torch.nn.Module,
-    store: PairStore,
-    cfg: dict,
-    out: str | Path,
-    run_config: dict,
-    sample_fn: Callable | None = None,
-) -> tuple[Trainer, dict]:
-    """Flow-guided distillation of `student` (any velocity network) with the frozen `guide`; resumes from `out`.
-    `cfg` needs loss and train (see DEFAULTS)."""
-    check_loss_config(cfg["loss"])
-    d = distance(cfg["loss"]["distance"], **cfg["loss"]["options"])
-    trainer = Trainer(student, cfg["train"], out, run_config, sample_fn=sample_fn)
-    guide = guide.to(trainer.device).eval().requires_grad_(False)
-    if isinstance(d, torch.nn.Module):
-        d = d.to(trainer.device)
-    result = trainer.fit(make_distill_batch(store, cfg["train"], cfg["loss"]), distill_loss(guide, d, cfg["loss"]))
-    return trainer, result
 
 
 # ------------------------------------------------------------------------------------------ the stage
