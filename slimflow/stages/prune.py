@@ -239,22 +239,16 @@ def _prune_stage(
     )
 
 
-def _recover_stage(
-    cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path, record: dict, store, command: str
-) -> dict:
-    """Train the pruned model in out/recover and export out/recovered_ema.safetensors by the stage recipe (skipped
-    when that export was made from this pruned file with these settings)."""
-    out, r = Path(cfg["out"]), cfg["recover"]
-    recover_cfg = {**cfg, "pruned_sha256": sha256_file(pruned_path)}
-    meta = _file_meta(sidecar)
-    shape = tuple(example_inputs(sidecar["model"])[0].shape[1:])
+def _recovery_objective(r: dict, student: nn.Module, shape: tuple, t0: float, store) -> tuple[Callable, Callable]:
+    """(make_batch, make_loss) of recovery mode `r["mode"]`: one_step distils the unpruned student's one-step
+    images on fresh noise; flow retrains on the pairs."""
     batch_size, seed = r["train"]["batch_size"], r["train"]["seed"]
     if r["mode"] == "one_step":
 
         def make_loss(device):
             d = distance(r["distance"], **r["options"])
             d = d.to(device) if isinstance(d, nn.Module) else d
-            return one_step_recovery_loss(student.to(device), d, meta["one_step_time"])
+            return one_step_recovery_loss(student.to(device), d, t0)
 
         def make_batch(step, gen):
             return {"z": torch.randn((batch_size, *shape), generator=gen)}
@@ -267,6 +261,19 @@ def _recover_stage(
             z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
             return flow_matching_batch(z, x, 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=gen))
 
+    return make_batch, make_loss
+
+
+def _recover_stage(
+    cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path, record: dict, store, command: str
+) -> dict:
+    """Train the pruned model in out/recover and export out/recovered_ema.safetensors by the stage recipe (skipped
+    when that export was made from this pruned file with these settings)."""
+    out, r = Path(cfg["out"]), cfg["recover"]
+    recover_cfg = {**cfg, "pruned_sha256": sha256_file(pruned_path)}
+    meta = _file_meta(sidecar)
+    shape = tuple(example_inputs(sidecar["model"])[0].shape[1:])
+    make_batch, make_loss = _recovery_objective(r, student, shape, meta["one_step_time"], store)
     started = time.time()
     job = TrainingJob(
         # train settings at the top level, where the run directory allows steps/logging to change on resume

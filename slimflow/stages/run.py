@@ -153,6 +153,26 @@ def check_config(cfg: dict) -> None:
     _check_settings(full_config(DEFAULTS, cfg))
 
 
+def _pairs_stage(cfg: dict, pairs_dir: Path) -> dict:
+    """Generate (or resume, or find complete) the run's pair store; what the run summary keeps of it."""
+    manifest_path = pairs_dir / "manifest.json"
+    before = json.loads(manifest_path.read_text()).get("status") if manifest_path.is_file() else None
+    settings = {k: v for k, v in cfg["pairs"].items() if k != "dir"}
+    manifest = pairs_stage.generate_pairs_from_config(
+        {**settings, "out": str(pairs_dir), "teacher": cfg["teacher"], "teacher_resolution": cfg["teacher_resolution"]}
+    )
+    return {
+        "status": {"complete": "skipped", "running": "resumed"}.get(before, "ran"),
+        "wall_s": manifest["seconds_this_session"],
+        "count": manifest["count"],
+        "solver": manifest["solver"],
+        "pairs_per_s": manifest["pairs_per_s"],
+        "nfe_per_pair": manifest["nfe_per_pair_mean"],
+        "teacher_hash": manifest["teacher_hash"],
+        "dir": str(pairs_dir),
+    }
+
+
 def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     """pairs → anneal → distill → grids from the teacher file in `cfg` (see DEFAULTS) into `cfg.out`; writes and
     returns the summary (sizes, wall time per stage, pairs/s, NFE/pair, final losses, paths). `command` is recorded
@@ -167,32 +187,11 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     began = time.time()
     stages: dict[str, dict] = {}
 
-    pairs_settings = {k: v for k, v in cfg["pairs"].items() if k != "dir"}
     pairs_dir = Path(cfg["pairs"]["dir"]) if cfg["pairs"]["dir"] else out / "pairs"
-    manifest_path = pairs_dir / "manifest.json"
-    before = json.loads(manifest_path.read_text()).get("status") if manifest_path.is_file() else None
-    manifest = pairs_stage.generate_pairs_from_config(
-        {
-            **pairs_settings,
-            "out": str(pairs_dir),
-            "teacher": cfg["teacher"],
-            "teacher_resolution": cfg["teacher_resolution"],
-        }
-    )
+    stages["pairs"] = _pairs_stage(cfg, pairs_dir)
     # the stages re-check the store's teacher hash from the teacher file; a reference .pth needs its resolution
     # for that, which they do not take, and the store was made by this very teacher a moment ago
     checked_teacher = cfg["teacher"] if cfg["teacher_resolution"] is None else None
-    status = {"complete": "skipped", "running": "resumed"}.get(before, "ran")
-    stages["pairs"] = {
-        "status": status,
-        "wall_s": manifest["seconds_this_session"],
-        "count": manifest["count"],
-        "solver": manifest["solver"],
-        "pairs_per_s": manifest["pairs_per_s"],
-        "nfe_per_pair": manifest["nfe_per_pair_mean"],
-        "teacher_hash": manifest["teacher_hash"],
-        "dir": str(pairs_dir),
-    }
 
     anneal_cfg = {**cfg["anneal"], "out": str(out / "anneal"), "pairs": str(pairs_dir), "teacher": checked_teacher}
     stages["anneal"] = _train_stage(anneal_stage.anneal, anneal_cfg, f"{command} (stage anneal)")
