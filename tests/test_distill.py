@@ -176,28 +176,16 @@ def tiny_teacher_file(path, seed: int):
 @pytest.fixture(scope="module")
 def annealed(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
-    teacher_file, teacher = tiny_teacher_file(root / "teacher.safetensors", seed=0)
-    generate_pairs(
-        teacher,
-        root / "pairs",
-        n=16,
-        shape=SHAPE,
-        seed=0,
-        solver={"method": "euler", "steps": 2},
-        shard_size=16,
-        batch_size=16,
-        progress=False,
-    )
-    summary = anneal(
-        {
-            "out": str(root / "anneal"),
-            "pairs": str(root / "pairs"),
-            "model": TINY_UNET,
-            "train": TINY_TRAIN,
-            "sample": {"n": 4, "seed": 0},
-        }
-    )
-    return root, summary["export"]
+    _, teacher = tiny_teacher_file(root / "teacher.safetensors", seed=0)
+    return root, pairs_then_anneal(teacher, root, SHAPE, solver_steps=2, train=TINY_TRAIN)
+
+
+def pairs_then_anneal(teacher, root, shape, solver_steps: int, train: dict) -> str:
+    """16 pairs of `teacher` in root/pairs and a tiny student annealed on them; returns the student's file."""
+    solver = {"method": "euler", "steps": solver_steps}
+    generate_pairs(teacher, root / "pairs", 16, shape, 0, solver, shard_size=16, batch_size=16, progress=False)
+    cfg = {"out": str(root / "anneal"), "pairs": str(root / "pairs"), "model": TINY_UNET, "train": train}
+    return anneal({**cfg, "sample": {"n": 4, "seed": 0}})["export"]
 
 
 def test_distill_stage_starts_from_the_annealed_model_and_exports_the_student(annealed):
@@ -257,26 +245,7 @@ def test_a_student_distilled_at_t0_is_sampled_benchmarked_and_exported_at_t0(tmp
 
     torch.manual_seed(0)
     teacher = UNet(1, 32, 8, [1, 2], 1, [], 0.0)
-    generate_pairs(
-        teacher,
-        tmp_path / "pairs",
-        n=16,
-        shape=(1, 32, 32),
-        seed=0,
-        solver={"method": "euler", "steps": 1},
-        shard_size=16,
-        batch_size=16,
-        progress=False,
-    )
-    annealed = anneal(
-        {
-            "out": str(tmp_path / "anneal"),
-            "pairs": str(tmp_path / "pairs"),
-            "model": TINY_UNET,
-            "train": {**TINY_TRAIN, "steps": 2},
-            "sample": {"n": 4, "seed": 0},
-        }
-    )["export"]
+    annealed = pairs_then_anneal(teacher, tmp_path, (1, 32, 32), solver_steps=1, train={**TINY_TRAIN, "steps": 2})
     distilled = distill(
         {
             "out": str(tmp_path / "distill"),

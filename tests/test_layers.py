@@ -126,21 +126,15 @@ def test_every_module_has_a_layer_and_imports_only_downwards():
 
 
 def test_loading_a_pruned_student_imports_no_stage_and_no_tensorboard(tmp_path):
+    from test_pruning_flow import TINY
+
     from pruning.serialization import input_specs
     from pruning.structured import prune_structured
     from slimflow.checkpoint import save_model
     from teachers.pruned import example_inputs, unet_custom_pruners
     from teachers.unet import build_unet
 
-    config = {
-        "in_channels": 1,
-        "resolution": 16,
-        "nf": 16,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [8],
-        "dropout": 0.0,
-    }
+    config = TINY  # the pruning tests' UNet: attention at 8x8, so its NIN layers are pruned too
     model = build_unet(config)
     inputs = example_inputs(config)
     report = prune_structured(model, inputs, ratio=0.5, global_pruning=False, custom_pruners=unet_custom_pruners())
