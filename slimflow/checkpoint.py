@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,17 @@ def _tensors_hash(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _publish(src: Path, dst: Path) -> None:
+    """Rename a finished file or folder into place: the one step at which a write becomes visible."""
+    write_point(dst)
+    os.replace(src, dst)
+
+
+def write_point(path: Path) -> None:
+    """Called just before a finished write is renamed onto `path`. Does nothing; tests replace it to stop a run at
+    exactly that point (a kill between two writes)."""
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; when the block ends without error it is renamed onto `path` (readers
@@ -73,7 +85,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -133,12 +145,13 @@ def load_torch_file(path: str | Path, unsafe_pickle: bool = False) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _load_tensors(path: Path, expected_sha: str | None = None) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, expected_sha: str, record: str) -> dict[str, torch.Tensor]:
+    """The tensors of `path`, whose sha256 must be `expected_sha` (as written in the file `record`)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
-    if expected_sha is not None and sha256_file(path) != expected_sha:
+    if sha256_file(path) != expected_sha:
         raise CheckpointError(
-            f"checkpoint file {str(path)!r} is corrupt: its sha256 differs from the one recorded in meta.json"
+            f"checkpoint file {str(path)!r} is corrupt: its sha256 differs from the one recorded in {record}"
         )
     try:
         return load_file(str(path))
@@ -194,12 +207,16 @@ def save_training_checkpoint(
     extra: dict | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write `root/ckpt-<step>/` atomically, point `root/latest` at it, keep the newest `keep` checkpoints."""
+    """Write `root/ckpt-<step>/`, point `root/latest` at it, keep the newest `keep` checkpoints.
+
+    The new checkpoint is complete on disk (in a temporary folder) before it takes its name, and `latest` is
+    rewritten only after that; a checkpoint it replaces is moved aside first and removed only after the new one is
+    in place (`latest_checkpoint` puts it back if the process died in between)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_partial_checkpoints(root)
     final = root / f"ckpt-{step:08d}"
     tmp = root / f".ckpt-{step:08d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     files = {"model.safetensors": model.state_dict()}
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": step, "config": config, "extra": extra or {}}
@@ -213,24 +230,53 @@ def save_training_checkpoint(
     for name, tensors in files.items():
         _save_tensors(tensors, tmp / name)
         meta["sha256"][name] = sha256_file(tmp / name)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+    aside = root / f".{final.name}.replaced-{os.getpid()}"
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        _publish(final, aside)
+    _publish(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
     atomic_write_text(root / "latest", final.name + "\n")
     for old in sorted(root.glob("ckpt-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def remove_partial_checkpoints(root: str | Path) -> None:
+    """Remove what a process killed while writing left in `root`: temporary checkpoint folders, and old copies
+    moved aside whose replacement did land."""
+    root = Path(root)
+    for stale in root.glob(".ckpt-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".ckpt-*.replaced-*"):
+        if (root / stale.name[1:].split(".replaced-")[0]).is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The directory named by `root/latest`, or None when no checkpoint was written yet."""
-    pointer = Path(root) / "latest"
+    """The checkpoint directory named by `root/latest`; None when no checkpoint was written yet.
+
+    Recovers from an interrupted write: a checkpoint moved aside while being replaced is put back, and when
+    `latest` is missing but complete checkpoints exist, the newest is used (with a warning) rather than silently
+    starting over."""
+    root = Path(root)
+    pointer = root / "latest"
     if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
+        complete = [p for p in sorted(root.glob("ckpt-*")) if (p / "meta.json").is_file()]
+        if not complete:
+            return None
+        warnings.warn(
+            f"{str(pointer)!r} is missing; resuming from the newest complete checkpoint {complete[-1].name}",
+            stacklevel=2,
+        )
+        atomic_write_text(pointer, complete[-1].name + "\n")
+        return complete[-1]
+    path = root / pointer.read_text().strip()
     if not path.is_dir():
-        raise CheckpointError(f"{str(pointer)!r} names {path.name!r}, which does not exist")
+        moved = sorted(root.glob(f".{path.name}.replaced-*"))
+        if not moved:
+            raise CheckpointError(f"{str(pointer)!r} names {path.name!r}, which does not exist")
+        os.replace(moved[-1], path)  # the old copy of a checkpoint whose replacement was interrupted
     return path
 
 
@@ -252,7 +298,8 @@ def load_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict, dict[str, dict
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     tensors = {
-        name.removesuffix(".safetensors"): _load_tensors(ckpt_dir / name, sha) for name, sha in meta["sha256"].items()
+        name.removesuffix(".safetensors"): _load_tensors(ckpt_dir / name, sha, "meta.json")
+        for name, sha in meta["sha256"].items()
     }
     return meta, tensors
 
@@ -301,6 +348,9 @@ def save_model(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
     if path.suffix != ".safetensors":
         raise ValueError(f"model files end in .safetensors, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    # the sidecar marks the file complete: an old one goes first, so a kill before the new one leaves no sidecar
+    # (the file is then not current, and the stage that writes it runs again) rather than a mismatched one
+    path.with_suffix(".json").unlink(missing_ok=True)
     _save_tensors(model.state_dict(), path)
     sidecar = {"format": FORMAT + "-model", "version": VERSION, **meta, "sha256": sha256_file(path)}
     atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
@@ -333,9 +383,19 @@ def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"no model file at {str(path)!r}")
     sidecar_path = path.with_suffix(".json")
     if not sidecar_path.is_file():
-        raise CheckpointError(f"{str(path)!r} has no sidecar {sidecar_path.name!r} describing its architecture")
+        raise CheckpointError(
+            f"{str(path)!r} has no sidecar {sidecar_path.name!r} describing its architecture (an export interrupted "
+            "before its sidecar was written: run the stage that made it again)"
+        )
     try:
         sidecar = json.loads(sidecar_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{str(sidecar_path)!r} is corrupt: {err}") from None
-    return sidecar, _load_tensors(path, sidecar.get("sha256"))
+    if not isinstance(sidecar, dict):
+        raise CheckpointError(f"{str(sidecar_path)!r} is not a model sidecar: it holds a {type(sidecar).__name__}")
+    if not isinstance(sidecar.get("sha256"), str):
+        raise CheckpointError(
+            f"{str(sidecar_path)!r} records no sha256 of {path.name!r}, so the weights cannot be checked; "
+            "re-export the model (slimflow.checkpoint.save_model writes it)"
+        )
+    return sidecar, _load_tensors(path, sidecar["sha256"], sidecar_path.name)

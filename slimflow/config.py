@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,29 @@ def merge(defaults: dict, update: dict, where: str = "config", _prefix: str = ""
                 raise ConfigError(f"config key {path!r} in {where} must be a mapping, got {value!r}")
             out[key] = merge(current, value, where, path + ".")
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _as_type_of(current, value, path, where)
     return out
+
+
+def _as_type_of(default: Any, value: Any, path: str, where: str) -> Any:
+    """`value` as the number type of `default` (YAML reads `1e-3` as a string); a value that is not such a number
+    is an error naming the key. Keys whose default is not a number are taken as given."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)) or value is None:
+        return copy.deepcopy(value)
+    kind = "an integer" if isinstance(default, int) else "a number"
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise ConfigError(f"config key {path!r} in {where} must be {kind}, got {value!r}")
+    if isinstance(default, int):
+        if number != int(number):
+            raise ConfigError(f"config key {path!r} in {where} must be {kind}, got {value!r}")
+        return int(number)
+    return float(number)
 
 
 def parse_override(text: str) -> dict:

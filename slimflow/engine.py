@@ -120,12 +120,67 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` (this rank's GPU when CUDA is available, else the CPU) or a torch device name that exists here."""
     if name == "auto":
         if torch.cuda.is_available():
             rank = int(os.environ.get("LOCAL_RANK", 0))
             return torch.device("cuda", rank)
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here: use device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+# (key, smallest allowed value) of the integer training settings
+_TRAIN_INTS = (
+    ("steps", 1),
+    ("batch_size", 1),
+    ("warmup", 0),
+    ("log_every", 1),
+    ("sample_every", 0),
+    ("ckpt_every", 0),
+    ("keep_ckpts", 1),
+    ("seed", 0),
+)
+
+
+def check_train_config(cfg: dict) -> None:
+    """Raise ValueError naming the first training setting (see TRAIN_DEFAULTS) of a wrong type or range, before
+    any work: a run with train.steps=0 must not export an untrained model."""
+
+    def bad(key: str, rule: str) -> ValueError:
+        return ValueError(f"train.{key} must be {rule}, got {cfg.get(key)!r}")
+
+    for key, low in _TRAIN_INTS:
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(key, f"an integer >= {low}")
+    for key, low in (("lr", 0.0), ("weight_decay", 0.0), ("grad_clip", 0.0)):
+        value = cfg[key]
+        if key == "grad_clip" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+            raise bad(key, "a finite number >= 0")
+    if cfg["lr"] <= 0:
+        raise bad("lr", "a finite number > 0")
+    if cfg["optimizer"] not in ("adam", "adamw"):
+        raise bad("optimizer", "adam or adamw")
+    if cfg["precision"] not in ("auto", "fp32", "bf16"):
+        raise bad("precision", "auto, fp32 or bf16")
+    ema = cfg["ema"]
+    if ema["kind"] not in ("fixed", "power", "none"):
+        raise ValueError(f"train.ema.kind must be fixed, power or none, got {ema['kind']!r}")
+    for key in ("decay", "max_decay"):
+        value = ema.get(key, TRAIN_DEFAULTS["ema"][key])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"train.ema.{key} must lie in [0, 1], got {value!r}")
+    resolve_device(cfg["device"])
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -192,6 +247,7 @@ class Trainer:
         sample_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     ):
         self.cfg = {**TRAIN_DEFAULTS, **train_cfg}
+        check_train_config(self.cfg)
         self.run_dir = Path(run_dir)
         self.run_config = run_config
         self.sample_fn = sample_fn
@@ -211,6 +267,7 @@ class Trainer:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = self._make_optimizer()
         self.step = 0
+        self.saved_step: int | None = None  # the step of the newest checkpoint on disk
         self.writer = None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -230,6 +287,8 @@ class Trainer:
     def resume(self) -> bool:
         """Load the latest checkpoint of this run, if any; True when it resumed."""
         found = ckpt.latest_checkpoint(self.ckpt_root)
+        if self.rank == 0:
+            ckpt.remove_partial_checkpoints(self.ckpt_root)
         if found is None:
             return False
         meta, tensors = ckpt.load_training_checkpoint(found)
@@ -247,7 +306,7 @@ class Trainer:
                 f"{meta['extra'].get('world_size')} processes, this run has {self.world}"
             )
         ckpt.set_rng_state(mine)
-        self.step = meta["step"]
+        self.step = self.saved_step = meta["step"]
         return True
 
     def save(self) -> Path | None:
@@ -272,6 +331,7 @@ class Trainer:
             )
         if self.world > 1:
             dist.barrier()
+        self.saved_step = self.step
         return path
 
     def _tensorboard(self) -> SummaryWriter:
@@ -328,7 +388,8 @@ class Trainer:
                 if self.cfg["ckpt_every"] and self.step % self.cfg["ckpt_every"] == 0:
                     self.save()
         bar.close()
-        self.save()
+        if self.step != self.saved_step:  # the last periodic checkpoint may already hold this step
+            self.save()
         if stop:
             raise KeyboardInterrupt(
                 f"stopped by {stop[0]} after step {self.step}; the checkpoint is saved, "
@@ -364,7 +425,9 @@ class Trainer:
             last = ckpt.latest_checkpoint(self.ckpt_root)
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step}; no checkpoint was written after it. "
-                f"Last good checkpoint: {last or 'none'}. Lower train.lr or check the data, then re-run to resume."
+                f"Last good checkpoint: {last or 'none'}. The same command would meet the same batch again: check "
+                f"the data, or lower train.lr in a new run (another out=, or delete {self.run_dir} to start over; "
+                "a run refuses to resume under other settings)."
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -19,11 +19,11 @@ shard against its record and regenerates only the missing or damaged ones.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from slimflow.checkpoint import atomic_write_text, content_hash, sha256_file
+from slimflow.checkpoint import atomic_file, atomic_write_text, content_hash, sha256_file
 from slimflow.engine import dist_info
 from slimflow.flow import _MASK32, NOISE_SCHEME, _as_indices, noise_for
 from slimflow.solvers import solve
@@ -110,9 +110,12 @@ def _now() -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise PairStoreError(f"{path} is not valid JSON ({err}); delete it or the whole store and regenerate") from None
+    if not isinstance(data, dict):
+        raise PairStoreError(f"{path} holds a {type(data).__name__}, not a record; delete it and regenerate")
+    return data
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -236,9 +239,8 @@ def _make_shard(
         nfe_total += int(solution.nfe) * len(indices)
         bar.update(len(indices))
     path = root / shard_name(k)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"index": torch.arange(start, stop), "image": torch.cat(images)}, str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file({"index": torch.arange(start, stop), "image": torch.cat(images)}, str(tmp))
     record = {
         "file": path.name,
         "sha256": sha256_file(path),
@@ -310,8 +312,35 @@ def generate_pairs(
     settings = _settings(n, shape, seed, solver, shard_size, batch_size, image_format, teacher_hash)
     device = torch.device(device) if device is not None else _device_of(velocity)
     rank, world = dist_info()
-    manifest_path = root / "manifest.json"
     root.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(root, rank):
+        return _generate(velocity, root, settings, device, rank, world, progress)
+
+
+@contextmanager
+def _writer_lock(root: Path, rank: int) -> Iterator[None]:
+    """One writer per store: rank 0 of a run holds an exclusive lock on root/.lock while it writes; another
+    process that tries is stopped with a message (its ranks, sharing one run, do not lock)."""
+    if rank != 0:
+        yield
+        return
+    with open(root / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PairStoreError(
+                f"another process is writing the pair store {root} (it holds {root / '.lock'}); wait for it to "
+                "finish and run this again (it then resumes or finds the store complete), or use another out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _generate(velocity, root: Path, settings: dict, device, rank: int, world: int, progress: bool) -> dict:
+    manifest_path = root / "manifest.json"
+    n, shard_size = settings["count"], settings["shard_size"]
     existing = _read_json(manifest_path) if manifest_path.is_file() else None
     if existing is not None:
         _check_settings(existing, settings, root)
@@ -329,7 +358,15 @@ def generate_pairs(
         dist.all_gather_object(gathered, missing)
         missing = sorted(k for part in gathered for k in part)
     if not missing and head["status"] == "complete":
-        return head
+        if rank == 0:  # the shards check out; a manifest whose copy of their records was altered is rewritten
+            fresh = _finished_manifest(root, {k: v for k, v in head.items() if k not in ("status", "shards")}, ranges)
+            if fresh["shards"] != head["shards"]:
+                log.warning("%s: its shard records differ from the shards' own; rewriting it", manifest_path)
+                head = {**head, "shards": fresh["shards"]}
+                _write_json(manifest_path, head)
+        if world > 1:
+            dist.barrier()
+        return _read_json(manifest_path)
     if rank == 0 and head["status"] == "complete":  # some shard was lost or damaged: being repaired
         _write_json(manifest_path, {**head, "status": "running"})
 
@@ -517,3 +554,9 @@ def pairs_record(store: PairStore) -> dict:
         "count": len(store),
         "solver": store.manifest["solver"],
     }
+
+
+def store_status(root: str | Path) -> str | None:
+    """The status of the store's manifest ("running", "complete"), or None when there is no manifest yet."""
+    path = Path(root) / "manifest.json"
+    return _read_json(path).get("status") if path.is_file() else None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from slimflow.checkpoint import read_model_file
-from slimflow.engine import TRAIN_DEFAULTS, batch_indices
+from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config
 from slimflow.flow import flow_matching_batch, per_sample, random_hflip, sample_time
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber, velocity_loss
 from slimflow.pairs import PairStore, open_pairs, pairs_record
@@ -94,13 +94,17 @@ def check_flow_config(flow_cfg: dict) -> None:
 
 
 def check_anneal_config(cfg: dict) -> None:
-    """The β schedule and loss settings of an anneal config (before any work is done)."""
+    """The training, β schedule and loss settings of an anneal config (before any work is done)."""
+    check_train_config(cfg["train"])
     check_flow_config(cfg["flow"])
     beta = cfg["beta"]
     if beta["schedule"] not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta.schedule {beta['schedule']!r}; choose one of {', '.join(BETA_SCHEDULES)}")
     if beta["schedule"] == "constant" and not 0.0 <= beta["value"] <= 1.0:
         raise ValueError(f"beta.value (the constant β) must lie in [0, 1], got {beta['value']}")
+    steps = beta["steps"]
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"beta.steps must be an integer >= 1 or null (the whole run), got {steps!r}")
 
 
 def check_config(cfg: dict) -> None:

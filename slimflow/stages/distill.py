@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slimflow.checkpoint import read_model_file, sha256_file
-from slimflow.engine import TRAIN_DEFAULTS, batch_indices
+from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config
 from slimflow.flow import per_sample
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, Distance, distance
 from slimflow.pairs import PairStore, PairStoreError, open_pairs, pairs_record
@@ -132,7 +132,9 @@ def check_loss_config(loss_cfg: dict) -> None:
 
 def check_config(cfg: dict) -> None:
     """Raise on any bad setting of a `distill` config (see DEFAULTS), before any work."""
-    check_loss_config(full_config(DEFAULTS, cfg)["loss"])
+    cfg = full_config(DEFAULTS, cfg)
+    check_train_config(cfg["train"])
+    check_loss_config(cfg["loss"])
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -189,6 +191,5 @@ def distill_job(cfg: dict) -> TrainingJob:
 def distill(cfg: dict, command: str | None = None) -> dict:
     """Flow-guided distillation from `cfg` (see DEFAULTS): export the EMA student to
     `out/distilled_ema.safetensors` (+ sidecar, kind "distilled-student"), write `out/summary.json`, return it."""
-    cfg = full_config(DEFAULTS, cfg)
-    check_loss_config(cfg["loss"])
-    return run_training(distill_job(cfg), command)
+    check_config(cfg)
+    return run_training(distill_job(full_config(DEFAULTS, cfg)), command)

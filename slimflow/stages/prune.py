@@ -32,7 +32,7 @@ from pruning.serialization import input_specs
 from pruning.structured import IMPORTANCES, prune_structured, ratio_for_macs
 from pruning.taylor import accumulate_gradients
 from slimflow.checkpoint import model_identity, read_model_file, save_model, sha256_file
-from slimflow.engine import TRAIN_DEFAULTS, batch_indices, dist_info, resolve_device
+from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config, dist_info, resolve_device
 from slimflow.flow import flow_matching_batch, noise_for
 from slimflow.images import save_grid
 from slimflow.losses import distance, l2
@@ -119,12 +119,23 @@ def _needs_pairs(cfg: dict) -> bool:
     return cfg["prune"]["importance"] == "taylor" or cfg["recover"]["mode"] == "flow"
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check(cfg: dict) -> None:
     p, r = cfg["prune"], cfg["recover"]
     if p["importance"] not in IMPORTANCES:
         raise ValueError(f"unknown prune.importance {p['importance']!r}; choose one of {', '.join(IMPORTANCES)}")
     if p["ratio"] is None and p["macs_fraction"] is None:
         raise ValueError("set prune.ratio (share of channels removed) or prune.macs_fraction (share of MACs kept)")
+    ratio, fraction = p["ratio"], p["macs_fraction"]
+    if ratio is not None and not (_is_number(ratio) and 0.0 <= ratio < 1.0):
+        raise ValueError(f"prune.ratio (share of channels removed) must lie in [0, 1), got {ratio!r}")
+    if fraction is not None and not (_is_number(fraction) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"prune.macs_fraction (share of MACs kept) must lie in (0, 1], got {fraction!r}")
+    if r["mode"] != "none":
+        check_train_config(r["train"])
     if r["mode"] not in RECOVER_MODES:
         raise ValueError(f"unknown recover.mode {r['mode']!r}; choose one of {', '.join(RECOVER_MODES)}")
     if r["mode"] == "one_step":

@@ -19,9 +19,10 @@ import torch
 
 from slimflow import config as cfglib
 from slimflow.checkpoint import atomic_write_text, content_hash, sha256_file
-from slimflow.engine import barrier, dist_info, resolve_device
+from slimflow.engine import barrier, check_train_config, dist_info, resolve_device
 from slimflow.images import grid_image, save_grid
 from slimflow.losses import distance, l2
+from slimflow.pairs import store_status
 from slimflow.sample import sample
 from slimflow.stages import anneal as anneal_stage
 from slimflow.stages import distill as distill_stage
@@ -145,6 +146,7 @@ def _check_settings(cfg: dict) -> None:
     anneal_stage.check_anneal_config(cfg["anneal"])
     loss = cfg["distill"]["loss"]
     distill_stage.check_loss_config(loss)
+    check_train_config(cfg["distill"]["train"])
     distance(loss["distance"], **loss["options"])
 
 
@@ -155,8 +157,7 @@ def check_config(cfg: dict) -> None:
 
 def _pairs_stage(cfg: dict, pairs_dir: Path) -> dict:
     """Generate (or resume, or find complete) the run's pair store; what the run summary keeps of it."""
-    manifest_path = pairs_dir / "manifest.json"
-    before = json.loads(manifest_path.read_text()).get("status") if manifest_path.is_file() else None
+    before = store_status(pairs_dir)
     settings = {k: v for k, v in cfg["pairs"].items() if k != "dir"}
     manifest = pairs_stage.generate_pairs_from_config(
         {**settings, "out": str(pairs_dir), "teacher": cfg["teacher"], "teacher_resolution": cfg["teacher_resolution"]}

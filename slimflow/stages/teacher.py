@@ -7,7 +7,7 @@ import copy
 import torch
 
 from slimflow.data import load_images, to_float
-from slimflow.engine import TRAIN_DEFAULTS, batch_indices
+from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config
 from slimflow.flow import flow_matching_batch, random_hflip, sample_time
 from slimflow.losses import velocity_loss
 from slimflow.sample import sample
@@ -25,8 +25,8 @@ DEFAULTS: dict = {
 
 
 def check_config(cfg: dict) -> None:
-    """Raise on an unknown setting of a `teacher train` config (see DEFAULTS)."""
-    full_config(DEFAULTS, cfg)
+    """Raise on an unknown or bad setting of a `teacher train` config (see DEFAULTS)."""
+    check_train_config(full_config(DEFAULTS, cfg)["train"])
 
 
 def teacher_job(cfg: dict) -> TrainingJob:
@@ -66,4 +66,5 @@ def teacher_job(cfg: dict) -> TrainingJob:
 def train_teacher(cfg: dict, command: str | None = None) -> dict:
     """Train a 1-RF teacher from `cfg` (see DEFAULTS), export its EMA weights, return a summary. A run directory
     started with other settings is refused, as in every stage."""
+    check_config(cfg)
     return run_training(teacher_job(full_config(DEFAULTS, cfg)), command)
