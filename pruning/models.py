@@ -55,9 +55,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load and safetensors raise many types for files they cannot read
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        if "Unsupported global" in str(err) or "Weights only load failed" in str(err):
+            raise ValueError(
+                f"{path} pickles Python objects, which are not loaded (unpickling can run code from the file); "
+                "save the weights as a plain state dict or .safetensors"
+            ) from None
+        raise ValueError(f"{path} is not a readable weights file ({type(err).__name__}: {first})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -94,7 +103,13 @@ def create_model(spec: Mapping, *, pretrained: bool | str = False, checkpoint: s
         raise ValueError("give either pretrained or checkpoint, not both")
     if checkpoint:
         model = build_model(spec)
-        model.load_state_dict(read_state_dict(checkpoint))
+        try:
+            model.load_state_dict(read_state_dict(checkpoint))
+        except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+            raise ValueError(
+                f"{checkpoint} does not fit {spec['source']}:{spec['name']} with {spec['num_classes']} classes and "
+                f"{spec['in_chans']} input channels: {' '.join(str(err).split())[:400]}"
+            ) from None
         return model
     if not pretrained:
         return build_model(spec)
@@ -106,6 +121,7 @@ def create_model(spec: Mapping, *, pretrained: bool | str = False, checkpoint: s
             f"downloaded here; looked for {', '.join(map(str, places))}. Copy the file there, pass its path as "
             f"pretrained, or train the network yourself and pass it as checkpoint"
         )
+    read_state_dict(found)  # a file that cannot be read safely stops here, before timm reads it
     if spec["source"] == "timm":  # timm adapts the stem to in_chans and drops a head of another class count
         return timm.create_model(
             spec["name"],

@@ -85,6 +85,10 @@ def prune_network(
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(IMPORTANCES + UNSTRUCTURED)}")
     if method in UNSTRUCTURED and not 0.0 < sparsity < 1.0:
         raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    try:  # the output folder must be usable before any pruning or fine-tuning is done
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {str(out_dir)!r} ({err.strerror or err})") from None
     started = time.time()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)

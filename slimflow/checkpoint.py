@@ -66,6 +66,25 @@ def _tensors_hash(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def require_writable(path: str | Path, kind: str = "dir") -> Path:
+    """Check, before any work, that an output can be written: `path` is (or can be made) a directory when `kind`
+    is "dir", or a file in one when "file"; a probe file is written and removed. Raises ValueError naming it."""
+    path = Path(path)
+    folder = path if kind == "dir" else path.parent
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {str(path)!r} is an existing file; choose another out")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"output file {str(path)!r} is an existing folder; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write to {str(folder)!r} ({err.strerror or err}); choose another out") from None
+    return path
+
+
 def _publish(src: Path, dst: Path) -> None:
     """Rename a finished file or folder into place: the one step at which a write becomes visible."""
     write_point(dst)
@@ -131,15 +150,17 @@ def load_torch_file(path: str | Path, unsafe_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if needs is None:
+        text = str(err)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+        if found is None and "Weights only load failed" not in text:
             raise CheckpointError(
                 f"{str(path)!r} is corrupt or truncated: torch.load failed "
-                f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})"
+                f"({type(err).__name__}: {text.strip().splitlines()[0][:200]})"
             ) from None
         if not unsafe_pickle:
+            what = found.group(1) if found else "objects torch loads only by unpickling code"
             raise CheckpointError(
-                f"{str(path)!r} pickles Python objects ({needs.group(1)}), and unpickling it could run arbitrary "
+                f"{str(path)!r} pickles Python objects ({what}), and unpickling it could run arbitrary "
                 "code, so it was not loaded. If you trust the file, pass unsafe_pickle=True (CLI: --unsafe-pickle)"
             ) from None
     return torch.load(path, map_location="cpu", weights_only=False)

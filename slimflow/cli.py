@@ -94,7 +94,10 @@ def cmd_invert(args) -> None:
 
 def cmd_prune_net(args) -> None:
     from pruning import prune_network
+    from slimflow.checkpoint import require_writable
     from slimflow.data import load_images
+
+    require_writable(args.out)
 
     report = prune_network(
         model=args.model,
@@ -126,10 +129,16 @@ def cmd_prune_net(args) -> None:
 def cmd_sample(args) -> None:
     import torch
 
+    from slimflow.checkpoint import require_writable
     from slimflow.images import save_grid, save_npz
     from slimflow.sample import sample
     from teachers.zoo import load_model
 
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    for path in (args.out, args.npz):
+        if path:
+            require_writable(path, kind="file")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.model, device=device, resolution=args.resolution, unsafe_pickle=args.unsafe_pickle)
     images, nfe = sample(
@@ -295,13 +304,13 @@ def main(argv: list[str] | None = None) -> None:
         CheckpointError,
         PairStoreError,
         NonFiniteLossError,
-        FileNotFoundError,
+        OSError,  # a missing file, a full or read-only disk
         ValueError,
         ImportError,
     ) as err:
         sys.exit(f"slimflow {args.command}: error: {err}")
     except KeyboardInterrupt as err:
-        sys.exit(f"slimflow {args.command}: {err or 'interrupted'}")
+        sys.exit(f"slimflow {args.command}: {str(err) or 'interrupted'}")
 
 
 if __name__ == "__main__":

@@ -218,6 +218,23 @@ def _load_cifar10(split: str, root: str | Path | None, image_size: int) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------- image folder
+def _as_8bit(img):
+    """(an 8-bit "L" or "RGB" PIL image, whether the source is grayscale): 8/16-bit gray, palette and RGB(A)."""
+    from PIL import Image
+
+    if img.mode in ("L", "LA", "1"):
+        return img.convert("L"), True
+    if img.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: scale the 16-bit range to 8 bits
+        values = np.asarray(img, dtype=np.float64) / 257.0
+        return Image.fromarray(values.round().clip(0, 255).astype(np.uint8), "L"), True
+    rgb = img.convert("RGB")
+    if img.mode in ("P", "PA"):
+        a = np.asarray(rgb)
+        if (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
+            return rgb.convert("L"), True
+    return rgb, False
+
+
 def _load_image_folder(
     split: str, root: str | Path | None, image_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -226,7 +243,8 @@ def _load_image_folder(
 
     Labels: when no image lies directly in the folder, each image's label is the index of its top-level
     sub-folder in sorted order (torchvision ImageFolder's rule); otherwise labels are None.
-    Channels: 1 when every file is 8-bit grayscale (PIL mode "L", "LA" or "1"), else 3 (RGB; alpha dropped)."""
+    Channels: 1 when every file is grayscale (8- or 16-bit, or a palette of grays), else 3 (RGB; alpha dropped);
+    16-bit values are scaled to 8 bits."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if root is None:
@@ -249,11 +267,8 @@ def _load_image_folder(
     for path in tqdm(paths, desc=f"reading {folder}", unit="img"):
         try:
             with Image.open(path) as img:
-                img = ImageOps.exif_transpose(img)
-                is_gray = img.mode in ("L", "LA", "1")
-                img = ImageOps.fit(
-                    img.convert("L" if is_gray else "RGB"), (image_size, image_size), method=Image.Resampling.BICUBIC
-                )
+                img, is_gray = _as_8bit(ImageOps.exif_transpose(img))
+                img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC)
                 arrays.append(np.asarray(img, dtype=np.uint8))
                 gray.append(is_gray)
         except (UnidentifiedImageError, OSError) as err:

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimflow.checkpoint import CheckpointError, load_torch_file
 from slimflow.flow import per_sample
 
 PREDICTIONS = {  # which network outputs each kind of path supports
@@ -380,7 +381,13 @@ def load_diffusers_teacher(folder: str | Path, scheduler_config: str | Path | di
         )
         sched = {}
     schedule, prediction = diffusers_schedule(sched)
-    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    if not list(unet_dir.glob("diffusion_pytorch_model*.safetensors")):
+        for weights in unet_dir.glob("diffusion_pytorch_model*.bin"):
+            load_torch_file(weights)  # the project's policy first: a .bin that pickles code is refused here
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"diffusers could not load {str(unet_dir)!r}: {str(err).splitlines()[0][:300]}") from None
     size, shape = config.get("sample_size"), None
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else size

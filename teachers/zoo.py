@@ -11,6 +11,7 @@ it returns is on `device`, in eval mode, frozen, with two attributes every stage
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,6 +87,17 @@ def load_model(
             raise ValueError(f"the model {str(path)!r} does not record its sample shape (C, H, W)")
         model.sample_shape = (config["in_channels"], config["resolution"], config["resolution"])
     model.one_step_time = one_step_time
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if bad:
+        warnings.warn(
+            f"{str(path)!r} has non-finite (NaN/inf) values in {len(bad)} tensor(s), e.g. {bad[0]}: what it "
+            "generates will be NaN",
+            stacklevel=2,
+        )
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -131,5 +131,5 @@ def test_user_checkpoint_is_loaded_strictly(tmp_path):
     model = create_model(spec, checkpoint=str(tmp_path / "mine.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
     wrong = model_spec("timm:resnet18", num_classes=5, in_chans=1)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match="does not fit timm:resnet18 .*size mismatch for fc.weight"):
         create_model(wrong, checkpoint=str(tmp_path / "mine.safetensors"))

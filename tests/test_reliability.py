@@ -4,7 +4,6 @@
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -152,8 +151,6 @@ def test_11_messages_name_the_record_that_holds_the_checksum(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match="recorded in m.json"):
         ckpt.read_model_file(path)
-    shutil.rmtree(tmp_path, ignore_errors=True)
-    os.makedirs(tmp_path, exist_ok=True)
 
 
 # 6 ------------------------------------------------------------------------------------------------------------
@@ -257,3 +254,135 @@ def test_8_two_concurrent_pairs_generate_on_one_store(tmp_path):
     store = PairStore(out)
     store.verify()
     assert len(store) == 4
+
+
+# 9 ------------------------------------------------------------------------------------------------------------
+def _cli_fails(argv, capsys) -> str:
+    from slimflow.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code not in (0, None)
+    return str(info.value.code)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--config", "configs/quickstart.yaml", "out={file}"],
+        ["pairs", "generate", "out={file}"],
+        ["anneal", "out={file}", "pairs={tmp}/no-store"],
+        ["distill", "out={file}", "pairs={tmp}/no-store"],
+        ["prune", "out={file}", "student={tmp}/no-student.safetensors"],
+        ["export", "--model", TEACHER, "--out", "{file}"],
+        ["sample", "--model", TEACHER, "--out", "{tmp}"],
+        ["prune-net", "--model", "torchvision:resnet18", "--out", "{file}"],
+    ],
+)
+def test_9_an_output_that_cannot_be_written_stops_before_any_work(tmp_path, capsys, argv):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    argv = [a.format(file=blocker, tmp=tmp_path) for a in argv]
+    message = _cli_fails(argv, capsys)
+    assert "existing file" in message or "existing folder" in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing was made, no input was even read
+
+
+# 10 -----------------------------------------------------------------------------------------------------------
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo this should never run",))
+
+
+def test_10_prune_net_weights_of_another_architecture_or_with_pickled_code_are_clear_errors(tmp_path, capsys):
+    import torchvision
+
+    other = tmp_path / "other.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), other)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": _Evil()}, pickled)
+    base = ["prune-net", "--model", "torchvision:resnet18", "--num-classes", "10", "--out", str(tmp_path / "o")]
+    assert "does not fit torchvision:resnet18" in _cli_fails([*base, "--checkpoint", str(other)], capsys)
+    for flag in ("--checkpoint", "--pretrained"):
+        assert "pickles Python objects" in _cli_fails([*base, flag, str(pickled)], capsys)
+
+
+def test_10_a_sidecar_that_is_not_a_mapping_is_a_clear_error(tmp_path):
+    path = ckpt.save_model(tmp_path / "m.safetensors", torch.nn.Linear(2, 2), {"model": {}})
+    path.with_suffix(".json").write_text("[1, 2]")
+    with pytest.raises(ckpt.CheckpointError, match="not a model sidecar: it holds a list"):
+        ckpt.read_model_file(path)
+
+
+def test_10_a_diffusers_folder_with_a_pickled_bin_is_refused(tmp_path):
+    pytest.importorskip("diffusers")
+    from teachers.zoo import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 8}))
+    torch.save({"weight": _Evil()}, tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(ckpt.CheckpointError, match="pickles Python objects"):
+        load_model(tmp_path)
+
+
+# 11 -----------------------------------------------------------------------------------------------------------
+def test_11_ctrl_c_outside_training_says_interrupted(tmp_path, capsys, monkeypatch):
+    import slimflow.sample
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slimflow.sample, "sample", interrupted)
+    message = _cli_fails(["sample", "--model", TEACHER, "--out", str(tmp_path / "g.png")], capsys)
+    assert message == "slimflow sample: interrupted"
+
+
+def test_11_a_corrupt_manifest_is_named(tmp_path):
+    from slimflow.pairs import PairStoreError, store_status
+
+    (tmp_path / "manifest.json").write_text('{"status": "compl')
+    with pytest.raises(PairStoreError, match="manifest.json is not valid JSON"):
+        store_status(tmp_path)
+
+
+def test_11_a_malicious_pickle_is_called_what_it_is(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _Evil()}, path)
+    with pytest.raises(ckpt.CheckpointError, match=r"pickles Python objects \(posix.system\)"):
+        ckpt.load_torch_file(path)
+
+
+def test_11_sample_n_zero_is_a_clear_error(tmp_path, capsys):
+    message = _cli_fails(["sample", "--model", TEACHER, "--n", "0", "--out", str(tmp_path / "g.png")], capsys)
+    assert "--n must be at least 1" in message
+
+
+def test_11_16_bit_and_palette_grayscale_pngs_are_one_channel(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from slimflow.data import load_images
+
+    ramp = np.arange(32 * 32).reshape(32, 32)
+    Image.fromarray((ramp * 64).astype(np.uint16)).save(tmp_path / "a16.png")
+    Image.fromarray((ramp % 256).astype(np.uint8), "L").convert("P").save(tmp_path / "b_palette.png")
+    images = load_images("image_folder", root=tmp_path, image_size=32).images
+    assert images.shape == (2, 1, 32, 32)  # before: both read as 3-channel
+    assert int(images[0].max()) == round(ramp.max() * 64 / 257)  # 16-bit values scaled to 8 bits
+
+
+def test_11_a_model_with_nan_weights_warns_when_loaded(tmp_path):
+    from teachers.unet import build_unet
+    from teachers.zoo import load_model
+
+    model = build_unet(
+        {
+            **{"in_channels": 1, "resolution": 8, "nf": 8, "ch_mult": [1], "num_res_blocks": 1},
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        }
+    )
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    path = ckpt.save_model(tmp_path / "m.safetensors", model, {"model": model.config})
+    with pytest.warns(UserWarning, match="non-finite"):
+        load_model(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from slimflow.checkpoint import read_model_file
+from slimflow.checkpoint import read_model_file, require_writable
 from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config
 from slimflow.flow import flow_matching_batch, per_sample, random_hflip, sample_time
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber, velocity_loss
@@ -210,4 +210,5 @@ def anneal(cfg: dict, command: str | None = None) -> dict:
     `out/annealed_ema.safetensors` (+ sidecar, kind "annealed-student"), write `out/summary.json`, return it."""
     cfg = full_config(DEFAULTS, cfg)
     check_anneal_config(cfg)
+    require_writable(cfg["out"])
     return run_training(anneal_job(cfg), command)

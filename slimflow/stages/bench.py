@@ -35,7 +35,7 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
-from slimflow.checkpoint import atomic_file, atomic_write_text, content_hash, model_identity
+from slimflow.checkpoint import atomic_file, atomic_write_text, content_hash, model_identity, require_writable
 from slimflow.config import load_config
 from slimflow.cost import measure_cost
 from slimflow.data import to_float, to_uint8
@@ -422,6 +422,7 @@ def bench(cfg: dict, command: str | None = None) -> dict:
     # missing weights or data stop the run before any sampling
     extractor_ids = {e: resolve_extractor(e, cfg["metrics"].get(f"{e}_weights"))[0] for e in extractors}
     reference_images(cfg["reference"])  # a missing data set too
+    require_writable(cfg["out"])
     run_prepare(prepare, command)
     device = resolve_device(cfg["device"])
     out = Path(cfg["out"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from slimflow.checkpoint import read_model_file, sha256_file
+from slimflow.checkpoint import read_model_file, require_writable, sha256_file
 from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config
 from slimflow.flow import per_sample
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, Distance, distance
@@ -192,4 +192,6 @@ def distill(cfg: dict, command: str | None = None) -> dict:
     """Flow-guided distillation from `cfg` (see DEFAULTS): export the EMA student to
     `out/distilled_ema.safetensors` (+ sidecar, kind "distilled-student"), write `out/summary.json`, return it."""
     check_config(cfg)
-    return run_training(distill_job(full_config(DEFAULTS, cfg)), command)
+    cfg = full_config(DEFAULTS, cfg)
+    require_writable(cfg["out"])
+    return run_training(distill_job(cfg), command)

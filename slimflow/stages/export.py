@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pruning.measure import count_params, median_ms
-from slimflow.checkpoint import atomic_write_text
+from slimflow.checkpoint import atomic_write_text, require_writable
 from slimflow.flow import noise_for
 from slimflow.sample import one_step_images, one_step_time
 from teachers.zoo import load_model
@@ -115,8 +115,7 @@ def export_model(
     bad = sorted(set(formats) - set(FORMATS))
     if bad or not formats:
         raise ValueError(f"unknown export formats {bad or formats}; choose from {FORMATS}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = require_writable(out_dir)
     velocity = load_model(model_path, device="cpu", resolution=resolution, unsafe_pickle=unsafe_pickle)
     generator = OneStepGenerator(velocity).eval()
     shape = tuple(velocity.sample_shape)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from slimflow.checkpoint import atomic_file, atomic_write_text
+from slimflow.checkpoint import atomic_file, atomic_write_text, require_writable
 from slimflow.data import LOADERS, load_images, to_float
 from slimflow.engine import resolve_device
 from slimflow.images import save_grid
@@ -55,6 +55,7 @@ def invert_images(
     `images`: a folder of images or a data set name of slimflow.data (its `split`); `resolution` is needed only
     for reference DDPM++ checkpoints (see teachers.zoo.load_model).
     """
+    require_writable(out_dir)
     target = resolve_device(device)
     teacher = load_model(teacher_path, unsafe_pickle=unsafe_pickle, resolution=resolution, device=target)
     shape = teacher.sample_shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from slimflow.checkpoint import require_writable
 from slimflow.engine import resolve_device
 from slimflow.pairs import generate_pairs
 from slimflow.solvers import FIXED_STEP_METHODS, METHODS
@@ -43,6 +44,7 @@ def generate_pairs_from_config(cfg: dict) -> dict:
     this call's wall time (seconds_this_session)."""
     cfg = full_config(DEFAULTS, cfg)
     solver = solver_kwargs(cfg["solver"])
+    require_writable(cfg["out"])
     require_input(cfg["teacher"], "teacher file", TEACHER_HINT)
     teacher = load_model(cfg["teacher"], resolution=cfg["teacher_resolution"], device=resolve_device(cfg["device"]))
     started = time.time()

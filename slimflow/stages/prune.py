@@ -31,7 +31,7 @@ from pruning.measure import count_macs_params, measure_latency
 from pruning.serialization import input_specs
 from pruning.structured import IMPORTANCES, prune_structured, ratio_for_macs
 from pruning.taylor import accumulate_gradients
-from slimflow.checkpoint import model_identity, read_model_file, save_model, sha256_file
+from slimflow.checkpoint import model_identity, read_model_file, require_writable, save_model, sha256_file
 from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config, dist_info, resolve_device
 from slimflow.flow import flow_matching_batch, noise_for
 from slimflow.images import save_grid
@@ -174,6 +174,7 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
     """Prune and recover the student of `cfg` (see DEFAULTS) into `cfg.out`; returns and writes the summary."""
     cfg = full_config(DEFAULTS, cfg)
     _check(cfg)
+    require_writable(cfg["out"])
     command = command_line(command)
     sidecar, _ = read_model_file(cfg["student"])
     if sidecar.get("pruning"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from slimflow import config as cfglib
-from slimflow.checkpoint import atomic_write_text, content_hash, sha256_file
+from slimflow.checkpoint import atomic_write_text, content_hash, require_writable, sha256_file
 from slimflow.engine import barrier, check_train_config, dist_info, resolve_device
 from slimflow.images import grid_image, save_grid
 from slimflow.losses import distance, l2
@@ -181,6 +181,9 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     command = command_line(command)
     cfg = full_config(DEFAULTS, cfg)
     _check_settings(cfg)
+    require_writable(cfg["out"])
+    if cfg["pairs"]["dir"]:
+        require_writable(cfg["pairs"]["dir"])
     require_input(cfg["teacher"], "teacher file", TEACHER_HINT)
     teacher = load_model(cfg["teacher"], resolution=cfg["teacher_resolution"])
     out = Path(cfg["out"])

@@ -6,6 +6,7 @@ import copy
 
 import torch
 
+from slimflow.checkpoint import require_writable
 from slimflow.data import load_images, to_float
 from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config
 from slimflow.flow import flow_matching_batch, random_hflip, sample_time
@@ -67,4 +68,6 @@ def train_teacher(cfg: dict, command: str | None = None) -> dict:
     """Train a 1-RF teacher from `cfg` (see DEFAULTS), export its EMA weights, return a summary. A run directory
     started with other settings is refused, as in every stage."""
     check_config(cfg)
-    return run_training(teacher_job(full_config(DEFAULTS, cfg)), command)
+    cfg = full_config(DEFAULTS, cfg)
+    require_writable(cfg["out"])
+    return run_training(teacher_job(cfg), command)
