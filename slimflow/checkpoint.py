@@ -47,6 +47,20 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+INSTALL_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the slimflow, teachers, pruning packages
+SHIPPED = ("teachers/weights/", "slimflow/assets/")  # files installed with the packages
+
+
+def shipped_path(path: str | Path) -> Path:
+    """`path` as given when it exists; else, for a relative path into a folder the project ships (e.g.
+    `teachers/weights/fmnist_teacher.safetensors`), the installed file, so default paths work from any directory."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or not path.as_posix().startswith(SHIPPED):
+        return path
+    shipped = INSTALL_ROOT / path
+    return shipped if shipped.exists() else path
+
+
 def content_hash(value: Any) -> str:
     """sha256 identity of `value`: of a module or a dict of tensors, over the sorted names, shapes, dtypes and raw
     bytes of its tensors; of anything else, over its JSON with sorted keys (non-JSON values by their str)."""
@@ -380,7 +394,7 @@ def save_model(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
 
 def model_identity(path: str | Path) -> str:
     """Identity of a model source: sha256 of an exported file, or the checkpoint a run directory resolves to."""
-    path = Path(path)
+    path = shipped_path(path)
     if path.is_file():
         return sha256_file(path)
     sidecar, _ = read_model_file(path)
@@ -389,7 +403,7 @@ def model_identity(path: str | Path) -> str:
 
 def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(sidecar, weights) of an exported model, or the EMA (else raw) weights of a training checkpoint."""
-    path = Path(path)
+    path = shipped_path(path)
     if path.is_dir():  # a run directory, a checkpoints/ directory, or one ckpt-<step>/ directory
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         ckpt = latest_checkpoint(root) or path

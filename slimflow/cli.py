@@ -15,7 +15,12 @@ def _config(args, defaults: dict) -> dict:
 
 
 def _with_config(parser: argparse.ArgumentParser, default: str | None = None) -> argparse.ArgumentParser:
-    parser.add_argument("--config", default=default, help="YAML preset (default: %(default)s)")
+    parser.add_argument(
+        "--config", default=default, help="a YAML file, or an installed preset by name (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the merged config (defaults <- preset <- overrides) and exit"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser
 
@@ -28,7 +33,13 @@ def _stage(name: str):
         from slimflow.stages import run_stage, stage
 
         module, fn = stage(name)
-        print(json.dumps(run_stage(fn, _config(args, module.DEFAULTS), _command()), indent=1, default=str))
+        cfg = _config(args, module.DEFAULTS)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(json.loads(json.dumps(cfg)), sort_keys=False), end="")
+            return
+        print(json.dumps(run_stage(fn, cfg, _command()), indent=1, default=str))
 
     return run
 
@@ -150,6 +161,15 @@ def cmd_sample(args) -> None:
         print(f"wrote {save_npz(images, args.npz)}")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slimflow")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown (not installed)"
+
+
 def _command() -> str:
     return "slimflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -165,30 +185,31 @@ def _model_file_args(parser: argparse.ArgumentParser) -> None:
 
 # (parent command or None, command, help, default preset, stage name in slimflow.stages.CONFIG_STAGES)
 CONFIG_COMMANDS = [
-    ("teacher", "train", "train a 1-rectified-flow teacher", "configs/teacher/fmnist.yaml", "teacher"),
-    ("pairs", "generate", "solve the teacher ODE for (noise seed, image) pairs", "configs/pairs/fmnist.yaml", "pairs"),
+    ("teacher", "train", "train a 1-rectified-flow teacher", "teacher/fmnist", "teacher"),
+    ("pairs", "generate", "solve the teacher ODE for (noise seed, image) pairs", "pairs/fmnist", "pairs"),
     (
         None,
         "anneal",
         "annealing reflow: a small student from scratch on the pairs",
-        "configs/anneal/fmnist.yaml",
+        "anneal/fmnist",
         "anneal",
     ),
-    (None, "distill", "flow-guided distillation into a one-step student", "configs/distill/fmnist.yaml", "distill"),
-    (None, "run", "pairs -> anneal -> distill from one config", "configs/quickstart.yaml", "run"),
+    (None, "distill", "flow-guided distillation into a one-step student", "distill/fmnist", "distill"),
+    (None, "run", "pairs -> anneal -> distill from one config", "quickstart", "run"),
     (
         None,
         "prune",
         "prune a flow student's channels, then recover it by distillation",
-        "configs/prune/fmnist.yaml",
+        "prune/fmnist",
         "prune",
     ),
-    (None, "bench", "FID/KID/precision-recall vs params, MACs, NFE, latency", "configs/bench/fmnist-cpu.yaml", "bench"),
+    (None, "bench", "FID/KID/precision-recall vs params, MACs, NFE, latency", "bench/fmnist-cpu", "bench"),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"slimflow {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     groups = {
         "teacher": sub.add_parser("teacher", help="train or inspect a teacher").add_subparsers(

@@ -98,10 +98,38 @@ def parse_override(text: str) -> dict:
     return tree
 
 
+def presets_root() -> Path:
+    """Where the presets are installed (the package `slimflow.presets`, from the repository's configs/)."""
+    import importlib.resources
+
+    try:
+        return Path(str(importlib.resources.files("slimflow.presets")))
+    except ModuleNotFoundError:  # a checkout used without installing it: the repository's own folder
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_names() -> list[str]:
+    root = presets_root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_config(spec: str | Path) -> Path:
+    """A config file: `spec` itself when it exists, else the installed preset it names — `quickstart`,
+    `bench/fmnist-cpu`, or a repository path such as `configs/quickstart.yaml` — from any directory."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = str(spec).removeprefix("configs/").removesuffix(".yaml")
+    preset = presets_root() / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(
+        f"config file {str(spec)!r} does not exist, and no preset has that name; presets: {', '.join(preset_names())}"
+    )
+
+
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    path = resolve_config(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

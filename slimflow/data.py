@@ -291,7 +291,10 @@ def _load_image_folder(
 def _load_digits(split: str, root: str | Path | None, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8×8 digits (1,797 images, 10 classes, bundled with scikit-learn): values 0..16 scaled to
     0..255, bilinear resize to image_size. "train" is the first 1,500 images, "test" the remaining 297."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits set comes with scikit-learn: pip install 'slimflow[digits]'") from None
 
     _check_split(split)
     digits = load_digits()

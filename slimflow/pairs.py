@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from slimflow.checkpoint import atomic_file, atomic_write_text, content_hash, sha256_file
+from slimflow.checkpoint import atomic_file, atomic_write_text, content_hash, sha256_file, shipped_path
 from slimflow.engine import dist_info
 from slimflow.flow import _MASK32, NOISE_SCHEME, _as_indices, noise_for
 from slimflow.solvers import solve
@@ -522,7 +522,7 @@ def open_pairs(path: str | Path, teacher: str | Path | None = None) -> PairStore
     """The finished pair store at `path`; with `teacher`, it must have been made by that teacher's weights."""
     store = PairStore(path)
     if teacher is not None:
-        if not Path(teacher).exists():
+        if not shipped_path(teacher).exists():
             raise FileNotFoundError(
                 f"teacher file {str(teacher)!r} does not exist (needed to check that the pairs in "
                 f"{path} were made by it)"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from slimflow.checkpoint import CheckpointError, check_config, load_state_checked, read_model_file
+from slimflow.checkpoint import CheckpointError, check_config, load_state_checked, read_model_file, shipped_path
 from teachers.adapters import load_diffusers_teacher
 from teachers.formats import detect, load_reference, slimflow_model_path
 from teachers.pruned import apply_pruning_record
@@ -60,7 +60,7 @@ def load_model(
     `expect`: the architecture config the caller requires of a project model file (any difference is an error);
     `resolution`: the image size of a reference DDPM++ checkpoint, which does not record it; `unsafe_pickle`:
     allow a torch file that pickles code (only for files you trust)."""
-    path = Path(path)
+    path = shipped_path(path)
     fmt, obj = detect(path, unsafe_pickle)
     one_step_time = 0.0
     if fmt in ("slimflow-checkpoint", "slimflow-model"):

@@ -23,7 +23,7 @@ LAYERS = {
         "slimflow.metrics",
     ],
     "stages": ["slimflow.stages"],
-    "cli": ["slimflow.cli"],
+    "entry points": ["slimflow.cli", "slimflow.api"],
 }
 
 
@@ -32,8 +32,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def project_imports(path: Path) -> set[str]:
-    """Every project module `path` imports, at module level or inside functions (relative imports resolved)."""
+def project_imports(path: Path, modules: set[str]) -> set[str]:
+    """Every project module `path` imports, at module level or inside functions (relative imports resolved).
+    `from pkg import name` depends on the submodule pkg.name when there is one, else on pkg itself."""
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -42,10 +43,9 @@ def project_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(
-                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
-                )
-            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
             continue
         found.update(n for n in names if n.split(".")[0] in PACKAGES)
@@ -57,7 +57,7 @@ def graph() -> dict[str, set[str]]:
     edges = {}
     for name, path in files.items():
         # `from pkg import name` names a module or an attribute: keep what is a module of the project
-        edges[name] = {m for m in project_imports(path) if m in files and m != name}
+        edges[name] = {m for m in project_imports(path, set(files)) if m in files and m != name}
     return edges
 
 

@@ -17,6 +17,7 @@ onnxruntime, both with torch's current thread count. Export runs on CPU (the fil
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def _check_onnx(path: Path, z: torch.Tensor, expected: torch.Tensor, atol: float
 
 @torch.no_grad()
 def export_model(
-    model_path: str | Path,
+    model_path: str | Path | nn.Module,
     out_dir: str | Path,
     formats: tuple[str, ...] = FORMATS,
     *,
@@ -116,14 +117,19 @@ def export_model(
     if bad or not formats:
         raise ValueError(f"unknown export formats {bad or formats}; choose from {FORMATS}")
     out = require_writable(out_dir)
-    velocity = load_model(model_path, device="cpu", resolution=resolution, unsafe_pickle=unsafe_pickle)
+    if isinstance(model_path, nn.Module):  # a module in memory: a CPU copy (the caller's module is left as it is)
+        velocity = copy.deepcopy(model_path).cpu().eval()
+        if getattr(velocity, "sample_shape", None) is None:
+            raise ValueError("the module has no sample_shape (C, H, W); set it, or export its model file")
+    else:
+        velocity = load_model(model_path, device="cpu", resolution=resolution, unsafe_pickle=unsafe_pickle)
     generator = OneStepGenerator(velocity).eval()
     shape = tuple(velocity.sample_shape)
     z = noise_for(list(range(CHECK_BATCH)), seed, shape)
     expected = generator(z)
     one = z[:1]
     report: dict = {
-        "model": str(model_path),
+        "model": type(model_path).__name__ if isinstance(model_path, nn.Module) else str(model_path),
         "params": count_params(velocity),
         "input": ["batch", *shape],
         "mapping": f"image = z + v(z, {generator.t0:g}), z ~ N(0, I); output not clamped (nominally [-1, 1])",

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from slimflow import config as cfglib
-from slimflow.checkpoint import atomic_write_text, content_hash, latest_checkpoint, save_model
+from slimflow.checkpoint import atomic_write_text, content_hash, latest_checkpoint, save_model, shipped_path
 from slimflow.engine import Trainer, barrier
 
 TIME_CONVENTION = "t=0 noise, t=1 data"
@@ -92,9 +92,10 @@ def start_run_dir(out: Path, run_config: dict) -> None:
 
 def require_input(path: str | Path, what: str, hint: str) -> Path:
     """`path`, or a FileNotFoundError naming what it is and how to make it."""
-    if not Path(path).exists():
+    found = shipped_path(path)
+    if not found.exists():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist; {hint}")
-    return Path(path)
+    return found
 
 
 TEACHER_HINT = "train one with `slimflow teacher train` or set teacher= to a model file"
