@@ -5,7 +5,8 @@ A trainer supplies two functions:
   randomness from `generator`, which the engine seeds from (seed, step). The engine gives each rank its slice,
   so a run on W processes sees exactly the examples a single process would, and a resumed run sees exactly the
   examples it would have seen without the interruption.
-- `loss_fn(model, batch) -> loss` or `(loss, {name: scalar})` on the rank's slice (mean over the slice).
+- `loss_fn(model, batch) -> loss` or `(loss, {name: scalar})` on the rank's slice (mean over the slice); every
+  `log_every` steps the mean of each scalar over those steps is logged.
 
 The engine owns: device, Adam/AdamW with linear warm-up, grad clipping, EMA (fixed decay or SlimFlow's power
 law), bf16 autocast, opt-in `torch.compile`, DDP under `torchrun`, TensorBoard scalars and sample grids, tqdm,
@@ -40,6 +41,8 @@ TRAIN_DEFAULTS: dict = {
     "betas": [0.9, 0.999],
     "weight_decay": 0.0,
     "warmup": 500,
+    "lr_schedule": "constant",  # after the warm-up: constant | cosine | linear (decay to min_lr at train.steps)
+    "min_lr": 0.0,
     "grad_clip": 1.0,
     "ema": {"kind": "fixed", "decay": 0.999, "max_decay": 0.999999},  # kind: fixed | power | none
     "precision": "auto",  # auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16
@@ -79,6 +82,21 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # --------------------------------------------------------------------------------------- small pure pieces
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def learning_rate(step: int, cfg: dict) -> float:
+    """The learning rate of `step` (0-based): linear warm-up over train.warmup steps, then train.lr held
+    (constant) or decayed to train.min_lr at train.steps along a half cosine or a straight line."""
+    lr = warmup_lr(step, cfg["lr"], cfg["warmup"])
+    schedule, warmup, total = cfg.get("lr_schedule", "constant"), cfg["warmup"], cfg["steps"]
+    if schedule == "constant" or step < warmup or total <= warmup:
+        return lr
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return cfg.get("min_lr", 0.0) + (cfg["lr"] - cfg.get("min_lr", 0.0)) * shape
+
+
 def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
     """Linear warm-up from base_lr/warmup to base_lr over `warmup` steps, then constant (reference schedule)."""
     return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
@@ -99,6 +117,14 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def window_means(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each scalar's mean over the steps of a logging window; the learning rate is the last step's."""
+    means = {key: sum(row[key] for row in rows) / len(rows) for key in rows[-1]}
+    if "train/lr" in means:
+        means["train/lr"] = rows[-1]["train/lr"]
+    return means
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -169,6 +195,11 @@ def check_train_config(cfg: dict) -> None:
             raise bad(key, "a finite number >= 0")
     if cfg["lr"] <= 0:
         raise bad("lr", "a finite number > 0")
+    if cfg.get("lr_schedule", "constant") not in LR_SCHEDULES:
+        raise bad("lr_schedule", " | ".join(LR_SCHEDULES))
+    min_lr = cfg.get("min_lr", 0.0)
+    if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not 0.0 <= min_lr <= cfg["lr"]:
+        raise bad("min_lr", "a number in [0, train.lr]")
     if cfg["optimizer"] not in ("adam", "adamw"):
         raise bad("optimizer", "adam or adamw")
     if cfg["precision"] not in ("auto", "fp32", "bf16"):
@@ -372,12 +403,14 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, disable=self.rank != 0, desc=self.run_dir.name, dynamic_ncols=True)
         started, first_step = time.time(), self.step
         with _stop_requests() as stop:
+            window: list[dict[str, float]] = []  # the steps since the last log
             while self.step < steps and not stop:
-                scalars = self._train_step(net, make_batch, loss_fn)
+                window.append(self._train_step(net, make_batch, loss_fn))
                 self.step += 1
                 bar.update(1)
                 if self.step % self.cfg["log_every"] == 0 or self.step == steps:
-                    scalars = mean_over_ranks(scalars, self.device)
+                    scalars = mean_over_ranks(window_means(window), self.device)
+                    window = []
                     scalars["train/img_per_s"] = _rate(self.step - first_step, self.cfg["batch_size"], started)
                     history.append({"step": self.step, **scalars})
                     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
@@ -410,7 +443,7 @@ class Trainer:
     def _train_step(self, net, make_batch, loss_fn) -> dict[str, float]:
         batch = make_batch(self.step, step_generator(self.cfg["seed"], self.step))
         batch = shard_batch(batch, self.rank, self.world, self.device)
-        lr = warmup_lr(self.step, self.cfg["lr"], self.cfg["warmup"])
+        lr = learning_rate(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(

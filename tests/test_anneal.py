@@ -259,3 +259,13 @@ def test_lpips_huber_annealing_loss_compares_the_clean_images_the_student_predic
     rest = (1 - t).view(-1, 1, 1, 1)
     expected = t * pseudo_huber(batch["target"] + delta, batch["target"]) + distance("domain")(x + rest * delta, x)
     assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-4) and extra == {"beta": 0.5}
+
+
+def test_a_run_written_before_the_lr_schedule_settings_resumes_with_their_defaults(tmp_path):
+    cfg = {"train": {"lr": 1e-3, "steps": 10}}
+    start_run_dir(tmp_path, cfg)  # an old run: its config.yaml has no lr_schedule / min_lr
+    start_run_dir(tmp_path, {"train": {**cfg["train"], "lr_schedule": "constant", "min_lr": 0.0}})
+    with pytest.raises(ValueError, match="train.lr_schedule: run has None, requested 'cosine'"):
+        start_run_dir(tmp_path / "other", cfg) or start_run_dir(
+            tmp_path / "other", {"train": {**cfg["train"], "lr_schedule": "cosine", "min_lr": 0.0}}
+        )

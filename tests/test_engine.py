@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -144,3 +145,42 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     assert ddp["losses"] == pytest.approx(single_losses, rel=1e-4, abs=1e-6)
     for key, value in single.model.state_dict().items():
         assert torch.allclose(torch.tensor(ddp["weights"][key]), value, atol=1e-5), key
+
+
+def test_learning_rate_schedules_match_their_closed_forms():
+    from slimflow.engine import TRAIN_DEFAULTS, check_train_config, learning_rate
+
+    cfg = {**TRAIN_DEFAULTS, "lr": 1.0, "warmup": 10, "steps": 110, "min_lr": 0.1}
+    constant = [learning_rate(s, cfg) for s in range(110)]
+    assert constant == [warmup_lr(s, 1.0, 10) for s in range(110)]  # the default is the old schedule exactly
+    cosine = {**cfg, "lr_schedule": "cosine"}
+    linear = {**cfg, "lr_schedule": "linear"}
+    assert learning_rate(4, cosine) == learning_rate(4, linear) == pytest.approx(0.5)  # warm-up untouched
+    assert learning_rate(10, cosine) == learning_rate(10, linear) == pytest.approx(1.0)
+    assert learning_rate(60, cosine) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(π/2) = 0
+    assert learning_rate(35, cosine) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate(35, linear) == pytest.approx(0.1 + 0.9 * 0.75)
+    assert learning_rate(110, cosine) == learning_rate(110, linear) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="train.lr_schedule"):
+        check_train_config({**cfg, "lr_schedule": "step"})
+    with pytest.raises(ValueError, match="train.min_lr"):
+        check_train_config({**cfg, "min_lr": 2.0})
+
+
+def test_the_trainer_follows_the_schedule(tmp_path):
+    from slimflow.engine import learning_rate
+
+    trainer, result = train(tmp_path / "run", steps=12, lr_schedule="linear", min_lr=1e-3)
+    lrs = [row["train/lr"] for row in result["history"]]  # log_every 1: the lr of every step
+    assert lrs == pytest.approx([learning_rate(s, trainer.cfg) for s in range(12)])
+    assert lrs[-1] < lrs[5] and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[-1])
+
+
+def test_logged_losses_are_window_means(tmp_path):
+    from slimflow.engine import window_means
+
+    rows = [{"train/loss": 1.0, "train/lr": 0.1}, {"train/loss": 3.0, "train/lr": 0.2}]
+    assert window_means(rows) == {"train/loss": 2.0, "train/lr": 0.2}
+    every, per_step = train(tmp_path / "a", steps=8, log_every=4)[1], train(tmp_path / "b", steps=8)[1]
+    losses = [row["train/loss"] for row in per_step["history"]]
+    assert [row["train/loss"] for row in every["history"]] == pytest.approx([sum(losses[:4]) / 4, sum(losses[4:]) / 4])

@@ -44,6 +44,11 @@ RESUMABLE_CHANGES = (
 )
 
 
+# Training settings added after runs existed, with the value that means the old behaviour: a run directory
+# written before them (the key absent) resumes when the requested value is that one.
+ADDED_SETTINGS = {"lr_schedule": "constant", "min_lr": 0.0}
+
+
 # ------------------------------------------------------------------------------------------ settings
 def full_config(defaults: dict, cfg: dict) -> dict:
     """`cfg` merged onto `defaults` (unknown keys are errors), without the open-mapping markers."""
@@ -79,7 +84,9 @@ def start_run_dir(out: Path, run_config: dict) -> None:
         diffs = [
             f"{key}: run has {old.get(key)!r}, requested {new.get(key)!r}"
             for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+            if old.get(key) != new.get(key)
+            and not key.startswith(RESUMABLE_CHANGES)
+            and not (key not in old and ADDED_SETTINGS.get(key.rpartition(".")[2], object()) == new.get(key))
         ]
         if diffs:
             raise ValueError(
