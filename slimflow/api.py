@@ -21,6 +21,7 @@ from slimflow.config import load_config
 from slimflow.data import to_uint8
 from slimflow.sample import sample
 from slimflow.stages import run_stage, stage
+from slimflow.stages.export import FORMATS, export_model
 from teachers.zoo import load_model
 
 
@@ -38,7 +39,14 @@ def make_config(stage_name: str, preset: str | Path | None = None, **overrides) 
     """The merged config of a stage: its defaults <- a preset or YAML file <- `key=value` overrides, where a
     nested key is written with `__` (`anneal__train__steps=100`)."""
     module, _ = stage(stage_name)
-    return load_config(module.DEFAULTS, preset, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
+    update: dict = {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split("__")
+        node = update
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return load_config(module.DEFAULTS, preset, update=update)
 
 
 def run(stage_name: str, preset: str | Path | None = None, **overrides) -> dict:
@@ -51,12 +59,10 @@ def run(stage_name: str, preset: str | Path | None = None, **overrides) -> dict:
 def export(
     model: torch.nn.Module | str | Path,
     out_dir: str | Path,
-    formats: tuple[str, ...] = ("onnx", "torch_export"),
+    formats: tuple[str, ...] = FORMATS,
     **kwargs,
 ) -> dict:
     """ONNX / torch.export of the one-step generator of a module or model file (`slimflow.stages.export`)."""
-    from slimflow.stages.export import export_model
-
     return export_model(model, out_dir, formats, **kwargs)
 
 

@@ -311,7 +311,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         moved = sorted(root.glob(f".{path.name}.replaced-*"))
         if not moved:
             raise CheckpointError(f"{str(pointer)!r} names {path.name!r}, which does not exist")
-        os.replace(moved[-1], path)  # the old copy of a checkpoint whose replacement was interrupted
+        _publish(moved[-1], path)  # the old copy of a checkpoint whose replacement was interrupted
     return path
 
 

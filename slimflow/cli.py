@@ -7,6 +7,8 @@ import json
 import shlex
 import sys
 
+import slimflow
+
 
 def _config(args, defaults: dict) -> dict:
     from slimflow.config import load_config
@@ -161,15 +163,6 @@ def cmd_sample(args) -> None:
         print(f"wrote {save_npz(images, args.npz)}")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("slimflow")
-    except PackageNotFoundError:  # run from a checkout that was not installed
-        return "unknown (not installed)"
-
-
 def _command() -> str:
     return "slimflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -209,7 +202,7 @@ CONFIG_COMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimflow", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"slimflow {_version()}")
+    parser.add_argument("--version", action="version", version=f"slimflow {slimflow.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     groups = {
         "teacher": sub.add_parser("teacher", help="train or inspect a teacher").add_subparsers(

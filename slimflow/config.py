@@ -141,13 +141,18 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(defaults: dict, path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
-    """defaults ← preset file ← overrides, each layer checked for unknown keys."""
+def load_config(
+    defaults: dict, path: str | Path | None = None, overrides: Iterable[str] = (), update: dict | None = None
+) -> dict:
+    """defaults ← preset file ← `key.path=value` overrides ← `update` (a nested mapping of values), each layer
+    checked for unknown keys."""
     cfg = copy.deepcopy(defaults)
     if path is not None:
         cfg = merge(cfg, load_yaml(path), where=str(path))
     for text in overrides:
         cfg = merge(cfg, parse_override(text), where=f"override {text!r}")
+    if update:
+        cfg = merge(cfg, update, where="the given settings")
     return strip_markers(cfg)
 
 

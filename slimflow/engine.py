@@ -89,12 +89,12 @@ def learning_rate(step: int, cfg: dict) -> float:
     """The learning rate of `step` (0-based): linear warm-up over train.warmup steps, then train.lr held
     (constant) or decayed to train.min_lr at train.steps along a half cosine or a straight line."""
     lr = warmup_lr(step, cfg["lr"], cfg["warmup"])
-    schedule, warmup, total = cfg.get("lr_schedule", "constant"), cfg["warmup"], cfg["steps"]
+    schedule, warmup, total = cfg["lr_schedule"], cfg["warmup"], cfg["steps"]
     if schedule == "constant" or step < warmup or total <= warmup:
         return lr
     progress = min(1.0, (step - warmup) / (total - warmup))
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return cfg.get("min_lr", 0.0) + (cfg["lr"] - cfg.get("min_lr", 0.0)) * shape
+    return cfg["min_lr"] + (cfg["lr"] - cfg["min_lr"]) * shape
 
 
 def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
@@ -195,9 +195,9 @@ def check_train_config(cfg: dict) -> None:
             raise bad(key, "a finite number >= 0")
     if cfg["lr"] <= 0:
         raise bad("lr", "a finite number > 0")
-    if cfg.get("lr_schedule", "constant") not in LR_SCHEDULES:
+    if cfg["lr_schedule"] not in LR_SCHEDULES:
         raise bad("lr_schedule", " | ".join(LR_SCHEDULES))
-    min_lr = cfg.get("min_lr", 0.0)
+    min_lr = cfg["min_lr"]
     if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not 0.0 <= min_lr <= cfg["lr"]:
         raise bad("min_lr", "a number in [0, train.lr]")
     if cfg["optimizer"] not in ("adam", "adamw"):

@@ -36,3 +36,13 @@ def test_bad_files_and_overrides(tmp_path):
         parse_override("train.lr")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(DEFAULTS, None, ["train=3"])
+
+
+def test_make_config_takes_values_as_they_are():
+    import slimflow
+
+    cfg = slimflow.make_config("run", "quickstart", pairs__n=2000, pairs__dir=None, anneal__model__nf=16)
+    assert cfg["pairs"]["n"] == 2000 and cfg["pairs"]["dir"] is None  # None stays None (not the string "None")
+    assert cfg["anneal"]["model"] == {"preset": "fmnist-student-s", "nf": 16}  # an open mapping takes new keys
+    with pytest.raises(ConfigError, match="unknown config key 'pairs.nn'"):
+        slimflow.make_config("run", "quickstart", pairs__nn=1)

@@ -17,7 +17,8 @@ from slimflow.losses import l2
 from slimflow.pairs import PairStore, generate_pairs
 from slimflow.solvers import solve, straightness
 from slimflow.stages.anneal import anneal_loss, make_anneal_batch
-from slimflow.stages.distill import distill_loss, make_distill_batch
+from slimflow.stages.distill import DEFAULTS, distill_loss, make_distill_batch
+from slimflow.stages.runner import full_config
 
 TOY = "gaussians8"
 
@@ -130,20 +131,10 @@ def test_annealed_student_is_straighter_and_better_in_one_step_and_distillation_
     assert sw_annealed < 0.3 * sw_teacher, (sw_annealed, sw_teacher)
 
     guide = copy.deepcopy(annealed)
-    distill_cfg = {
-        "loss": {
-            "distance": "l2",
-            "options": {},
-            "w_distill": 1.0,
-            "w_2step": 1.0,
-            "variant": "reference",
-            "t_min": 0.2,
-            "t_max": 0.8,
-            "one_step_time": 0.0,
-        },
-        "train": {**TRAIN, "steps": 600, "lr": 1e-3},
-    }
+    # the stage's default loss: l2, reference variant, weights 1:1, t' ~ U(0.2, 0.8), one-step time 0
+    distill_cfg = full_config(DEFAULTS, {"train": {**TRAIN, "steps": 600, "lr": 1e-3}})
     loss = distill_cfg["loss"]
+    assert (loss["distance"], loss["variant"], loss["t_min"], loss["t_max"]) == ("l2", "reference", 0.2, 0.8)
     trainer = Trainer(
         copy.deepcopy(annealed).train().requires_grad_(True), distill_cfg["train"], tmp_path / "distill", {}
     )

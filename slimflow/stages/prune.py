@@ -31,7 +31,7 @@ from pruning.measure import count_macs_params, measure_latency
 from pruning.serialization import input_specs
 from pruning.structured import IMPORTANCES, prune_structured, ratio_for_macs
 from pruning.taylor import accumulate_gradients
-from slimflow.checkpoint import model_identity, read_model_file, require_writable, save_model, sha256_file
+from slimflow.checkpoint import content_hash, model_identity, read_model_file, require_writable, save_model, sha256_file
 from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config, dist_info, resolve_device
 from slimflow.flow import flow_matching_batch, noise_for
 from slimflow.images import save_grid
@@ -43,7 +43,6 @@ from slimflow.stages.runner import (
     command_line,
     full_config,
     is_current,
-    output_key,
     plain_config,
     run_training,
     write_summary,
@@ -174,7 +173,7 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
     """Prune and recover the student of `cfg` (see DEFAULTS) into `cfg.out`; returns and writes the summary."""
     cfg = full_config(DEFAULTS, cfg)
     _check(cfg)
-    require_writable(cfg["out"])
+    out = require_writable(cfg["out"])
     command = command_line(command)
     sidecar, _ = read_model_file(cfg["student"])
     if sidecar.get("pruning"):
@@ -182,8 +181,6 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
     store = open_pairs(cfg["pairs"]) if _needs_pairs(cfg) else None
     student = load_model(cfg["student"])
     source = {"file": str(cfg["student"]), "kind": sidecar.get("kind"), "sha256": model_identity(cfg["student"])}
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"kind": KIND, "student": source, "out": str(out)}
     summary["prune"], pruned_path, record = _prune_stage(cfg, student, sidecar, source, store, command)
     if cfg["recover"]["mode"] != "none":
@@ -210,7 +207,7 @@ def _prune_stage(
     """Write out/pruned.safetensors unless it was made from this student with these settings; returns the stage
     summary, the file and its pruning record."""
     path = Path(cfg["out"]) / "pruned.safetensors"
-    key = output_key(source["sha256"], cfg["prune"], store is not None and pairs_hash(store))
+    key = content_hash([source["sha256"], cfg["prune"], store is not None and pairs_hash(store)])
     started = time.time()
     if is_current(path, key):
         status, record = "skipped", read_model_file(path)[0]["pruning"]

@@ -32,7 +32,6 @@ from slimflow.stages.runner import (
     command_line,
     full_config,
     is_current,
-    output_key,
     plain_config,
     read_summary,
     require_input,
@@ -181,13 +180,11 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     command = command_line(command)
     cfg = full_config(DEFAULTS, cfg)
     _check_settings(cfg)
-    require_writable(cfg["out"])
+    out = require_writable(cfg["out"])
     if cfg["pairs"]["dir"]:
         require_writable(cfg["pairs"]["dir"])
     require_input(cfg["teacher"], "teacher file", TEACHER_HINT)
     teacher = load_model(cfg["teacher"], resolution=cfg["teacher_resolution"])
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
     began = time.time()
     stages: dict[str, dict] = {}
 
@@ -237,7 +234,7 @@ def _grids_stage(out: Path, cfg: dict, teacher: torch.nn.Module, students: dict[
     """Grids unless grids/grids.json was made from the same teacher, students, solver and grid settings."""
     started = time.time()
     solver = pairs_stage.solver_kwargs(cfg["pairs"]["solver"])
-    key = output_key(
+    key = content_hash(
         {
             "teacher": content_hash(teacher),
             "solver": solver,

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from slimflow import config as cfglib
-from slimflow.checkpoint import atomic_write_text, content_hash, latest_checkpoint, save_model, shipped_path
+from slimflow.checkpoint import atomic_write_text, content_hash, save_model, shipped_path
 from slimflow.engine import Trainer, barrier
 
 TIME_CONVENTION = "t=0 noise, t=1 data"
@@ -109,14 +109,9 @@ TEACHER_HINT = "train one with `slimflow teacher train` or set teacher= to a mod
 
 
 # ------------------------------------------------------------------------------------------ "current"
-def output_key(*parts) -> str:
-    """The key a stage's output records: the content hash of everything the output depends on."""
-    return content_hash(parts[0] if len(parts) == 1 else list(parts))
-
-
 def is_current(output: str | Path, key: str) -> bool:
-    """True when the output exists and records `key` (it was made from exactly these inputs): a model file in its
-    sidecar, a JSON record in itself."""
+    """True when the output exists and records `key`, the `content_hash` of everything it depends on (it was made
+    from exactly these inputs): a model file in its sidecar, a JSON record in itself."""
     output = Path(output)
     record = output if output.suffix == ".json" else output.with_suffix(".json")
     if not output.is_file() or not record.is_file():
@@ -166,11 +161,10 @@ class TrainingJob:
 def run_training(job: TrainingJob, command: str | None = None) -> dict:
     """Skip, resume or run `job` (see the module docstring); returns the stage summary, also written to
     `job.out/summary.json` (rank 0)."""
-    key = output_key(job.run_config)
+    key = content_hash(job.run_config)
     if is_current(job.export, key):
         return {**read_summary(job.out), "status": "skipped", "export": str(job.export)}
     start_run_dir(job.out, job.run_config)
-    status = "resumed" if latest_checkpoint(job.out / "checkpoints") is not None else "ran"
     torch.manual_seed(job.train["seed"])  # initial weights are a function of the seed
     model = job.build()
     started = time.time()
@@ -179,7 +173,7 @@ def run_training(job: TrainingJob, command: str | None = None) -> dict:
     final = result["history"][-1] if result["history"] else None
     summary = {
         "kind": job.kind,
-        "status": status,
+        "status": "resumed" if result["resumed"] else "ran",
         "params": sum(p.numel() for p in model.parameters()),
         "steps": result["steps"],
         "resumed": result["resumed"],
