@@ -2,11 +2,13 @@
 
 A pruned-model directory holds
 - `model.safetensors`: the pruned state dict;
-- `pruning.json`: the architecture spec of the *unpruned* network, the shapes/dtypes of the example inputs and
-  Torch-Pruning's pruning history (module name, out/in channels, removed indices per pruned group);
+- `pruning.json`: the architecture spec of the *unpruned* network, the shapes/dtypes of the example inputs,
+  Torch-Pruning's pruning history (module name, out/in channels, removed indices per pruned group), the channel
+  dimension of each unwrapped parameter, and the modules' width attributes (head counts, `embed_dim`, ...);
 - `masks.safetensors` (unstructured pruning only).
 Loading rebuilds the unpruned architecture, traces it on zero inputs, replays the history (channels are removed
-exactly as before) and loads the state dict strictly: the loaded model computes bit-identical outputs.
+exactly as before), sets the recorded width attributes and loads the state dict strictly: the loaded model computes
+bit-identical outputs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from torch import nn
 
 from .measure import as_args
 from .models import build_model
-from .structured import sync_attention_dims
+from .structured import (
+    find_unwrapped_parameters,
+    set_width_attributes,
+    sync_attention_dims,
+    torch_pruning_unwrapped,
+    width_attributes,
+)
 from .unstructured import WeightMasks
 
 FORMAT = "slimflow-pruned-model/1"
@@ -38,12 +46,14 @@ def save_pruned(
     example_inputs: Any,
     history: list | None = None,
     masks: WeightMasks | None = None,
+    unwrapped_parameters: Mapping[str, int] | None = None,
     extra: Mapping | None = None,
 ) -> Path:
     """Write model.safetensors + pruning.json (+ masks.safetensors) to `out_dir`; returns the directory.
 
     arch: JSON-able spec that `build` (see load_pruned) turns into the unpruned network; history: the
-    StructuredPruner/prune_structured history (empty for unstructured pruning); extra: JSON-able provenance.
+    StructuredPruner/prune_structured history (empty for unstructured pruning); unwrapped_parameters: the
+    {name: dim} the model was pruned with (prune_structured's report), when given; extra: JSON-able provenance.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,6 +62,8 @@ def save_pruned(
         "arch": dict(arch),
         "example_inputs": input_specs(example_inputs),
         "history": history or [],
+        "unwrapped_parameters": dict(unwrapped_parameters or {}),
+        "width_attributes": width_attributes(model),
         "masks": masks is not None,
         "extra": dict(extra or {}),
     }
@@ -82,19 +94,35 @@ def input_specs(example_inputs: Any) -> list[dict]:
 
 
 def replay_history(
-    model: nn.Module, history: list, input_specs: list[dict], *, custom_pruners: dict | None = None
+    model: nn.Module,
+    history: list,
+    input_specs: list[dict],
+    *,
+    custom_pruners: dict | None = None,
+    unwrapped_parameters: Mapping[str, int] | None = None,
+    attributes: Mapping[str, Mapping[str, int]] | None = None,
 ) -> nn.Module:
     """Remove the channels recorded in `history` from the unpruned `model` (in place), exactly as before: trace it
-    on zero inputs of `input_specs` and replay Torch-Pruning's history. An empty history changes nothing."""
-    if not history:
-        return model
-    inputs = tuple(torch.zeros(x["shape"], dtype=getattr(torch, x["dtype"])) for x in input_specs)
-    was_training = model.training
-    with torch.enable_grad():  # Torch-Pruning traces through autograd
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, customized_pruners=custom_pruners)
-        graph.load_pruning_history(history)
-    sync_attention_dims(model)
-    model.train(was_training)  # tracing left it in eval()
+    on zero inputs of `input_specs` and replay Torch-Pruning's history, then set the recorded width `attributes`
+    (without them, attention's `head_dim` is recomputed from its unchanged head count, as files written before
+    attributes were recorded expect). An empty history changes no channels."""
+    if history:
+        inputs = tuple(torch.zeros(x["shape"], dtype=getattr(torch, x["dtype"])) for x in input_specs)
+        was_training = model.training
+        dims = find_unwrapped_parameters(model, custom_pruners=custom_pruners, dims=dict(unwrapped_parameters or {}))
+        with torch.enable_grad():  # Torch-Pruning traces through autograd
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=inputs,
+                customized_pruners=custom_pruners,
+                unwrapped_parameters=torch_pruning_unwrapped(model, dims),
+            )
+            graph.load_pruning_history(history)
+        model.train(was_training)  # tracing left it in eval()
+    if attributes is not None:
+        set_width_attributes(model, dict(attributes))
+    elif history:
+        sync_attention_dims(model)
     return model
 
 
@@ -108,7 +136,14 @@ def load_pruned(
     out_dir = Path(out_dir)
     meta = read_meta(out_dir)
     model = build(meta["arch"])
-    replay_history(model, meta["history"], meta["example_inputs"], custom_pruners=custom_pruners)
+    replay_history(
+        model,
+        meta["history"],
+        meta["example_inputs"],
+        custom_pruners=custom_pruners,
+        unwrapped_parameters=meta.get("unwrapped_parameters"),
+        attributes=meta.get("width_attributes"),
+    )
     try:
         load_model(model, str(out_dir / "model.safetensors"), strict=True)
     except (RuntimeError, KeyError) as err:

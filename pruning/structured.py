@@ -1,8 +1,15 @@
 """Structural (channel) pruning on Torch-Pruning's `BasePruner`.
 
 Channels are removed for real, so params, MACs and latency drop. Output layers are found by tracing a forward
-pass and never pruned. timm-style attention (`.qkv` Linear + `.num_heads`) gets its head count passed in and its
-`head_dim` refreshed after every step.
+pass and never pruned. timm-style attention (`.qkv` Linear + `.num_heads`) gets its head count passed in; it loses
+head dimensions (`prune_head_dims`) and, with `head_ratio` > 0, whole heads. After every step the modules' width
+attributes are brought back in line with their weights (`num_heads`, `head_dim`, `attn_dim` of attention; `embed_dim`,
+`num_features`, `head_hidden_size` of a network, see `WidthAttributes`), so code reading them (timm's
+`reset_classifier`, `forward_head`) sees the pruned widths.
+
+Parameters that sit on no layer Torch-Pruning knows (a ViT's `cls_token` and `pos_embed`) are found before tracing
+and passed to it explicitly with the dimension that holds their channels (`find_unwrapped_parameters`); they are
+pruned with the channels they are added to.
 
 GroupNorm: channels are removed evenly from every group, so `num_channels % num_groups == 0` holds. The group
 count is taken per pruning group from the channels it covers in each GroupNorm, so a GroupNorm fed by a concat
@@ -47,6 +54,10 @@ def make_importance(name: str) -> tp.importance.Importance:
     raise ValueError(f"unknown importance {name!r}: choose one of {', '.join(IMPORTANCES)}")
 
 
+WIDTH_ATTRIBUTES = ("num_heads", "head_dim", "attn_dim", "embed_dim", "num_features", "head_hidden_size")
+NETWORK_WIDTHS = ("embed_dim", "num_features", "head_hidden_size")  # widths kept in step by WidthAttributes
+
+
 def _first_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -59,12 +70,8 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def find_output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
-    """The layer producing the model's output, found by tracing one eval-mode forward pass.
-
-    Classifier head: the last Linear whose out_features equals the output's last dimension (number of classes).
-    Output conv: the last convolution whose out_channels equals the output's channel dimension (dim 1).
-    """
+def _traced_layers(model: nn.Module, example_inputs: Any) -> tuple[list[nn.Module], torch.Tensor]:
+    """The Linear/Conv layers in the order one eval-mode forward pass calls them, and the output tensor."""
     calls: list[nn.Module] = []
     handles = [
         m.register_forward_hook(lambda mod, _i, _o: calls.append(mod))
@@ -79,6 +86,16 @@ def find_output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    return calls, out
+
+
+def find_output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
+    """The layer producing the model's output, found by tracing one eval-mode forward pass.
+
+    Classifier head: the last Linear whose out_features equals the output's last dimension (number of classes).
+    Output conv: the last convolution whose out_channels equals the output's channel dimension (dim 1).
+    """
+    calls, out = _traced_layers(model, example_inputs)
     for module in reversed(calls):
         if isinstance(module, nn.Linear) and module.out_features == out.shape[-1]:
             return [module]
@@ -90,13 +107,119 @@ def find_output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]
     )
 
 
-def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
-    """{qkv Linear: number of heads} for timm-style attention modules (a `.qkv` Linear and an int `.num_heads`)."""
+def _attention_modules(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """{qkv Linear: its attention module} for timm-style attention."""
     return {
-        m.qkv: m.num_heads
+        m.qkv: m
         for m in model.modules()
         if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
     }
+
+
+def _layer_width(layer: nn.Module, side: str) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features if side == "in" else layer.out_features
+    return layer.in_channels if side == "in" else layer.out_channels
+
+
+class WidthAttributes:
+    """Keeps a network's integer width attributes (`embed_dim`, `num_features`, `head_hidden_size`) equal to the
+    layers they describe while channels are removed.
+
+    Each attribute is tied, before pruning, to the first of these layers inside its module whose width equals it:
+    for `num_features` and `head_hidden_size`, the input of the output layer (the classifier reads the features),
+    then the output of the first layer called; for `embed_dim` the other way round (a ViT's patch embedding sets
+    the residual width). An attribute that matches neither is left alone and listed in `unmatched`.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, output_layers: Sequence[nn.Module]):
+        calls, _ = _traced_layers(model, example_inputs)
+        self.ties: list[tuple[nn.Module, str, nn.Module, str]] = []
+        self.unmatched: list[str] = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.MultiheadAttention):  # Torch-Pruning updates these itself
+                continue
+            inside = {id(m) for m in module.modules()}
+            first = next((m for m in calls if id(m) in inside), None)
+            heads = [m for m in output_layers if id(m) in inside]
+            for attr in NETWORK_WIDTHS:
+                value = getattr(module, attr, None)
+                if not isinstance(value, int) or isinstance(value, bool):
+                    continue
+                candidates = [(m, "in") for m in heads] + ([(first, "out")] if first is not None else [])
+                if attr == "embed_dim":
+                    candidates.reverse()
+                tie = next(((m, side) for m, side in candidates if _layer_width(m, side) == value), None)
+                if tie is None:
+                    self.unmatched.append(f"{name or type(module).__name__}.{attr}")
+                else:
+                    self.ties.append((module, attr, *tie))
+
+    def sync(self) -> None:
+        for module, attr, layer, side in self.ties:
+            setattr(module, attr, _layer_width(layer, side))
+
+
+def width_attributes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{module name: {attribute: value}} of the integer width attributes in WIDTH_ATTRIBUTES (saved with a pruned
+    model and set again when it is rebuilt: a replayed history removes channels but does not know head counts)."""
+    found = {}
+    for name, module in model.named_modules():
+        attrs = {
+            a: v for a in WIDTH_ATTRIBUTES if isinstance(v := getattr(module, a, None), int) and not isinstance(v, bool)
+        }
+        if attrs:
+            found[name] = attrs
+    return found
+
+
+def set_width_attributes(model: nn.Module, attributes: dict[str, dict[str, int]]) -> None:
+    """Set the attributes recorded by `width_attributes` (names must exist in `model`)."""
+    modules = dict(model.named_modules())
+    for name, attrs in attributes.items():
+        if name not in modules:
+            raise ValueError(f"the model has no module {name!r} to set {', '.join(attrs)} on")
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, int(value))
+
+
+def find_unwrapped_parameters(
+    model: nn.Module, *, custom_pruners: dict | None = None, dims: dict[str, int] | None = None
+) -> dict[str, int]:
+    """{parameter name: channel dimension} of parameters on no layer Torch-Pruning knows how to prune (a ViT's
+    `cls_token`, `pos_embed`). The dimension is `dims[name]` where given, else the last one of size > 1 (Torch-
+    Pruning's own guess, made explicit so that it is recorded and no warning is printed). Parameters without a
+    dimension of size > 1 are left out (they hold no channels)."""
+    known = tp.pruner.function.PrunerBox
+    custom = custom_pruners or {}
+    wrapped = set()
+    for m in model.modules():
+        kind = tp.ops.module2type(m)
+        if (kind in known and kind != tp.ops.OPTYPE.ELEMENTWISE) or type(m) in custom or m in custom:
+            wrapped.update(id(p) for p in m.parameters())
+    given = dict(dims or {})
+    found: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if id(p) in wrapped:
+            continue
+        if name in given:
+            dim = given.pop(name)
+            if not -p.ndim <= dim < p.ndim:
+                raise ValueError(f"unwrapped parameter {name} has {p.ndim} dimensions, cannot prune dimension {dim}")
+            found[name] = dim % p.ndim
+        elif any(size > 1 for size in p.shape):
+            found[name] = max(i for i, size in enumerate(p.shape) if size > 1)
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} {'is not an unwrapped parameter' if len(given) == 1 else 'are not unwrapped parameters'}"
+            f" of the model (unwrapped: {', '.join(found) or 'none'})"
+        )
+    return found
+
+
+def torch_pruning_unwrapped(model: nn.Module, dims: dict[str, int]) -> list[tuple[nn.Parameter, int]]:
+    params = dict(model.named_parameters())
+    return [(params[name], dim) for name, dim in dims.items()]
 
 
 def sync_attention_dims(model: nn.Module) -> None:
@@ -211,6 +334,9 @@ class StructuredPruner:
     custom_pruners ({layer class or instance: tp BasePruningFunc}, e.g. MatmulPruner) handle layers Torch-Pruning
     does not know; pass the same to `load_pruned`. Layers it only knows this way are pruned along with their
     neighbours but not scored (importances score Conv/Linear/norm weights).
+    head_ratio: share of attention heads removed (whole heads of timm-style attention, rounded up per layer; needs
+    ratio > 0); prune_head_dims: whether attention also loses dimensions inside its heads (at `ratio`). unwrapped_parameters: {name: dim} for
+    parameters on no known layer, overriding the guess of `find_unwrapped_parameters`.
     """
 
     def __init__(
@@ -226,11 +352,26 @@ class StructuredPruner:
         ignored_layers: Sequence[nn.Module] = (),
         output_layers: Sequence[nn.Module] | None = None,
         custom_pruners: dict | None = None,
+        head_ratio: float = 0.0,
+        prune_head_dims: bool = True,
+        unwrapped_parameters: dict[str, int] | None = None,
     ):
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio is the share of channels to remove and must be in [0, 1), got {ratio}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if not 0.0 <= head_ratio < 1.0:
+            raise ValueError(f"head_ratio is the share of attention heads to remove, in [0, 1), got {head_ratio}")
+        if head_ratio > 0 and ratio == 0:
+            raise ValueError(
+                "Torch-Pruning removes heads only in steps that also remove channels: set ratio > 0 (with "
+                "prune_head_dims=False attention keeps its head size and only the other layers lose channels)"
+            )
+        self.attention = _attention_modules(model)
+        if head_ratio > 0 and not self.attention:
+            raise ValueError(
+                "head_ratio > 0 but the model has no timm-style attention (a `.qkv` Linear and `.num_heads`)"
+            )
         if round_to is not None and round_to < 1:
             raise ValueError(f"round_to must be a positive channel multiple, got {round_to}")
         if round_to is not None and any(isinstance(m, nn.GroupNorm) for m in model.modules()):
@@ -245,6 +386,8 @@ class StructuredPruner:
         self.output_layers = (
             list(output_layers) if output_layers is not None else find_output_layers(model, example_inputs)
         )
+        self.unwrapped = find_unwrapped_parameters(model, custom_pruners=custom_pruners, dims=unwrapped_parameters)
+        self.widths = WidthAttributes(model, example_inputs, self.output_layers)
         was_training = model.training
         self.pruner = _GroupNormAwarePruner(
             model,
@@ -255,8 +398,12 @@ class StructuredPruner:
             global_pruning=global_pruning,
             round_to=round_to,
             ignored_layers=[*self.output_layers, *ignored_layers],
-            num_heads=attention_heads(model),
+            num_heads={qkv: m.num_heads for qkv, m in self.attention.items()},
+            prune_num_heads=head_ratio > 0,
+            head_pruning_ratio=head_ratio,
+            prune_head_dims=prune_head_dims,
             customized_pruners=custom_pruners,
+            unwrapped_parameters=torch_pruning_unwrapped(model, self.unwrapped),
         )
         model.train(was_training)  # tracing leaves the model in eval()
         if global_pruning and self.pruner.concat_fed_groupnorm:
@@ -289,7 +436,10 @@ class StructuredPruner:
         was_training = self.model.training
         self.pruner.step()
         _check_groupnorms(self.model)
+        for qkv, attention in self.attention.items():
+            attention.num_heads = self.pruner.num_heads[qkv]
         sync_attention_dims(self.model)
+        self.widths.sync()
         self.model.train(was_training)
         macs, params = count_macs_params(self.model, self.example_inputs)
         ratio = float(self.pruner.per_step_pruning_ratio[self.current_step])
@@ -308,6 +458,9 @@ def prune_structured(
     ignored_layers: Sequence[nn.Module] = (),
     output_layers: Sequence[nn.Module] | None = None,
     custom_pruners: dict | None = None,
+    head_ratio: float = 0.0,
+    prune_head_dims: bool = True,
+    unwrapped_parameters: dict[str, int] | None = None,
     compute_gradients: Callable[[nn.Module], Any] | None = None,
     after_step: Callable[[nn.Module, StepReport], None] | None = None,
 ) -> dict:
@@ -330,6 +483,9 @@ def prune_structured(
         ignored_layers=ignored_layers,
         output_layers=output_layers,
         custom_pruners=custom_pruners,
+        head_ratio=head_ratio,
+        prune_head_dims=prune_head_dims,
+        unwrapped_parameters=unwrapped_parameters,
     )
     reports = []
     for _ in range(steps):
@@ -345,6 +501,10 @@ def prune_structured(
         "steps": steps,
         "global_pruning": global_pruning,
         "round_to": round_to,
+        "head_ratio": head_ratio,
+        "prune_head_dims": prune_head_dims,
+        "unwrapped_parameters": pruner.unwrapped,
+        "width_attributes_unmatched": pruner.widths.unmatched,
         "macs_before": macs,
         "params_before": params,
         "macs_after": reports[-1].macs,

@@ -24,4 +24,10 @@ def example_inputs(model_config: dict, batch: int = 1) -> tuple[torch.Tensor, to
 
 def apply_pruning_record(model: nn.Module, record: dict) -> nn.Module:
     """Remove the channels a pruned model file's `pruning` record lists from the unpruned UNet `model`."""
-    return replay_history(model, record["history"], record["example_inputs"], custom_pruners=unet_custom_pruners())
+    return replay_history(
+        model,
+        record["history"],
+        record["example_inputs"],
+        custom_pruners=unet_custom_pruners(),
+        unwrapped_parameters=record.get("unwrapped_parameters"),
+    )

@@ -1,6 +1,7 @@
 """Structural pruning on Torch-Pruning: counts by hand, bit-identity, output layers, GroupNorm, attention, save/load."""
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -19,6 +20,7 @@ from pruning import (
     ratio_for_macs,
     save_pruned,
 )
+from pruning.structured import find_unwrapped_parameters
 
 
 def tiny_classifier(c1: int = 8, c2: int = 8) -> nn.Sequential:
@@ -248,16 +250,76 @@ def test_save_load_replays_history_bit_identically(tmp_path):
     assert not (tmp_path / "masks.safetensors").exists()
 
 
-def test_timm_attention_heads_are_respected():
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1, num_classes=10, in_chans=1
+def tiny_vit(depth: int = 1):
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=depth, num_classes=10, in_chans=1
     )
+
+
+def assert_vit_widths_match_weights(model):
+    """Every width attribute a ViT reads equals the size of the weights it describes."""
+    width = model.patch_embed.proj.out_channels
+    assert model.embed_dim == width == model.cls_token.shape[-1] == model.pos_embed.shape[-1]
+    assert model.num_features == model.head_hidden_size == model.head.in_features == model.norm.normalized_shape[0]
+    for block in model.blocks:
+        attn = block.attn
+        assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.attn_dim
+        assert attn.proj.in_features == attn.attn_dim
+
+
+def test_timm_attention_loses_head_dims_and_keeps_widths_in_step():
+    model = tiny_vit()
     x = torch.randn(1, 1, 16, 16)
-    with pytest.warns(UserWarning):  # Torch-Pruning reports the unwrapped pos_embed / cls_token it prunes
-        prune_structured(model, x, ratio=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the unwrapped cls_token / pos_embed are passed explicitly: no warning
+        report = prune_structured(model, x, ratio=0.25)
+    assert report["unwrapped_parameters"] == {"cls_token": 2, "pos_embed": 2}
+    assert report["width_attributes_unmatched"] == []
     attn = model.blocks[0].attn
-    assert attn.num_heads == 3 and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
-    assert attn.head_dim < 64 and model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    assert attn.num_heads == 3 and attn.head_dim == 48 and model.embed_dim == 144
+    assert_vit_widths_match_weights(model)
+    model.reset_classifier(5)  # reads num_features: stale before widths were kept in step
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 5)
+
+
+def test_timm_attention_loses_whole_heads(tmp_path):
+    model = tiny_vit(depth=2)
+    x = torch.randn(1, 1, 16, 16)
+    report = prune_structured(model, x, ratio=0.25, head_ratio=0.34, prune_head_dims=False)
+    for block in model.blocks:  # ceil(0.34 * 3) = 2 of 3 heads removed, the head size kept
+        assert block.attn.num_heads == 1 and block.attn.head_dim == 64
+    assert model.embed_dim == 144 and report["params_after"] < report["params_before"]
+    assert_vit_widths_match_weights(model)
+    model.eval()
+    save_pruned(
+        tmp_path,
+        model,
+        arch={"depth": 2},
+        example_inputs=x,
+        history=report["history"],
+        unwrapped_parameters=report["unwrapped_parameters"],
+    )
+    loaded = load_pruned(tmp_path, build=lambda arch: tiny_vit(arch["depth"])).eval()
+    assert loaded.blocks[1].attn.num_heads == 1
+    assert_vit_widths_match_weights(loaded)
+    probe = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), model(probe))
+
+
+def test_head_and_unwrapped_settings_are_checked():
+    with pytest.raises(ValueError, match="no timm-style attention"):
+        prune_structured(tiny_classifier(8, 8), torch.randn(1, 1, 8, 8), head_ratio=0.5)
+    with pytest.raises(ValueError, match="head_ratio"):
+        prune_structured(tiny_vit(), torch.randn(1, 1, 16, 16), head_ratio=1.0)
+    with pytest.raises(ValueError, match="ratio > 0"):
+        prune_structured(tiny_vit(), torch.randn(1, 1, 16, 16), ratio=0.0, head_ratio=0.5)
+    with pytest.raises(ValueError, match="blocks.0.norm1.weight is not an unwrapped parameter"):
+        find_unwrapped_parameters(tiny_vit(), dims={"blocks.0.norm1.weight": 0})
+    with pytest.raises(ValueError, match="cannot prune dimension 3"):
+        find_unwrapped_parameters(tiny_vit(), dims={"cls_token": 3})
+    assert find_unwrapped_parameters(tiny_vit(), dims={"cls_token": -1}) == {"cls_token": 2, "pos_embed": 2}
+    assert find_unwrapped_parameters(tiny_classifier(8, 8)) == {}
 
 
 def test_ratio_for_macs_and_latency():
