@@ -11,6 +11,11 @@ A trainer supplies two functions:
 The engine owns: device, Adam/AdamW with linear warm-up, grad clipping, EMA (fixed decay or SlimFlow's power
 law), bf16 autocast, opt-in `torch.compile`, DDP under `torchrun`, TensorBoard scalars and sample grids, tqdm,
 periodic atomic checkpoints with RNG and optimizer state, exact resume, and a clear stop on non-finite losses.
+
+A trainer may also supply `eval_fn(model) -> {name: scalar}`: every `eval_every` steps (and at the last step) the
+engine calls it on the EMA (else raw) model in eval mode without gradients, restores the RNG states afterwards, and
+logs the scalars as eval/<name> to TensorBoard, the console and the result's `evals`. It draws no training
+randomness, so the weights are the same with evaluation on or off.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ TRAIN_DEFAULTS: dict = {
     "seed": 0,
     "log_every": 50,
     "sample_every": 0,  # 0 = only at the end
+    "eval_every": 0,  # 0 = never; else the trainer's eval_fn every that many steps and at the end
+    "eval_n": 256,  # size of the fixed evaluation set (see the stage: last pairs of the store, or fixed noise)
     "ckpt_every": 500,
     "keep_ckpts": 2,
 }
@@ -170,6 +177,8 @@ _TRAIN_INTS = (
     ("warmup", 0),
     ("log_every", 1),
     ("sample_every", 0),
+    ("eval_every", 0),
+    ("eval_n", 1),
     ("ckpt_every", 0),
     ("keep_ckpts", 1),
     ("seed", 0),
@@ -276,12 +285,14 @@ class Trainer:
         run_dir: str | Path,
         run_config: dict,
         sample_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+        eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     ):
         self.cfg = {**TRAIN_DEFAULTS, **train_cfg}
         check_train_config(self.cfg)
         self.run_dir = Path(run_dir)
         self.run_config = run_config
         self.sample_fn = sample_fn
+        self.eval_fn = eval_fn
         self.rank, self.world = dist_info()
         self.device = resolve_device(self.cfg["device"])
         if self.device.type == "cuda":
@@ -387,6 +398,25 @@ class Trainer:
         self._tensorboard().add_image("samples", grid_image(images), self.step)
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png")
 
+    def _evaluate(self) -> dict[str, float] | None:
+        """`eval_fn(EMA model)` in eval mode without gradients, logged as eval/<name>; every RNG state is put back,
+        so training draws the same numbers with evaluation on or off."""
+        if self.eval_fn is None:
+            return None
+        model = self.ema if self.ema is not None else self.model
+        was_training, rng = model.training, ckpt.rng_state()
+        model.eval()
+        try:
+            with torch.no_grad():
+                values = self.eval_fn(model)
+        finally:
+            ckpt.set_rng_state(rng)
+            model.train(was_training)
+        scalars = {f"eval/{name}": float(value) for name, value in values.items()}
+        self._log(scalars)
+        tqdm.write(f"{self.run_dir.name} step {self.step}: " + ", ".join(f"{k} {v:.6g}" for k, v in scalars.items()))
+        return {"step": self.step, **scalars}
+
     def fit(self, make_batch: Callable, loss_fn: Callable, steps: int | None = None) -> dict:
         """Train until `steps` (default train.steps); resumes from the run's latest checkpoint."""
         steps = self.cfg["steps"] if steps is None else steps
@@ -400,6 +430,7 @@ class Trainer:
             net = torch.compile(net)
         self.model.train()
         history: list[dict] = []
+        evals: list[dict] = []
         bar = tqdm(total=steps, initial=self.step, disable=self.rank != 0, desc=self.run_dir.name, dynamic_ncols=True)
         started, first_step = time.time(), self.step
         with _stop_requests() as stop:
@@ -418,6 +449,9 @@ class Trainer:
                         self._log(scalars)
                 if self.cfg["sample_every"] and self.step % self.cfg["sample_every"] == 0 and self.rank == 0:
                     self._sample()
+                every = self.cfg["eval_every"]
+                if every and (self.step % every == 0 or self.step == steps) and self.rank == 0 and self.eval_fn:
+                    evals.append(self._evaluate())
                 if self.cfg["ckpt_every"] and self.step % self.cfg["ckpt_every"] == 0:
                     self.save()
         bar.close()
@@ -436,6 +470,7 @@ class Trainer:
             "resumed": resumed,
             "steps": self.step,
             "history": history,
+            "evals": evals,
             "seconds": time.time() - started,
             "img_per_s": _rate(self.step - first_step, self.cfg["batch_size"], started),
         }

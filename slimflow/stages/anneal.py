@@ -22,7 +22,7 @@ from slimflow.flow import flow_matching_batch, per_sample, random_hflip, sample_
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber, velocity_loss
 from slimflow.pairs import PairStore, open_pairs, pairs_record
 from slimflow.sample import one_step_sampler
-from slimflow.stages.runner import TrainingJob, full_config, run_training
+from slimflow.stages.runner import TrainingJob, full_config, last_pairs, one_step_eval, run_training
 from teachers.zoo import build_model, resolve_model_config
 
 BETA_SCHEDULES = ("linear", "exp", "cosine", "constant")
@@ -199,6 +199,7 @@ def anneal_job(cfg: dict) -> TrainingJob:
         make_batch=make_anneal_batch(store, cfg),
         make_loss=lambda device: anneal_loss(cfg["flow"], device),
         sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]),
+        eval_fn=one_step_eval("one_step_l2_to_teacher", last_pairs(store, cfg["train"]["eval_n"])),
         meta={"pairs": record, "init": init if cfg["init"] else None},
         summary={"init": init if cfg["init"] else None},
         settings=cfg,

@@ -26,7 +26,7 @@ from slimflow.flow import per_sample
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, Distance, distance
 from slimflow.pairs import PairStore, PairStoreError, open_pairs, pairs_record
 from slimflow.sample import one_step_images, one_step_sampler
-from slimflow.stages.runner import TrainingJob, full_config, require_input, run_training
+from slimflow.stages.runner import TrainingJob, full_config, last_pairs, one_step_eval, require_input, run_training
 from teachers.zoo import load_model
 
 VARIANTS = ("reference", "paper")
@@ -178,6 +178,9 @@ def distill_job(cfg: dict) -> TrainingJob:
         make_batch=make_distill_batch(store, cfg["train"], loss_cfg),
         make_loss=make_loss,
         sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]),
+        eval_fn=one_step_eval(
+            "one_step_l2_to_teacher", last_pairs(store, cfg["train"]["eval_n"]), loss_cfg["one_step_time"]
+        ),
         meta={
             **({"pruning": sidecar["pruning"]} if sidecar.get("pruning") else {}),
             "one_step_time": loss_cfg["one_step_time"],

@@ -43,6 +43,7 @@ from slimflow.stages.runner import (
     command_line,
     full_config,
     is_current,
+    one_step_eval,
     plain_config,
     run_training,
     write_summary,
@@ -283,6 +284,13 @@ def _recover_stage(
     meta = _file_meta(sidecar)
     shape = tuple(example_inputs(sidecar["model"])[0].shape[1:])
     make_batch, make_loss = _recovery_objective(r, student, shape, meta["one_step_time"], store)
+
+    def eval_data() -> tuple[torch.Tensor, torch.Tensor]:  # fixed noise (compare.seed), not a training draw
+        z = noise_for(torch.arange(r["train"]["eval_n"]), cfg["compare"]["seed"], shape)
+        device = next(student.parameters()).device
+        with torch.no_grad():
+            return z, one_step_images(student, z.to(device), meta["one_step_time"]).cpu()
+
     started = time.time()
     job = TrainingJob(
         # train settings at the top level, where the run directory allows steps/logging to change on resume
@@ -302,6 +310,7 @@ def _recover_stage(
         make_batch=make_batch,
         make_loss=make_loss,
         sample_fn=one_step_sampler(cfg["compare"]["n"], shape, cfg["compare"]["seed"]),
+        eval_fn=one_step_eval("one_step_l2_to_unpruned", eval_data, meta["one_step_time"]),
         meta={
             "one_step_time": meta["one_step_time"],
             "pairs": meta["pairs"],

@@ -9,7 +9,8 @@ then does the rest the same way for all of them:
 2. **run directory**: `out/config.yaml` records the settings; a run already there must have been started with
    the same settings, except those in `RESUMABLE_CHANGES` (else an error lists the differences; never a mixed
    run).
-3. **build and train** with the engine, resuming from `out/checkpoints` (status "resumed" or "ran").
+3. **build and train** with the engine, resuming from `out/checkpoints` (status "resumed" or "ran"); with
+   train.eval_every > 0 the job's `eval_fn` (e.g. `one_step_eval`) is logged every that many steps.
 4. **export** the EMA (else raw) weights to `out/<export_name>` with a sidecar (model config, kind, time
    convention, the job's metadata, steps, settings, key, command), and write `out/summary.json`.
 """
@@ -30,6 +31,8 @@ import yaml
 from slimflow import config as cfglib
 from slimflow.checkpoint import atomic_write_text, content_hash, save_model, shipped_path
 from slimflow.engine import Trainer, barrier
+from slimflow.losses import l2
+from slimflow.sample import one_step_images
 
 TIME_CONVENTION = "t=0 noise, t=1 data"
 # Settings a run may change between sessions without changing what it computes.
@@ -40,6 +43,8 @@ RESUMABLE_CHANGES = (
     "train.ckpt_every",
     "train.keep_ckpts",
     "train.device",
+    "train.eval_every",
+    "train.eval_n",
     "sample.",
 )
 
@@ -108,6 +113,35 @@ def require_input(path: str | Path, what: str, hint: str) -> Path:
 TEACHER_HINT = "train one with `slimflow teacher train` or set teacher= to a model file"
 
 
+# ------------------------------------------------------------------------------------------ evaluation
+def one_step_eval(
+    name: str, data: Callable[[], tuple[torch.Tensor, torch.Tensor]], t0: float | None = None, batch_size: int = 256
+) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """eval_fn for the engine: {name: mean l2 between the model's one-step images z + v(z, t0) and fixed target
+    images}. `data()` gives the fixed (z, target) pairs; it is called once, at the first evaluation (t0: the
+    model's own one-step time unless given)."""
+    fixed: list[torch.Tensor] = []
+
+    def eval_fn(model: torch.nn.Module) -> dict[str, float]:
+        if not fixed:
+            fixed.extend(data())
+        z, target = fixed
+        device = next(model.parameters()).device
+        total = 0.0
+        for start in range(0, len(z), batch_size):
+            zb, xb = z[start : start + batch_size].to(device), target[start : start + batch_size].to(device)
+            total += l2(one_step_images(model, zb, t0).float(), xb.float()).sum().item()
+        return {name: total / len(z)}
+
+    return eval_fn
+
+
+def last_pairs(store, n: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """data() for `one_step_eval`: the last n pairs (z, teacher image) of a pair store (all of them when it holds
+    fewer). Training draws from every pair of the store, so these are not held out."""
+    return lambda: store.get(torch.arange(max(0, len(store) - n), len(store)))
+
+
 # ------------------------------------------------------------------------------------------ "current"
 def is_current(output: str | Path, key: str) -> bool:
     """True when the output exists and records `key`, the `content_hash` of everything it depends on (it was made
@@ -145,6 +179,7 @@ class TrainingJob:
     make_batch: Callable[[int, torch.Generator], dict]
     make_loss: Callable[[torch.device], Callable]  # loss_fn(model, batch) on the trainer's device
     sample_fn: Callable | None = None
+    eval_fn: Callable | None = None  # eval_fn(model) -> {name: scalar}, logged every train.eval_every steps
     meta: dict = field(default_factory=dict)  # extra sidecar entries (pairs, guide, pruning, one_step_time, ...)
     summary: dict = field(default_factory=dict)  # extra summary entries
     settings: dict | None = None  # what the sidecar records as "config" (default: run_config)
@@ -168,7 +203,7 @@ def run_training(job: TrainingJob, command: str | None = None) -> dict:
     torch.manual_seed(job.train["seed"])  # initial weights are a function of the seed
     model = job.build()
     started = time.time()
-    trainer = Trainer(model, job.train, job.out, job.run_config, sample_fn=job.sample_fn)
+    trainer = Trainer(model, job.train, job.out, job.run_config, sample_fn=job.sample_fn, eval_fn=job.eval_fn)
     result = trainer.fit(job.make_batch, job.make_loss(trainer.device))
     final = result["history"][-1] if result["history"] else None
     summary = {
@@ -180,6 +215,7 @@ def run_training(job: TrainingJob, command: str | None = None) -> dict:
         "img_per_s": result["img_per_s"],
         "seconds_this_session": time.time() - started,
         "final": final,
+        **({"eval": result["evals"][-1]} if result["evals"] else {}),
         **job.summary,
         "export": str(job.export),
     }
