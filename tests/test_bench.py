@@ -100,6 +100,29 @@ def domain_weights(tmp_path_factory):
     return str(path)
 
 
+def assert_hparams_runs(tb: Path, rows: list[dict]) -> None:
+    """Each entry is an hparams run tb/<name> (real event files, read back as TensorBoard reads them): its settings
+    as hparams, its numbers as the metrics of the HPARAMS table."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for row in rows:
+        run = EventAccumulator(str(tb / row["name"]), size_guidance={"scalars": 0}).Reload()
+        content = run.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        hparams = {
+            k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+            for k, v in start.session_start_info.hparams.items()
+        }
+        assert hparams["model"] == row["model"] and hparams["method"] == row["method"]
+        assert ("steps" in hparams) == (row["steps"] is not None)
+        assert hparams.get("steps", row["steps"]) == row["steps"]
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        metrics = {m.name.tag for m in experiment.metric_infos}
+        assert {"fid_domain", "kid_domain", "params", "macs_per_nfe", "latency_ms_b1", "nfe"} <= metrics
+        for tag, key in (("fid_domain", "FID (domain)"), ("params", "params"), ("latency_ms_b1", "latency_ms_b1")):
+            assert run.Scalars(tag)[0].value == pytest.approx(row[key], rel=1e-6), (row["name"], tag)
+
+
 def test_bench_writes_reports_and_skips_cached_entries(tmp_path, domain_weights):
     small, large = _tiny_model(tmp_path / "small.safetensors", 4, 1), _tiny_model(tmp_path / "large.safetensors", 8, 2)
     cfg = load_config(DEFAULTS)
@@ -142,15 +165,22 @@ def test_bench_writes_reports_and_skips_cached_entries(tmp_path, domain_weights)
     for name in ("fid_vs_params.png", "fid_vs_latency.png", *(f"samples/{n}.png" for n in names)):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
-    assert f"fid_domain/{names[0]}" in events.Tags()["scalars"]
+    assert events.Tags()["scalars"] == []  # no one-point scalar per entry and figure
     assert {"fid_vs_params", "fid_vs_latency"} <= set(events.Tags()["images"])
+    text = events.Tensors("bench/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| name |" in text and all(f"| {n} |" in text for n in names)
+    assert_hparams_runs(out / "tb", first["rows"])
 
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "entries").iterdir()}
+    (out / "tb" / "removed-entry").mkdir()  # the hparams run of an entry no longer in the config
+    (out / "tb" / "removed-entry" / "events.out.tfevents.1.host").write_bytes(b"")
     second = bench(cfg, command="pytest")
+    assert not (out / "tb" / "removed-entry").exists()
     assert second["computed"] == [] and second["skipped"] == names
     assert second["rows"] == first["rows"]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "entries").iterdir()} == stamps
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    assert all(len(list((out / "tb" / n).glob("events.out.tfevents.*"))) == 1 for n in names)
 
     cfg["entries"][2]["steps"] = 2  # a changed entry is recomputed, the others stay cached
     third = bench(cfg, command="pytest")

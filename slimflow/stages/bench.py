@@ -10,8 +10,9 @@ when current), then evaluates each entry (a model file sampled with one solver s
   pairs as a second table with the relative FID change),
 - `fid_vs_params.png`, `fid_vs_latency.png` (log-x, labelled points, Pareto front highlighted; y is the FID
   of the first extractor listed, x the latency at the smallest batch size),
-- `samples/<name>.png` (a grid of the entry's first samples) and TensorBoard under `tb/` (scalars, the figures
-  and the table; rewritten on each run),
+- `samples/<name>.png` (a grid of the entry's first samples) and TensorBoard under `tb/` (the table as text, the
+  figures, and `tb/<name>/`: one hparams run per entry, its settings and numbers, which the HPARAMS tab shows as
+  one table; rewritten on each run),
 - `bench.json`: the rows, the config, the date and the machine.
 """
 
@@ -340,8 +341,34 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
+HPARAM_KEYS = ("model", "method", "steps", "tol", "n_samples", "device")  # an entry's settings
+
+
+def hparams_of(row: dict, cols: list[tuple[str, str]]) -> tuple[dict, dict]:
+    """(settings, figures) of a result row for TensorBoard's hparams plugin: the entry's settings, and each numeric
+    column (NFE, params, MACs, latency, memory, FID, KID, ...) under the slug of its key; absent values are left
+    out."""
+    settings = {key: row[key] for key in HPARAM_KEYS if row.get(key) is not None}
+    figures = {
+        _slug(key): float(row[key])
+        for key, _ in cols
+        if key not in ("steps", *HPARAM_KEYS) and isinstance(row.get(key), (int, float))
+    }
+    return settings, figures
+
+
+def _remove_event_files(tb: Path) -> None:
+    """Delete the TensorBoard event files of a previous report in `tb` and its per-entry folders."""
+    for stale in [*tb.glob("events.out.tfevents.*"), *tb.glob("*/events.out.tfevents.*")]:
+        stale.unlink()
+    for folder in tb.glob("*"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: str = "") -> dict[str, Path]:
-    """bench.csv, bench.md (header, table, footer), both PNG figures and TensorBoard (scalars, figures, table)."""
+    """bench.csv, bench.md (header, table, footer), both PNG figures and TensorBoard: the table as text, the figures,
+    and one hparams run per entry (tb/<name>) with its settings and numbers, shown as a table in the HPARAMS tab."""
     cols = columns(cfg)
     paths = {
         "csv": out / "bench.csv",
@@ -369,13 +396,10 @@ def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: s
             f"{fid} vs latency",
         ),
     }
-    for stale in (out / "tb").glob("events.out.tfevents.*"):  # the event files show the current table only
-        stale.unlink()
+    _remove_event_files(out / "tb")  # the event files show the current table only
     writer = SummaryWriter(str(out / "tb"))
-    for row in rows:
-        for key, label in cols:
-            if isinstance(row.get(key), (int, float)) and key not in ("steps",):
-                writer.add_scalar(f"{_slug(label)}/{row['name']}", row[key], 0)
+    for row in rows:  # one hparams run per entry, tb/<name>: the HPARAMS tab's table of settings and figures
+        writer.add_hparams(*hparams_of(row, cols), run_name=row["name"])
     for name, fig in figures.items():
         _save_figure(fig, paths[name])
         writer.add_figure(name, fig, 0)  # closes the figure
