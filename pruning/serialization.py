@@ -127,15 +127,21 @@ def replay_history(
 
 
 def load_pruned(
-    out_dir: str | Path, build: Callable[[Mapping], nn.Module] = build_model, *, custom_pruners: dict | None = None
+    out_dir: str | Path,
+    build: Callable[[Mapping], nn.Module] | None = None,
+    *,
+    custom_pruners: dict | None = None,
+    import_code: bool = False,
 ) -> nn.Module:
-    """Rebuild the unpruned network with `build(arch)`, replay the pruning history, load the weights (CPU).
+    """Rebuild the unpruned network with `build(arch)` (default: `build_model`), replay the pruning history, load
+    the weights (CPU).
 
-    custom_pruners: the same mapping the model was pruned with (see StructuredPruner).
+    custom_pruners: the same mapping the model was pruned with (see StructuredPruner). import_code: allow
+    `build_model` to import the user class the directory names (that runs its code; trust the directory first).
     """
     out_dir = Path(out_dir)
     meta = read_meta(out_dir)
-    model = build(meta["arch"])
+    model = build(meta["arch"]) if build is not None else build_model(meta["arch"], import_code=import_code)
     replay_history(
         model,
         meta["history"],

@@ -105,38 +105,68 @@ def cmd_invert(args) -> None:
     print(json.dumps(result, indent=1))
 
 
+def _key_values(pairs: list[str], what: str) -> dict:
+    """["img_size=32", "patch_size=4"] -> {"img_size": 32, "patch_size": 4} (values parsed as YAML)."""
+    from slimflow.config import ConfigError, parse_override
+
+    out = {}
+    for pair in pairs:
+        tree = parse_override(pair)
+        key, value = next(iter(tree.items()))
+        if isinstance(value, dict):
+            raise ConfigError(f"{what} {pair!r}: the name must not contain dots")
+        out[key] = value
+    return out
+
+
+def prune_net_settings(args) -> dict:
+    """prune_network's keyword arguments: its own defaults <- the --config preset <- the options given."""
+    import inspect
+
+    from pruning import prune_network
+    from slimflow.config import ConfigError, load_yaml, resolve_config
+
+    settings = {
+        name: p.default
+        for name, p in inspect.signature(prune_network).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in ("load_images", "progress")
+    }
+    settings["out_dir"] = "runs/prune-net"
+    if getattr(args, "config", None):
+        path = resolve_config(args.config)
+        preset = load_yaml(path)
+        unknown = sorted(set(preset) - set(settings) - {"model"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown prune-net settings {', '.join(unknown)} (known: {', '.join(settings)})")
+        settings.update(preset)
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "print_config")}
+    if "model_kwargs" in given:
+        given["model_kwargs"] = {
+            **(settings.get("model_kwargs") or {}),
+            **_key_values(given["model_kwargs"], "--model-kwargs"),
+        }
+    if "unwrapped_parameters" in given:
+        given["unwrapped_parameters"] = _key_values(given["unwrapped_parameters"], "--unwrapped")
+    settings.update(given)
+    if not settings.get("model"):
+        raise ConfigError("prune-net needs a model: --model NAME (or model: in the --config preset)")
+    return settings
+
+
 def cmd_prune_net(args) -> None:
+    settings = prune_net_settings(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(settings, sort_keys=False), end="")
+        return
     from pruning import prune_network
     from slimflow.checkpoint import require_writable
     from slimflow.data import load_images
 
-    require_writable(args.out)
-
-    report = prune_network(
-        model=args.model,
-        out_dir=args.out,
-        load_images=load_images,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        image_size=args.image_size,
-        num_classes=args.num_classes,
-        checkpoint=args.checkpoint,
-        pretrained=args.pretrained or False,
-        method=args.method,
-        ratio=args.ratio,
-        sparsity=args.sparsity,
-        steps=args.steps,
-        global_pruning=args.global_pruning,
-        round_to=args.round_to,
-        ap_fraction=args.ap_fraction,
-        finetune_epochs=args.finetune_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_train_images=args.max_train_images,
-        max_eval_images=args.max_eval_images,
-        seed=args.seed,
-    )
-    print(json.dumps(report, indent=1))
+    require_writable(settings["out_dir"])
+    report = prune_network(load_images=load_images, **settings)
+    print(json.dumps({k: report[k] for k in ("model", "method", "before", "after", "seconds")}, indent=1))
 
 
 def cmd_sample(args) -> None:
@@ -279,28 +309,53 @@ def _add_file_commands(sub, teacher) -> None:
 
 
 def _add_prune_net(sub) -> None:
-    p = sub.add_parser("prune-net", help="prune an existing network (timm:NAME, torchvision:NAME) and fine-tune it")
-    p.add_argument("--model", required=True, help="timm:<name> or torchvision:<name>")
-    p.add_argument("--checkpoint", default=None, help="your weights for that architecture (.safetensors or .pt)")
-    p.add_argument("--pretrained", default=None, help="path of locally available pretrained weights")
-    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist | cifar10 | image_folder")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--method", default="l2", help="structural: l1 l2 taylor lamp random; unstructured: magnitude ap")
-    p.add_argument("--ratio", type=float, default=0.5, help="structural: share of channels removed")
-    p.add_argument("--sparsity", type=float, default=0.9, help="unstructured: final share of zero weights")
-    p.add_argument("--steps", type=int, default=1, help="pruning steps (structural) or cycles (unstructured)")
+    # options left out of the command line keep the --config preset's value, else prune_network's default
+    # (see them all with --print-config)
+    p = sub.add_parser(
+        "prune-net",
+        help="prune an existing network (timm, torchvision or your own nn.Module) and fine-tune it",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", default=None, help="a YAML of these settings (names with _), or a preset by name")
+    p.add_argument("--print-config", action="store_true", default=False, help="print the merged settings and exit")
+    p.add_argument("--model", help="timm:<name>, torchvision:<name>, package.module:Class or path/to/file.py:Class")
+    p.add_argument(
+        "--model-kwargs", nargs="+", metavar="KEY=VALUE", help="constructor arguments, e.g. img_size=32 patch_size=4"
+    )
+    p.add_argument("--checkpoint", help="your weights for that architecture (.safetensors or .pt)")
+    p.add_argument("--pretrained", help="path of locally available pretrained weights")
+    p.add_argument("--random-init", action="store_true", help="prune randomly initialised weights on purpose")
+    p.add_argument("--dataset", help="fashion_mnist | cifar10 | image_folder")
+    p.add_argument("--data-root")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--method", help="structural: l1 l2 taylor lamp random; unstructured: magnitude ap")
+    p.add_argument("--ratio", type=float, help="structural: share of channels removed")
+    p.add_argument("--head-ratio", type=float, help="structural: share of attention heads removed (needs --ratio > 0)")
+    p.add_argument(
+        "--keep-head-dims", action="store_false", dest="prune_head_dims", help="attention keeps its head size"
+    )
+    p.add_argument(
+        "--unwrapped",
+        dest="unwrapped_parameters",
+        nargs="+",
+        metavar="NAME=DIM",
+        help="channel dimension of a parameter outside layers (default: its last dimension of size > 1)",
+    )
+    p.add_argument("--sparsity", type=float, help="unstructured: final share of zero weights")
+    p.add_argument("--steps", type=int, help="pruning steps (structural) or cycles (unstructured)")
     p.add_argument("--global-pruning", action="store_true")
-    p.add_argument("--round-to", type=int, default=None)
-    p.add_argument("--ap-fraction", type=float, default=0.1)
-    p.add_argument("--finetune-epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-train-images", type=int, default=None)
-    p.add_argument("--max-eval-images", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/prune-net")
+    p.add_argument("--round-to", type=int)
+    p.add_argument("--ap-fraction", type=float)
+    p.add_argument("--finetune-epochs", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-train-images", type=int)
+    p.add_argument("--max-eval-images", type=int)
+    p.add_argument("--latency-batch-size", type=int, help="batch of the second latency measurement (0: batch 1 only)")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", dest="out_dir", help="output folder (default runs/prune-net)")
     p.set_defaults(func=cmd_prune_net)
 
 

@@ -1,6 +1,7 @@
 """timm / torchvision networks pruned end to end on real Fashion-MNIST, and the prune_network entry point."""
 
 import json
+import textwrap
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from pruning import (
     prune_structured,
     save_pruned,
 )
+from slimflow.cli import main
 from slimflow.data import load_images  # the data adapter an entry point passes in
 
 
@@ -69,6 +71,7 @@ def test_prune_network_structured_writes_a_reloadable_model(tmp_path):
         model="timm:resnet18",
         out_dir=tmp_path,
         load_images=load_images,
+        random_init=True,
         image_size=28,
         method="l1",
         ratio=0.5,
@@ -92,6 +95,7 @@ def test_prune_network_ap_keeps_masks(tmp_path):
         model="torchvision:mobilenet_v3_small",
         out_dir=tmp_path,
         load_images=load_images,
+        random_init=True,
         image_size=28,
         method="ap",
         sparsity=0.75,
@@ -133,3 +137,96 @@ def test_user_checkpoint_is_loaded_strictly(tmp_path):
     wrong = model_spec("timm:resnet18", num_classes=5, in_chans=1)
     with pytest.raises(ValueError, match="does not fit timm:resnet18 .*size mismatch for fc.weight"):
         create_model(wrong, checkpoint=str(tmp_path / "mine.safetensors"))
+
+
+TINY_RUN = ["--finetune-epochs", "1", "--batch-size", "32", "--max-train-images", "64", "--max-eval-images", "32"]
+
+
+def test_cli_prunes_heads_of_a_timm_vit_and_keeps_its_widths_true(tmp_path, capsys):
+    out = tmp_path / "vit"
+    argv = ["prune-net", "--model", "timm:vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=4"]
+    argv += ["depth=2", "--random-init", "--ratio", "0.25", "--head-ratio", "0.33", "--latency-batch-size", "0"]
+    main([*argv, *TINY_RUN, "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["reloaded_identical"] is True and set(report["after"]["latency_ms"]) == {"1"}
+    assert report["structured"]["unwrapped_parameters"] == {"cls_token": 2, "pos_embed": 2}
+    model = load_pruned(out).eval()
+    assert model.patch_embed.proj.kernel_size == (4, 4) and model.pos_embed.shape[1] == 1 + 64
+    for block in model.blocks:  # 1 of 3 heads gone, a quarter of each head's dimensions gone
+        attn = block.attn
+        assert attn.num_heads == 2 and attn.head_dim == 48
+        assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim and attn.proj.in_features == 96
+    width = model.patch_embed.proj.out_channels
+    assert width == 144 and model.embed_dim == width == model.cls_token.shape[-1]
+    assert model.num_features == model.head_hidden_size == model.head.in_features == width
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    log = (out / "log.txt").read_text()
+    assert "phase 1/1" in log and "wrote" in log
+
+
+USER_NET = """
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self, width=8, num_classes=10):
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            )
+            self.head = nn.Linear(2 * width, num_classes)
+
+        def forward(self, x):
+            return self.head(self.features(x).mean(dim=(2, 3)))
+"""
+
+
+def test_cli_prunes_a_users_own_module_and_reloads_it_only_when_trusted(tmp_path):
+    (tmp_path / "mynet.py").write_text(textwrap.dedent(USER_NET))
+    out = tmp_path / "pruned"
+    argv = ["prune-net", "--model", f"{tmp_path / 'mynet.py'}:Net", "--model-kwargs", "width=16", "--random-init"]
+    main([*argv, "--ratio", "0.5", "--image-size", "28", "--latency-batch-size", "4", *TINY_RUN, "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["kwargs"] == {"width": 16} and report["reloaded_identical"] is True
+    assert report["after"]["params"] < 0.4 * report["before"]["params"]
+    with pytest.raises(ValueError, match="import_code=True"):
+        load_pruned(out)
+    model = load_pruned(out, import_code=True).eval()
+    assert model.features[0].out_channels == 8 and model.head.in_features == 16 and model.head.out_features == 10
+
+
+def test_cli_refuses_before_any_work(tmp_path, capsys):
+    def error(argv):
+        with pytest.raises(SystemExit) as exc:
+            main(["prune-net", *argv, "--out", str(tmp_path / "o")])
+        return str(exc.value.code)
+
+    assert "--random-init" in error(["--model", "timm:resnet18"])  # no weights given
+    assert "no weights" in error(["--model", "timm:resnet18"])
+    message = error(["--model", "timm:vit_tiny_patch16_224", "--random-init"])  # 224-px ViT, 32-px images
+    assert "cannot take inputs of shape (1, 1, 32, 32)" in message and "img_size" in message
+    assert "not an nn.Module class" in error(["--model", "torch.nn:functional", "--random-init"])
+    assert "does not take the model arguments" in error(
+        ["--model", "timm:resnet18", "--model-kwargs", "wdith=3", "--random-init"]
+    )
+    assert "num_classes cannot be a model argument" in error(
+        ["--model", "timm:resnet18", "--model-kwargs", "num_classes=3", "--random-init"]
+    )
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_cli_preset_print_config_and_overrides(tmp_path, capsys):
+    import yaml
+
+    argv = ["prune-net", "--config", "prune-net/vit-tiny-fmnist", "--ratio", "0.5", "--model-kwargs", "depth=2"]
+    main([*argv, "--print-config"])
+    settings = yaml.safe_load(capsys.readouterr().out)
+    assert settings["model"] == "timm:vit_tiny_patch16_224" and settings["head_ratio"] == 0.33  # from the preset
+    assert settings["ratio"] == 0.5 and settings["model_kwargs"] == {"img_size": 32, "patch_size": 4, "depth": 2}
+    assert settings["lr"] == 0.001 and settings["prune_head_dims"] is True and settings["random_init"] is False
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "bad.yaml").write_text("model: timm:resnet18\nratoi: 0.5\n")
+    with pytest.raises(SystemExit, match="unknown prune-net settings ratoi"):
+        main(["prune-net", "--config", str(tmp_path / "bad.yaml"), "--print-config"])
