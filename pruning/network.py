@@ -61,6 +61,10 @@ class _Log:
             tqdm.write(line)
 
 
+def _rounded(latency_ms: dict) -> dict:
+    return {batch: round(ms, 2) for batch, ms in latency_ms.items()}
+
+
 def _check_forward(net: nn.Module, example: torch.Tensor, spec: Mapping) -> None:
     """One forward pass on the data's shape: a clear error before any pruning if the network does not fit."""
     was_training = net.training
@@ -217,8 +221,8 @@ def prune_network(
         monitor = DeadNeuronMonitor(net) if _has_activations(net) else None
 
         def on_step(_m: nn.Module, _step: int, loss: float) -> None:
+            bar.set_postfix(phase=f"{len(phases) + 1}/{n_phases}", loss=f"{loss:.3f}", refresh=False)
             bar.update()
-            bar.set_postfix(phase=f"{len(phases) + 1}/{n_phases}", loss=f"{loss:.3f}")
 
         losses = fine_tune(net, classification_loss, batches, steps=phase_steps, lr=lr, masks=masks, on_step=on_step)
         if monitor is not None:
@@ -301,8 +305,8 @@ def prune_network(
     report["after"] = {**cost(), "accuracy": phases[-1]["accuracy_after"]}
     log(
         f"after: {report['after']['params']:,} params, {report['after']['macs']:,} MACs, accuracy "
-        f"{report['after']['accuracy']:.4f}; latency ms {report['before']['latency_ms']} -> "
-        f"{report['after']['latency_ms']}"
+        f"{report['after']['accuracy']:.4f}; latency ms (batch: ms) {_rounded(report['before']['latency_ms'])} -> "
+        f"{_rounded(report['after']['latency_ms'])}"
     )
     report["seconds"] = time.time() - started
     out_dir = Path(out_dir)
