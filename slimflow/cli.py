@@ -23,6 +23,11 @@ def _with_config(parser: argparse.ArgumentParser, default: str | None = None) ->
     parser.add_argument(
         "--print-config", action="store_true", help="print the merged config (defaults <- preset <- overrides) and exit"
     )
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="print every setting of the merged config with its value and what it means, and exit",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser
 
@@ -40,6 +45,11 @@ def _stage(name: str):
             import yaml
 
             print(yaml.safe_dump(json.loads(json.dumps(cfg)), sort_keys=False), end="")
+            return
+        if args.help_config:
+            from slimflow.config import describe_config
+
+            print(describe_config(cfg, module.HELP), end="")
             return
         print(json.dumps(run_stage(fn, cfg, _command()), indent=1, default=str))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -164,3 +165,45 @@ def strip_markers(cfg: Any) -> Any:
 
 def dump(cfg: dict, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------ what settings mean
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """The settings of a nested config by dotted key, e.g. {"train.lr": 2e-4}; an empty mapping is one setting."""
+    out = {}
+    for key, value in cfg.items():
+        if key == "_open":
+            continue
+        if isinstance(value, dict) and strip_markers(value):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def prefixed(meanings: dict[str, str], prefix: str, drop: Iterable[str] = ()) -> dict[str, str]:
+    """`meanings` of a nested section, keyed under `prefix` (e.g. "train."), without the top-level keys `drop`."""
+    drop = tuple(drop)
+    return {prefix + key: text for key, text in meanings.items() if key.split(".")[0] not in drop}
+
+
+def meaning(meanings: dict[str, str], key: str) -> str | None:
+    """What the setting `key` means: its own entry, else that of the nearest mapping above it that has one (the
+    keys a user adds to an open mapping such as `model`)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        found = meanings.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return None
+
+
+def describe_config(cfg: dict, meanings: dict[str, str]) -> str:
+    """Every setting of `cfg` with its value and its one-line meaning (the text of `--help-config`)."""
+    settings = {key: json.dumps(value) for key, value in flatten(cfg).items()}
+    width = max(len(f"{key} = {value}") for key, value in settings.items())
+    lines = []
+    for key, value in settings.items():
+        text = meaning(meanings, key) or "(undocumented)"
+        lines.append(f"{f'{key} = {value}':<{min(width, 60)}}  # {text}")
+    return "\n".join(lines) + "\n"

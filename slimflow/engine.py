@@ -61,6 +61,32 @@ TRAIN_DEFAULTS: dict = {
     "ckpt_every": 500,
     "keep_ckpts": 2,
 }
+# What each training setting means (`--help-config`; stages reuse it under their train section).
+TRAIN_HELP: dict[str, str] = {
+    "steps": "optimizer steps of the run (may grow when a run resumes)",
+    "batch_size": "global batch size (split over the processes under torchrun)",
+    "optimizer": "adam | adamw",
+    "lr": "learning rate after the warm-up",
+    "betas": "Adam's (beta1, beta2)",
+    "weight_decay": "weight decay (decoupled with adamw)",
+    "warmup": "steps of linear learning-rate warm-up",
+    "lr_schedule": "after the warm-up: constant | cosine | linear decay to min_lr at the last step",
+    "min_lr": "the learning rate that cosine/linear decay reaches at the last step",
+    "grad_clip": "clip the global gradient norm to this (0 or null: no clipping)",
+    "ema.kind": "EMA of the weights: fixed decay | power (SlimFlow's min(max_decay, (1+n)/(10+n))) | none",
+    "ema.decay": "decay of the fixed EMA",
+    "ema.max_decay": "upper bound of the power-law EMA decay",
+    "precision": "auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16",
+    "compile": "torch.compile the model",
+    "device": "auto (this rank's GPU, else CPU) | cpu | cuda | cuda:N",
+    "seed": "seed of the initial weights, dropout and every step's batch",
+    "log_every": "steps between logged losses (means over the window)",
+    "sample_every": "steps between sample grids (0: only at the end)",
+    "eval_every": "steps between evaluations logged as eval/... (0: none; docs/methods.md, Periodic evaluation)",
+    "eval_n": "examples of the fixed evaluation set (last pairs of the store; prune recovery: fixed noises)",
+    "ckpt_every": "steps between checkpoints (0: only at the end)",
+    "keep_ckpts": "checkpoints kept on disk",
+}
 
 
 def _rate(steps: int, batch_size: int, started: float) -> float:

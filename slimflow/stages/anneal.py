@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from slimflow.checkpoint import read_model_file, require_writable
-from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config
+from slimflow.config import prefixed
+from slimflow.engine import TRAIN_DEFAULTS, TRAIN_HELP, batch_indices, check_train_config
 from slimflow.flow import flow_matching_batch, per_sample, random_hflip, sample_time
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber, velocity_loss
 from slimflow.pairs import PairStore, open_pairs, pairs_record
@@ -47,6 +48,29 @@ DEFAULTS: dict = {
     "hflip": True,
     "train": copy.deepcopy(TRAIN_DEFAULTS),
     "sample": {"n": 64, "seed": 0},  # 1-step grids of the EMA student during training
+}
+
+HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
+    "out": "run directory: config.yaml, checkpoints/, tb/, samples/, annealed_ema.safetensors, summary.json",
+    "pairs": "the finished pair store the student trains on (slimflow pairs generate)",
+    "teacher": "optional teacher file: the store must have been made by it (hash check)",
+    "model": "the student network: a preset of teachers.zoo and/or UNet settings (nf, ch_mult, ...)",
+    "model.preset": "named student architecture of teachers.zoo",
+    "init": "optional model file: tensors of matching name and shape are copied into the student",
+    "beta.schedule": "noise annealing β_k from 1 (independent noise) to 0 (the pair's noise): linear | exp | cosine | constant",
+    "beta.steps": "steps N of the annealing (null: train.steps)",
+    "beta.value": "β of the constant schedule",
+    "flow.time_sampler": "training times: uniform on [eps, 1] | u_shaped | logit_normal",
+    "flow.eps": "smallest training time of the uniform sampler",
+    "flow.a": "steepness of the u_shaped time density",
+    "flow.loss": "l2 | l1 | pseudo_huber on velocities, or lpips_huber (rfpp) on the predicted images",
+    "flow.perceptual": "perceptual distance of lpips_huber: domain | lpips-vgg | lpips-alex",
+    "flow.perceptual_options": "options of that perceptual distance",
+    "flow.one_over_t": "lpips_huber: weight the Huber term by 1/t",
+    "hflip": "flip each pair (noise and image together) left-right with probability ½",
+    "sample.n": "images in each one-step grid of the EMA student",
+    "sample.seed": "noise seed of the grids",
+    **prefixed(TRAIN_HELP, "train."),
 }
 
 

@@ -74,6 +74,32 @@ DEFAULTS: dict = {
     # Pairs of entries to set side by side in bench.md: each {label, baseline, candidate} (entry names).
     "compare": [],
 }
+HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
+    "out": "folder: bench.md, bench.csv, bench.json, figures, samples/, entries/ (cached results), tb/",
+    "device": "auto (GPU when available) | cpu | cuda | cuda:N",
+    "reference.name": "reference image set of FID/KID/precision/recall",
+    "reference.split": "its split (train | test)",
+    "reference.root": "folder of the data set (null: the default location)",
+    "reference.image_size": "reference images are resized to this many pixels a side",
+    "reference.n": "reference images used (null: all)",
+    "metrics.extractors": "feature extractors: domain | inception (the first one is plotted)",
+    "metrics.n_samples": "samples generated per entry",
+    "metrics.seed": "noise of sample i is drawn from (seed, i)",
+    "metrics.batch_size": "batch of sampling and feature extraction",
+    "metrics.kid_subsets": "KID: number of subsets",
+    "metrics.kid_subset_size": "KID: subset size (null: min(1000, n_samples, reference size))",
+    "metrics.prc_neighborhood": "precision/recall: k of the k-NN balls",
+    "metrics.domain_weights": "domain net weights (null: the committed domain net)",
+    "metrics.inception_weights": "path to weights-inception-2015-12-05-6726825d.pth (null: the torch hub cache)",
+    "metrics.cache_dir": "torch-fidelity's cache of reference features",
+    "cost.batch_sizes": "batch sizes of the latency measures (memory at the largest)",
+    "cost.warmup": "untimed generations before the latency is measured",
+    "cost.repeats": "timed generations (the median is reported)",
+    "grid": "samples per entry saved as samples/<name>.png (0: none)",
+    "entries": "what is benchmarked: each {name, model, method, steps, tol}",
+    "prepare": "runs that make the entries' models first: each {stage, config, overrides}",
+    "compare": "pairs of entries set side by side in bench.md: each {label, baseline, candidate}",
+}
 PREPARE_STAGES = tuple(name for name in CONFIG_STAGES if name != "bench")  # the stages that make models
 ENTRY_DEFAULTS = {"method": "euler", "steps": 1, "tol": 1e-5}
 ENTRY_KEYS = ("name", "model", *ENTRY_DEFAULTS)

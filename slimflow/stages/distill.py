@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from slimflow.checkpoint import read_model_file, require_writable, sha256_file
-from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config
+from slimflow.config import prefixed
+from slimflow.engine import TRAIN_DEFAULTS, TRAIN_HELP, batch_indices, check_train_config
 from slimflow.flow import per_sample
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, Distance, distance
 from slimflow.pairs import PairStore, PairStoreError, open_pairs, pairs_record
@@ -49,6 +50,24 @@ DEFAULTS: dict = {
     },
     "train": copy.deepcopy(TRAIN_DEFAULTS),
     "sample": {"n": 64, "seed": 0},
+}
+
+HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
+    "out": "run directory: config.yaml, checkpoints/, tb/, samples/, distilled_ema.safetensors, summary.json",
+    "pairs": "the teacher pairs (z, x̂) of L_distill",
+    "teacher": "optional teacher file: the store must have been made by it (hash check)",
+    "student": "the annealed model: the student's start and the frozen guide",
+    "loss.distance": "two-image distance D: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex",
+    "loss.options": "options of that distance",
+    "loss.w_distill": "weight of L_distill = D(z + v(z, t0), x̂) on the pairs",
+    "loss.w_2step": "weight of L_2step (the two-step guide target on fresh noise; 0: plain distillation)",
+    "loss.variant": "first step of the 2-step target: reference (the student's ŝ) | paper (the guide's velocity)",
+    "loss.t_min": "smallest intermediate time t' of L_2step",
+    "loss.t_max": "largest intermediate time t' of L_2step",
+    "loss.one_step_time": "t0 at which the one-step student is trained and evaluated (recorded in its file)",
+    "sample.n": "images in each one-step grid of the EMA student",
+    "sample.seed": "noise seed of the grids",
+    **prefixed(TRAIN_HELP, "train."),
 }
 
 

@@ -24,6 +24,23 @@ DEFAULTS: dict = {
     "device": "auto",
 }
 
+HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
+    "out": "the pair store's folder (shards, their records, manifest.json)",
+    "teacher": "teacher model file whose ODE makes the pairs",
+    "teacher_resolution": "image size of a reference DDPM++ .pth teacher (it does not record it)",
+    "n": "number of (noise, image) pairs",
+    "seed": "noise seed: pair i's noise is drawn from (seed, i) and never stored",
+    "solver.method": "ODE solver of the teacher: euler | heun | midpoint | rf_solver | dopri5",
+    "solver.steps": "steps of a fixed-step solver",
+    "solver.rtol": "relative tolerance of dopri5",
+    "solver.atol": "absolute tolerance of dopri5",
+    "solver.max_steps": "most steps dopri5 may take per batch",
+    "shard_size": "pairs per shard file",
+    "batch_size": "pairs solved at once",
+    "image_format": "stored images: float16 (values kept) | uint8 (error <= 1/255)",
+    "device": "auto (GPU when available) | cpu | cuda | cuda:N",
+}
+
 
 def solver_kwargs(solver: dict) -> dict:
     """The `solve` arguments a method uses: steps for fixed-step methods, rtol/atol/max_steps for dopri5."""

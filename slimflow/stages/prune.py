@@ -32,7 +32,8 @@ from pruning.serialization import input_specs
 from pruning.structured import IMPORTANCES, prune_structured, ratio_for_macs
 from pruning.taylor import accumulate_gradients
 from slimflow.checkpoint import content_hash, model_identity, read_model_file, require_writable, save_model, sha256_file
-from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config, dist_info, resolve_device
+from slimflow.config import prefixed
+from slimflow.engine import TRAIN_DEFAULTS, TRAIN_HELP, batch_indices, check_train_config, dist_info, resolve_device
 from slimflow.flow import flow_matching_batch, noise_for
 from slimflow.images import save_grid
 from slimflow.losses import distance, l2
@@ -82,6 +83,26 @@ DEFAULTS: dict = {
         },
     },
     "compare": {"n": 64, "seed": 0},  # noise of the grid and of the distance to the unpruned student
+}
+
+HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
+    "out": "folder: pruned.safetensors, recover/, recovered_ema.safetensors, grids/, summary.json",
+    "student": "the unpruned student: a model file or a training run directory",
+    "pairs": "pair store: read only by importance taylor and recover.mode flow",
+    "prune.importance": "channel ranking: l1 | l2 | lamp | random | taylor",
+    "prune.ratio": "share of channels removed per layer (null: searched from macs_fraction)",
+    "prune.macs_fraction": "keep at most this share of the MACs (used when ratio is null)",
+    "prune.steps": "pruning in this many steps to the final ratio",
+    "prune.taylor.batches": "taylor: batches of flow-matching gradients, times from 1 down to eps",
+    "prune.taylor.batch_size": "taylor: pairs per batch",
+    "prune.taylor.eps": "taylor: the last (smallest) time",
+    "prune.taylor.seed": "taylor: seed of the pairs' order",
+    "recover.mode": "one_step (distil the unpruned student's one-step images, data-free) | flow (reflow on the pairs) | none",
+    "recover.distance": "one_step: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex (flow: l2)",
+    "recover.options": "options of that distance",
+    **prefixed(TRAIN_HELP, "recover.train."),
+    "compare.n": "noises of the comparison grids and of the l2 to the unpruned student",
+    "compare.seed": "seed of that noise (also of recovery's periodic evaluation)",
 }
 
 

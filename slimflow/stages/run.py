@@ -60,6 +60,18 @@ DEFAULTS: dict = {
     },
     "grids": {"n": 64, "seed": 0},  # the teacher's many-step grid uses the pairs' solver
 }
+
+HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
+    "out": "run folder: pairs/, anneal/, distill/, grids/, tb/, config.yaml, summary.json",
+    "teacher": pairs_stage.HELP["teacher"],
+    "teacher_resolution": pairs_stage.HELP["teacher_resolution"],
+    "pairs.dir": "where the pair store lives (null: <out>/pairs); runs that name the same dir share one store",
+    **cfglib.prefixed(pairs_stage.HELP, "pairs.", drop=("out", "teacher", "teacher_resolution")),
+    **cfglib.prefixed(anneal_stage.HELP, "anneal.", drop=("out", "pairs", "teacher")),
+    **cfglib.prefixed(distill_stage.HELP, "distill.", drop=("out", "pairs", "teacher", "student")),
+    "grids.n": "images in each comparison grid (teacher 1-step and many-step, annealed, distilled)",
+    "grids.seed": "noise seed of the comparison grids",
+}
 GRIDS = ("teacher_1step", "teacher_ode", "annealed_1step", "distilled_1step")
 
 

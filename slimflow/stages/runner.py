@@ -70,22 +70,12 @@ def command_line(command: str | None) -> str:
     return command or " ".join(map(shlex.quote, sys.argv))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def start_run_dir(out: Path, run_config: dict) -> None:
     """Create `out` and write config.yaml. A run already there must have been started with the same settings,
     except those in RESUMABLE_CHANGES; otherwise it is an error naming the differences (never a mixed run)."""
     path = out / "config.yaml"
     if path.is_file():
-        old, new = _flat(yaml.safe_load(path.read_text()) or {}), _flat(plain_config(run_config))
+        old, new = cfglib.flatten(yaml.safe_load(path.read_text()) or {}), cfglib.flatten(plain_config(run_config))
         diffs = [
             f"{key}: run has {old.get(key)!r}, requested {new.get(key)!r}"
             for key in sorted(set(old) | set(new))

@@ -7,8 +7,9 @@ import copy
 import torch
 
 from slimflow.checkpoint import require_writable
+from slimflow.config import prefixed
 from slimflow.data import load_images, to_float
-from slimflow.engine import TRAIN_DEFAULTS, batch_indices, check_train_config
+from slimflow.engine import TRAIN_DEFAULTS, TRAIN_HELP, batch_indices, check_train_config
 from slimflow.flow import flow_matching_batch, random_hflip, sample_time
 from slimflow.losses import velocity_loss
 from slimflow.sample import sample
@@ -22,6 +23,25 @@ DEFAULTS: dict = {
     "flow": {"time_sampler": "uniform", "eps": 1e-3, "a": 4.0, "loss": "l2"},
     "train": copy.deepcopy(TRAIN_DEFAULTS),
     "sample": {"n": 64, "method": "euler", "steps": 100, "seed": 0},
+}
+
+HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
+    "out": "run directory: config.yaml, checkpoints/, tb/, samples/, teacher_ema.safetensors, summary.json",
+    "data.name": "training image set: fashion_mnist | cifar10 | image_folder | digits",
+    "data.root": "folder of the data set (null: the default location)",
+    "data.image_size": "images are resized to this many pixels a side",
+    "data.hflip": "random horizontal flips of the training images",
+    "model": "the velocity network: a preset of teachers.zoo and/or UNet settings (nf, ch_mult, ...)",
+    "model.preset": "named architecture of teachers.zoo (its settings can be overridden next to it)",
+    "flow.time_sampler": "training times: uniform on [eps, 1] | u_shaped (density ∝ cosh(a(t − ½))) | logit_normal",
+    "flow.eps": "smallest training time of the uniform sampler",
+    "flow.a": "steepness of the u_shaped time density",
+    "flow.loss": "distance between predicted and target velocities: l2 | l1 | pseudo_huber",
+    "sample.n": "images in each sample grid of the run",
+    "sample.method": "ODE solver of the sample grids (euler | heun | midpoint | rf_solver | dopri5)",
+    "sample.steps": "solver steps of the sample grids",
+    "sample.seed": "noise seed of the sample grids",
+    **prefixed(TRAIN_HELP, "train."),
 }
 
 
