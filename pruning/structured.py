@@ -11,12 +11,16 @@ Parameters that sit on no layer Torch-Pruning knows (a ViT's `cls_token` and `po
 and passed to it explicitly with the dimension that holds their channels (`find_unwrapped_parameters`); they are
 pruned with the channels they are added to.
 
-GroupNorm: channels are removed evenly from every group, so `num_channels % num_groups == 0` holds. The group
-count is taken per pruning group from the channels it covers in each GroupNorm, so a GroupNorm fed by a concat
-(UNet skip connections) splits its groups between the concatenated producers (Torch-Pruning 1.6 would use the
-GroupNorm's whole group count and fail). The per-group count rounds up: layers coupled to a GroupNorm lose at
-least one channel per group (ratio 0.1 on GroupNorm(32, 128) removes 32, ratio 0.3 on 4 channels per group
-removes 2 of them).
+GroupNorm, two ways (`groupnorm=`):
+- "even" (the default): channels are removed evenly from every group, so `num_channels % num_groups == 0` holds
+  and the group count stays. The group count is taken per pruning group from the channels it covers in each
+  GroupNorm, so a GroupNorm fed by a concat (UNet skip connections) splits its groups between the concatenated
+  producers (Torch-Pruning 1.6 would use the GroupNorm's whole group count and fail). The per-group count rounds
+  up: layers coupled to a GroupNorm lose at least one channel per group (ratio 0.1 on GroupNorm(32, 128) removes
+  32, ratio 0.3 on 4 channels per group removes 2 of them), so with 4 channels per group widths move in quarters.
+- "whole_groups": whole groups are removed (ranked by their mean channel importance) and `num_groups` drops with
+  them; the surviving groups keep their channels and so normalise exactly as before. Widths move in steps of one
+  group (4 channels in a DDPM++ UNet), fine enough to hit a MACs budget. Local ranking only.
 
 Each step replaces the Parameter objects of pruned layers: anything holding parameters (optimizer, scheduler,
 EMA copy) must be rebuilt after `StructuredPruner.step()` / in the `after_step` callback of `prune_structured`.
@@ -54,7 +58,16 @@ def make_importance(name: str) -> tp.importance.Importance:
     raise ValueError(f"unknown importance {name!r}: choose one of {', '.join(IMPORTANCES)}")
 
 
-WIDTH_ATTRIBUTES = ("num_heads", "head_dim", "attn_dim", "embed_dim", "num_features", "head_hidden_size")
+WIDTH_ATTRIBUTES = (
+    "num_heads",
+    "head_dim",
+    "attn_dim",
+    "embed_dim",
+    "num_features",
+    "head_hidden_size",
+    "num_groups",  # GroupNorm: "whole_groups" pruning changes it
+)
+GROUPNORM_MODES = ("even", "whole_groups")
 NETWORK_WIDTHS = ("embed_dim", "num_features", "head_hidden_size")  # widths kept in step by WidthAttributes
 
 
@@ -355,7 +368,12 @@ class StructuredPruner:
         head_ratio: float = 0.0,
         prune_head_dims: bool = True,
         unwrapped_parameters: dict[str, int] | None = None,
+        groupnorm: str = "even",
     ):
+        if groupnorm not in GROUPNORM_MODES:
+            raise ValueError(f"groupnorm must be one of {', '.join(GROUPNORM_MODES)}, got {groupnorm!r}")
+        if groupnorm == "whole_groups" and (global_pruning or round_to is not None or head_ratio > 0):
+            raise ValueError("groupnorm='whole_groups' ranks per layer: no global_pruning, round_to or head_ratio")
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio is the share of channels to remove and must be in [0, 1), got {ratio}")
         if steps < 1:
@@ -382,6 +400,7 @@ class StructuredPruner:
         self.model = model
         self.example_inputs = as_args(example_inputs)
         self.importance = importance
+        self.groupnorm = groupnorm
         self.steps = steps
         self.output_layers = (
             list(output_layers) if output_layers is not None else find_output_layers(model, example_inputs)
@@ -406,6 +425,7 @@ class StructuredPruner:
             unwrapped_parameters=torch_pruning_unwrapped(model, self.unwrapped),
         )
         model.train(was_training)  # tracing leaves the model in eval()
+        self.initial_width = {m: _layer_width(m, "out") for m in model.modules() if isinstance(m, _ROOTS)}
         if global_pruning and self.pruner.concat_fed_groupnorm:
             raise ValueError(
                 "global pruning would remove different shares of a concat's inputs and break the "
@@ -434,7 +454,10 @@ class StructuredPruner:
                     "or pass compute_gradients to prune_structured"
                 )
         was_training = self.model.training
-        self.pruner.step()
+        if self.groupnorm == "whole_groups":
+            self._remove_whole_groups()
+        else:
+            self.pruner.step()
         _check_groupnorms(self.model)
         for qkv, attention in self.attention.items():
             attention.num_heads = self.pruner.num_heads[qkv]
@@ -444,6 +467,56 @@ class StructuredPruner:
         macs, params = count_macs_params(self.model, self.example_inputs)
         ratio = float(self.pruner.per_step_pruning_ratio[self.current_step])
         return StepReport(step=self.current_step, ratio=ratio, macs=macs, params=params)
+
+    def _remove_whole_groups(self) -> None:
+        """One step of "whole_groups" pruning: per pruning group, remove the lowest-ranked blocks of channels that
+        make whole GroupNorm groups, down to the step's share of the layer's original width."""
+        pruner, graph = self.pruner, self.pruner.DG
+        ratio = float(pruner.per_step_pruning_ratio[pruner.current_step + 1])
+        plans = []
+        for group in graph.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=_ROOTS):
+            root, handler = group[0].dep.target.module, group[0].dep.handler
+            if not graph.is_out_channel_pruning_fn(handler) or root not in self.initial_width:
+                continue
+            block, norms = self._group_block(group)
+            imp = pruner.estimate_importance(group)
+            width = _layer_width(root, "out")
+            if imp is None or width % block:
+                continue
+            keep = max(block, block * round(self.initial_width[root] * (1.0 - ratio) / block))
+            n_blocks = (width - keep) // block
+            if n_blocks <= 0:
+                continue
+            order = torch.argsort(imp.view(width // block, block).mean(dim=1).cpu(), stable=True)[:n_blocks]
+            idxs = sorted(int(b) * block + j for b in order for j in range(block))
+            plans.append((root, handler, idxs, norms))
+        for root, handler, idxs, norms in plans:
+            graph.get_pruning_group(root, handler, idxs).prune()
+            for norm, per_group in norms:
+                norm.num_groups = norm.num_channels // per_group
+        pruner.current_step += 1
+
+    def _group_block(self, group) -> tuple[int, list[tuple[nn.GroupNorm, int]]]:
+        """Channels (in the root layer's numbering) that make whole groups of every GroupNorm the pruning group
+        reaches, and those GroupNorms with their channels per group."""
+        norms, sizes = [], []
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.GroupNorm):
+                per_group = module.num_channels // module.num_groups
+                roots = item.root_idxs if item.root_idxs is not None else item.idxs
+                if any((i - r) % per_group for i, r in zip(item.idxs, roots)):
+                    raise ValueError(
+                        f"GroupNorm {self.pruner.DG._module2name[module]} ({module.num_groups} groups of {per_group})"
+                        f" receives channels of {self.pruner.DG._module2name[group[0].dep.target.module]} that "
+                        "straddle its groups, so whole groups cannot be removed: put that layer in ignored_layers"
+                    )
+                norms.append((module, per_group))
+                sizes.append(per_group)
+        return (math.lcm(*sizes) if sizes else 1), norms
+
+
+_ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def prune_structured(
@@ -461,6 +534,7 @@ def prune_structured(
     head_ratio: float = 0.0,
     prune_head_dims: bool = True,
     unwrapped_parameters: dict[str, int] | None = None,
+    groupnorm: str = "even",
     compute_gradients: Callable[[nn.Module], Any] | None = None,
     after_step: Callable[[nn.Module, StepReport], None] | None = None,
 ) -> dict:
@@ -486,6 +560,7 @@ def prune_structured(
         head_ratio=head_ratio,
         prune_head_dims=prune_head_dims,
         unwrapped_parameters=unwrapped_parameters,
+        groupnorm=groupnorm,
     )
     reports = []
     for _ in range(steps):
@@ -503,6 +578,7 @@ def prune_structured(
         "round_to": round_to,
         "head_ratio": head_ratio,
         "prune_head_dims": prune_head_dims,
+        "groupnorm": groupnorm,
         "unwrapped_parameters": pruner.unwrapped,
         "width_attributes_unmatched": pruner.widths.unmatched,
         "macs_before": macs,
@@ -515,11 +591,20 @@ def prune_structured(
 
 
 def ratio_for_macs(
-    model: nn.Module, example_inputs: Any, macs_fraction: float, *, iterations: int = 8, **prune_kwargs
+    model: nn.Module,
+    example_inputs: Any,
+    macs_fraction: float,
+    *,
+    iterations: int = 8,
+    nearest: bool = False,
+    **prune_kwargs,
 ) -> float:
-    """Smallest channel ratio whose one-step pruning keeps at most `macs_fraction` of the MACs (bisection on copies).
+    """Smallest channel ratio whose one-step pruning keeps at most `macs_fraction` of the MACs (bisection on copies);
+    with `nearest`, the ratio whose MACs are closest to the fraction, above or below it (widths move in steps, so
+    the closest reachable point may lie just above a budget).
 
-    prune_kwargs go to StructuredPruner (importance, global_pruning, round_to, ...); the model is not changed.
+    prune_kwargs go to StructuredPruner (importance, global_pruning, round_to, groupnorm, ...); the model is not
+    changed.
     """
     if not 0.0 < macs_fraction <= 1.0:
         raise ValueError(f"macs_fraction must be in (0, 1], got {macs_fraction}")
@@ -545,4 +630,6 @@ def ratio_for_macs(
             hi = mid
         else:
             lo = mid
+    if nearest and lo > 0 and abs(fraction(lo) - macs_fraction) < abs(fraction(hi) - macs_fraction):
+        return lo
     return hi

@@ -30,4 +30,5 @@ def apply_pruning_record(model: nn.Module, record: dict) -> nn.Module:
         record["example_inputs"],
         custom_pruners=unet_custom_pruners(),
         unwrapped_parameters=record.get("unwrapped_parameters"),
+        attributes=record.get("width_attributes"),  # GroupNorm group counts after whole-group pruning
     )

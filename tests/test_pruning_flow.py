@@ -196,3 +196,17 @@ def test_a_recovered_pruned_student_exports_to_onnx_with_parity(student_file, tm
     )
     report = export_model(tmp_path / "p" / "recovered_ema.safetensors", tmp_path / "export", warmup=1, repeats=2)
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["torch_export"]["max_abs_diff"] < 1e-4
+
+
+def test_whole_group_pruning_hits_the_budget_and_its_file_reloads_with_the_group_counts(student_file, tmp_path):
+    student = load_model(student_file)
+    cfg = {**PRUNE, "macs_fraction": 0.6, "macs_match": "nearest", "groupnorm": "whole_groups"}
+    pruned, report = prune_model(student, TINY, cfg)
+    assert abs(report["macs_after"] / report["macs_before"] / 0.6 - 1) < 0.10
+    norms = [m for m in pruned.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert all(m.num_channels // m.num_groups == 4 for m in norms)  # whole groups of 4 left, sizes kept
+    unpruned = [m.num_groups for m in student.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert sum(m.num_groups for m in norms) < sum(unpruned)  # the group counts dropped with the channels
+    record = {k: report[k] for k in ("history", "example_inputs", "width_attributes", "unwrapped_parameters")}
+    path = save_model(tmp_path / "pruned.safetensors", pruned, {"model": TINY, "pruning": record, "kind": "t"})
+    assert torch.equal(outputs(load_model(path)), outputs(pruned))

@@ -331,3 +331,66 @@ def test_ratio_for_macs_and_latency():
     assert count_macs_params(trial, x)[0] <= 0.5 * count_macs_params(model, x)[0]
     assert count_macs_params(model, x) == hand_count(16, 16), "the model itself is left unpruned"
     assert measure_latency(model, torch.randn(2, 1, 8, 8), warmup=1, repeats=3) > 0
+
+
+def groupnorm_net() -> nn.Sequential:
+    """conv(1→8) → GroupNorm(4 groups of 2) → SiLU → conv(8→3): groups 1 and 3 get tiny filters."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 3, 1))
+    with torch.no_grad():
+        net[0].weight[2:4].mul_(0.01)  # group 1
+        net[0].weight[6:8].mul_(0.01)  # group 3
+        net[0].bias.zero_()
+    return net
+
+
+def test_whole_groups_leave_and_the_survivors_normalise_as_before(tmp_path):
+    net, original = groupnorm_net(), groupnorm_net()
+    x = torch.randn(1, 1, 6, 6)
+    report = prune_structured(net, x, ratio=0.5, groupnorm="whole_groups")
+    assert net[1].num_groups == 2 and net[1].num_channels == 4 and net[0].out_channels == 4
+    kept = [0, 1, 4, 5]  # the two weak groups (channels 2, 3 and 6, 7) left whole
+    assert torch.equal(net[0].weight, original[0].weight[kept])
+    probe = torch.randn(5, 1, 6, 6)
+    with torch.no_grad():  # each surviving group is normalised over exactly the channels it had
+        assert torch.equal(net[:2](probe), original[:2](probe)[:, kept])
+    assert report["params_after"] < report["params_before"]
+    save_pruned(tmp_path, net, arch={}, example_inputs=x, history=report["history"])
+    loaded = load_pruned(tmp_path, build=lambda _arch: groupnorm_net())
+    assert loaded[1].num_groups == 2  # the group count is not in the history: it is recorded beside it
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), net(probe))
+
+
+def test_whole_groups_at_ratio_zero_change_nothing_and_even_mode_keeps_the_group_count():
+    net, original = groupnorm_net(), groupnorm_net()
+    x = torch.randn(2, 1, 6, 6)
+    prune_structured(net, x, ratio=0.0, groupnorm="whole_groups")
+    with torch.no_grad():
+        assert torch.equal(net(x), original(x))
+    prune_structured(original, x, ratio=0.5)  # even: one channel from each group of two
+    assert original[1].num_groups == 4 and original[1].num_channels == 4
+    with pytest.raises(ValueError, match="groupnorm must be one of"):
+        prune_structured(groupnorm_net(), x, groupnorm="halves")
+    with pytest.raises(ValueError, match="per layer"):
+        prune_structured(groupnorm_net(), x, groupnorm="whole_groups", global_pruning=True)
+
+
+def test_whole_groups_reach_finer_macs_budgets_on_the_teacher():
+    """The committed teacher (24/48 channels, 4 per group) pruned to student-m's MACs: even pruning can only keep
+    57% or 25% of the MACs (widths move in quarters); whole groups land within 10% of the budget."""
+    from teachers.pruned import example_inputs, unet_custom_pruners
+    from teachers.zoo import load_model
+
+    teacher = load_model("teachers/weights/fmnist_teacher.safetensors").float().train().requires_grad_(True)
+    inputs = example_inputs(teacher.config)
+    base, _ = count_macs_params(teacher, inputs)
+    budget = 76_249_632 / base  # fmnist-student-m's MACs
+    reached = {}
+    for mode in ("even", "whole_groups"):
+        kwargs = {"custom_pruners": unet_custom_pruners(), "groupnorm": mode}
+        ratio = ratio_for_macs(teacher, inputs, budget, nearest=True, **kwargs)
+        trial = copy.deepcopy(teacher)
+        StructuredPruner(trial, inputs, ratio=ratio, **kwargs).step()
+        reached[mode] = count_macs_params(trial, inputs)[0] / base
+    assert abs(reached["whole_groups"] / budget - 1) < 0.10 < abs(reached["even"] / budget - 1)

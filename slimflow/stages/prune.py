@@ -29,7 +29,7 @@ from torch import nn
 
 from pruning.measure import count_macs_params, measure_latency
 from pruning.serialization import input_specs
-from pruning.structured import IMPORTANCES, prune_structured, ratio_for_macs
+from pruning.structured import GROUPNORM_MODES, IMPORTANCES, prune_structured, ratio_for_macs, width_attributes
 from pruning.taylor import accumulate_gradients
 from slimflow.checkpoint import content_hash, model_identity, read_model_file, require_writable, save_model, sha256_file
 from slimflow.config import prefixed
@@ -53,6 +53,7 @@ from teachers.pruned import example_inputs, unet_custom_pruners
 from teachers.zoo import load_model
 
 RECOVER_MODES = ("one_step", "flow", "none")
+MACS_MATCH = ("at_most", "nearest")
 KIND = "pruned-student"
 
 DEFAULTS: dict = {
@@ -62,9 +63,12 @@ DEFAULTS: dict = {
     "prune": {
         "importance": "l2",  # l1 | l2 | lamp | random | taylor
         "ratio": None,  # share of channels removed per layer; or, when None:
-        # the smallest ratio whose pruning keeps at most this share of the MACs; channels go in whole
-        # GroupNorm groups, so narrow students move in coarse steps (student-m: 100%, 57%, 25% of the MACs)
+        # the smallest ratio whose pruning keeps at most this share of the MACs (macs_match: at_most), or the
+        # ratio closest to it (nearest). groupnorm even: every GroupNorm group loses channels, so widths move in
+        # quarters (student-m: 100%, 57%, 25% of the MACs); whole_groups: whole groups go, steps of 4 channels
         "macs_fraction": 0.5,
+        "macs_match": "at_most",
+        "groupnorm": "even",
         "steps": 1,
         "taylor": {"batches": 8, "batch_size": 32, "eps": 1e-3, "seed": 0},  # t from 1 to eps, one per batch
     },
@@ -92,6 +96,8 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "prune.importance": "channel ranking: l1 | l2 | lamp | random | taylor",
     "prune.ratio": "share of channels removed per layer (null: searched from macs_fraction)",
     "prune.macs_fraction": "keep at most this share of the MACs (used when ratio is null)",
+    "prune.macs_match": "at_most (MACs <= macs_fraction) | nearest (the reachable MACs closest to it, either side)",
+    "prune.groupnorm": "even (channels leave every GroupNorm group) | whole_groups (whole groups leave; finer widths)",
     "prune.steps": "pruning in this many steps to the final ratio",
     "prune.taylor.batches": "taylor: batches of flow-matching gradients, times from 1 down to eps",
     "prune.taylor.batch_size": "taylor: pairs per batch",
@@ -155,6 +161,10 @@ def _check(cfg: dict) -> None:
         raise ValueError(f"prune.ratio (share of channels removed) must lie in [0, 1), got {ratio!r}")
     if fraction is not None and not (_is_number(fraction) and 0.0 < fraction <= 1.0):
         raise ValueError(f"prune.macs_fraction (share of MACs kept) must lie in (0, 1], got {fraction!r}")
+    if p["macs_match"] not in MACS_MATCH:
+        raise ValueError(f"prune.macs_match must be one of {', '.join(MACS_MATCH)}, got {p['macs_match']!r}")
+    if p["groupnorm"] not in GROUPNORM_MODES:
+        raise ValueError(f"prune.groupnorm must be one of {', '.join(GROUPNORM_MODES)}, got {p['groupnorm']!r}")
     if r["mode"] != "none":
         check_train_config(r["train"])
     if r["mode"] not in RECOVER_MODES:
@@ -169,13 +179,23 @@ def _check(cfg: dict) -> None:
 
 
 def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=None) -> tuple[nn.Module, dict]:
-    """A pruned copy of `student` and the pruning report (ratio used, MACs/params before/after, history)."""
+    """A pruned copy of `student` and the pruning report (ratio used, MACs/params before/after, history);
+    `prune_cfg` is the config's prune section (keys it lacks take their defaults)."""
+    prune_cfg = {**DEFAULTS["prune"], **prune_cfg}
     model = copy.deepcopy(student).float().train().requires_grad_(True)  # Torch-Pruning traces through autograd
     inputs = example_inputs(model_config)
-    kwargs = {"importance": prune_cfg["importance"], "global_pruning": False, "custom_pruners": unet_custom_pruners()}
+    kwargs = {
+        "importance": prune_cfg["importance"],
+        "global_pruning": False,
+        "custom_pruners": unet_custom_pruners(),
+        "groupnorm": prune_cfg["groupnorm"],
+    }
     ratio = prune_cfg["ratio"]
     if ratio is None:  # searched with l2 magnitude (the search prunes copies once, without gradients)
-        ratio = ratio_for_macs(model, inputs, prune_cfg["macs_fraction"], **{**kwargs, "importance": "l2"})
+        nearest = prune_cfg["macs_match"] == "nearest"
+        ratio = ratio_for_macs(
+            model, inputs, prune_cfg["macs_fraction"], nearest=nearest, **{**kwargs, "importance": "l2"}
+        )
     compute_gradients = None
     if prune_cfg["importance"] == "taylor":
         t = prune_cfg["taylor"]
@@ -188,7 +208,13 @@ def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=N
     report = prune_structured(
         model, inputs, ratio=ratio, steps=prune_cfg["steps"], compute_gradients=compute_gradients, **kwargs
     )
-    return model.eval(), {**report, "ratio": ratio, "example_inputs": input_specs(inputs)}
+    report = {
+        **report,
+        "ratio": ratio,
+        "example_inputs": input_specs(inputs),
+        "width_attributes": width_attributes(model),
+    }
+    return model.eval(), report
 
 
 def prune_student(cfg: dict, command: str | None = None) -> dict:
@@ -238,6 +264,8 @@ def _prune_stage(
         record = {
             "history": report.pop("history"),
             "example_inputs": report.pop("example_inputs"),
+            "width_attributes": report.pop("width_attributes"),
+            "unwrapped_parameters": report["unwrapped_parameters"],
             "report": report,
             "source": source,
         }
