@@ -203,3 +203,38 @@ def test_runs_naming_one_pairs_dir_share_the_store(finished, tmp_path):
     # other pair settings on the shared store are refused, not mixed into it
     with pytest.raises(PairStoreError, match="other settings"):
         run_pipeline({**variant, "out": str(tmp_path / "v2"), "pairs": {**variant["pairs"], "n": 32}})
+
+
+def test_the_student_can_start_as_the_teacher_pruned_to_a_macs_budget(tmp_path):
+    from pruning import count_macs_params
+    from teachers.pruned import example_inputs
+    from teachers.zoo import load_model
+
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors", seed=0)
+    cfg = config(tmp_path / "run", teacher, init_prune={"macs_fraction": 0.5})
+    cfg["anneal"]["train"]["steps"], cfg["distill"]["train"]["steps"] = 4, 2
+    summary = run_pipeline(cfg)
+    pruned_file = Path(summary["stages"]["init_prune"]["file"])
+    assert pruned_file == tmp_path / "run" / "init" / "pruned.safetensors"
+    inputs = example_inputs(read_model_file(teacher)[0]["model"])
+    macs = {
+        name: count_macs_params(load_model(path), inputs)[0]
+        for name, path in [
+            ("teacher", teacher),
+            ("pruned", pruned_file),
+            ("annealed", summary["stages"]["anneal"]["export"]),
+            ("distilled", summary["stages"]["distill"]["export"]),
+        ]
+    }
+    assert abs(macs["pruned"] / macs["teacher"] / 0.5 - 1) < 0.10  # whole GroupNorm groups, nearest the budget
+    assert macs["annealed"] == macs["distilled"] == macs["pruned"]  # the pruned network is the student
+    sidecar, _ = read_model_file(summary["stages"]["anneal"]["export"])
+    assert sidecar["pruning"]["history"] and sidecar["init"]["sha256"]  # it loads pruned, like any pruned file
+    again = run_pipeline(cfg)
+    assert again["stages"]["init_prune"]["status"] == "skipped" and again["stages"]["anneal"]["status"] == "skipped"
+    with pytest.raises(ValueError, match="leave anneal.init unset"):
+        run_pipeline({**cfg, "anneal": {**cfg["anneal"], "init": str(teacher)}})
+    from slimflow.stages.anneal import check_config
+
+    with pytest.raises(ValueError, match="set init to that file"):
+        check_config({"init_architecture": True})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from slimflow.checkpoint import read_model_file, require_writable
+from slimflow.checkpoint import model_identity, read_model_file, require_writable
 from slimflow.config import prefixed
 from slimflow.engine import TRAIN_DEFAULTS, TRAIN_HELP, batch_indices, check_train_config
 from slimflow.flow import flow_matching_batch, per_sample, random_hflip, sample_time
@@ -24,7 +24,7 @@ from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber
 from slimflow.pairs import PairStore, open_pairs, pairs_record
 from slimflow.sample import one_step_sampler
 from slimflow.stages.runner import TrainingJob, full_config, last_pairs, one_step_eval, run_training
-from teachers.zoo import build_model, resolve_model_config
+from teachers.zoo import build_model, load_model, resolve_model_config
 
 BETA_SCHEDULES = ("linear", "exp", "cosine", "constant")
 ANNEAL_LOSSES = (*PIXEL_KINDS, "lpips_huber")
@@ -35,6 +35,7 @@ DEFAULTS: dict = {
     "teacher": None,  # optional teacher file: the store must have been made by it (hash check)
     "model": {"_open": True, "preset": "fmnist-student-s"},
     "init": None,  # optional model file: tensors of matching name and shape are copied into the student
+    "init_architecture": False,  # True: the student is the init file's network (e.g. a pruned teacher); model unused
     "beta": {"schedule": "linear", "steps": None, "value": 1.0},  # steps N (None: train.steps); value: constant β
     "flow": {
         "time_sampler": "uniform",
@@ -57,6 +58,8 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "model": "the student network: a preset of teachers.zoo and/or UNet settings (nf, ch_mult, ...)",
     "model.preset": "named student architecture of teachers.zoo",
     "init": "optional model file: tensors of matching name and shape are copied into the student",
+    "init_architecture": "true: the student is init's own network and weights (e.g. the teacher pruned by slimflow "
+    "prune; its pruning record is kept), `model` is not used",
     "beta.schedule": "noise annealing β_k from 1 (independent noise) to 0 (the pair's noise): linear | exp | cosine | constant",
     "beta.steps": "steps N of the annealing (null: train.steps)",
     "beta.value": "β of the constant schedule",
@@ -121,6 +124,10 @@ def check_anneal_config(cfg: dict) -> None:
     """The training, β schedule and loss settings of an anneal config (before any work is done)."""
     check_train_config(cfg["train"])
     check_flow_config(cfg["flow"])
+    if not isinstance(cfg["init_architecture"], bool):
+        raise ValueError(f"init_architecture must be true or false, got {cfg['init_architecture']!r}")
+    if cfg["init_architecture"] and not cfg["init"]:
+        raise ValueError("init_architecture: true makes the init file's network the student: set init to that file")
     beta = cfg["beta"]
     if beta["schedule"] not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta.schedule {beta['schedule']!r}; choose one of {', '.join(BETA_SCHEDULES)}")
@@ -197,34 +204,62 @@ def copy_matching(model: torch.nn.Module, path: str | Path) -> dict:
     }
 
 
+def _init_network(path: str | Path, shape: tuple) -> tuple[dict, dict | None, dict]:
+    """(model config, pruning record, identity) of an `init_architecture` file, checked against the pairs' shape."""
+    sidecar, _ = read_model_file(path)
+    model_cfg = sidecar.get("model")
+    if not isinstance(model_cfg, dict) or "nf" not in model_cfg:
+        raise ValueError(f"init {path} is not a UNet model file of this project, so its network cannot be the student")
+    if (model_cfg.get("in_channels"), model_cfg.get("resolution")) != (shape[0], shape[-1]):
+        raise ValueError(
+            f"init {path} takes {model_cfg.get('in_channels')}x{model_cfg.get('resolution')}px images, the pairs are "
+            f"{shape[0]}x{shape[-1]}px"
+        )
+    return dict(model_cfg), sidecar.get("pruning"), {"from": str(path), "sha256": model_identity(path)}
+
+
 def anneal_job(cfg: dict) -> TrainingJob:
     """The annealing-reflow job of a merged, checked config: the student on the pair store, exported to
-    `out/annealed_ema.safetensors` (kind "annealed-student")."""
+    `out/annealed_ema.safetensors` (kind "annealed-student"). With `init_architecture` the student is the init
+    file's network (a pruned teacher keeps its pruning record, so the export loads like any pruned file)."""
     store = open_pairs(cfg["pairs"], cfg["teacher"])
-    model_cfg = resolve_model_config(cfg["model"])
-    model_cfg.update(in_channels=store.shape[0], resolution=store.shape[-1])
     record = pairs_record(store)
     init: dict = {}
+    pruning = None
+    if cfg["init_architecture"]:
+        model_cfg, pruning, init = _init_network(cfg["init"], store.shape)
 
-    def build() -> torch.nn.Module:
-        model = build_model(model_cfg)
-        if cfg["init"]:
-            init.update(copy_matching(model, cfg["init"]))
-        return model
+        def build() -> torch.nn.Module:
+            return load_model(cfg["init"]).float().train().requires_grad_(True)
+
+    else:
+        model_cfg = resolve_model_config(cfg["model"])
+        model_cfg.update(in_channels=store.shape[0], resolution=store.shape[-1])
+
+        def build() -> torch.nn.Module:
+            model = build_model(model_cfg)
+            if cfg["init"]:
+                init.update(copy_matching(model, cfg["init"]))
+            return model
 
     s = cfg["sample"]
     return TrainingJob(
         out=Path(cfg["out"]),
         kind="annealed-student",
         export_name="annealed_ema.safetensors",
-        run_config={**cfg, "model": model_cfg, "pairs_hash": record["hash"]},
+        run_config={
+            **cfg,
+            "model": model_cfg,
+            "pairs_hash": record["hash"],
+            **({"init_network": {"sha256": init["sha256"], "pruning": pruning}} if cfg["init_architecture"] else {}),
+        },
         train=cfg["train"],
         build=build,
         make_batch=make_anneal_batch(store, cfg),
         make_loss=lambda device: anneal_loss(cfg["flow"], device),
         sample_fn=one_step_sampler(s["n"], store.shape, s["seed"]),
         eval_fn=one_step_eval("one_step_l2_to_teacher", last_pairs(store, cfg["train"]["eval_n"])),
-        meta={"pairs": record, "init": init if cfg["init"] else None},
+        meta={"pairs": record, "init": init if cfg["init"] else None, **({"pruning": pruning} if pruning else {})},
         summary={"init": init if cfg["init"] else None},
         settings=cfg,
     )

@@ -1,4 +1,6 @@
-"""`run`: teacher → pairs → anneal → distill → comparison grids, in one folder.
+"""`run`: teacher → pairs → [the teacher pruned to a MACs budget] → anneal → distill → comparison grids, in one
+folder. With `init_prune.macs_fraction` set, the student is the teacher channel-pruned to that share of its MACs
+(slimflow.stages.prune, no recovery; in init/) instead of a small network from scratch (anneal.model).
 
 Run folder (`out`): config.yaml, pairs/ (the pair store, unless pairs.dir puts it elsewhere), anneal/ and distill/
 (each: config.yaml, checkpoints/, tb/, samples/, the exported EMA model, summary.json), grids/ (teacher 1-step,
@@ -27,6 +29,7 @@ from slimflow.sample import sample
 from slimflow.stages import anneal as anneal_stage
 from slimflow.stages import distill as distill_stage
 from slimflow.stages import pairs as pairs_stage
+from slimflow.stages import prune as prune_stage
 from slimflow.stages.runner import (
     TEACHER_HINT,
     command_line,
@@ -59,6 +62,8 @@ DEFAULTS: dict = {
         if k not in ("out", "pairs", "teacher", "student")
     },
     "grids": {"n": 64, "seed": 0},  # the teacher's many-step grid uses the pairs' solver
+    # the student from the pruned teacher (off while macs_fraction is None); taylor reads the run's pairs
+    "init_prune": {"macs_fraction": None, "importance": "l2", "groupnorm": "whole_groups", "macs_match": "nearest"},
 }
 
 HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
@@ -71,6 +76,11 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     **cfglib.prefixed(distill_stage.HELP, "distill.", drop=("out", "pairs", "teacher", "student")),
     "grids.n": "images in each comparison grid (teacher 1-step and many-step, annealed, distilled)",
     "grids.seed": "noise seed of the comparison grids",
+    "init_prune.macs_fraction": "null: the student is anneal.model from scratch; a share: the student is the teacher "
+    "channel-pruned to that share of its MACs (written to <out>/init/pruned.safetensors)",
+    "init_prune.importance": prune_stage.HELP["prune.importance"],
+    "init_prune.groupnorm": prune_stage.HELP["prune.groupnorm"],
+    "init_prune.macs_match": prune_stage.HELP["prune.macs_match"],
 }
 GRIDS = ("teacher_1step", "teacher_ode", "annealed_1step", "distilled_1step")
 
@@ -150,8 +160,31 @@ def _train_stage(runner, cfg: dict, command: str) -> dict:
     }
 
 
+def _init_prune_settings(cfg: dict, out: Path, pairs_dir: Path) -> dict:
+    """The prune-stage config that makes the student from the teacher (no recovery: anneal trains it)."""
+    p = cfg["init_prune"]
+    return {
+        "out": str(out / "init"),
+        "student": cfg["teacher"],
+        "pairs": str(pairs_dir) if p["importance"] == "taylor" else None,
+        "prune": {k: p[k] for k in ("macs_fraction", "importance", "groupnorm", "macs_match")},
+        "recover": {"mode": "none"},
+    }
+
+
+def _init_prune_stage(cfg: dict, out: Path, pairs_dir: Path, command: str) -> dict:
+    """Prune the teacher into <out>/init/pruned.safetensors (skipped when current); what the run summary keeps."""
+    started = time.time()
+    summary = prune_stage.prune_student(_init_prune_settings(cfg, out, pairs_dir), command)
+    return {**summary["prune"], "wall_s": time.time() - started}
+
+
 def _check_settings(cfg: dict) -> None:
     """Every stage's settings, and the weights its distances need, before any work (not after an hour of it)."""
+    if cfg["init_prune"]["macs_fraction"] is not None:
+        if cfg["anneal"]["init"] or cfg["anneal"]["init_architecture"]:
+            raise ValueError("init_prune makes the student from the teacher: leave anneal.init unset")
+        prune_stage.check_config(_init_prune_settings(cfg, Path(cfg["out"]), Path("pairs")))
     pairs_stage.solver_kwargs(cfg["pairs"]["solver"])
     anneal_stage.anneal_loss(cfg["anneal"]["flow"])
     anneal_stage.check_anneal_config(cfg["anneal"])
@@ -207,6 +240,9 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     checked_teacher = cfg["teacher"] if cfg["teacher_resolution"] is None else None
 
     anneal_cfg = {**cfg["anneal"], "out": str(out / "anneal"), "pairs": str(pairs_dir), "teacher": checked_teacher}
+    if cfg["init_prune"]["macs_fraction"] is not None:
+        stages["init_prune"] = _init_prune_stage(cfg, out, pairs_dir, f"{command} (stage init_prune)")
+        anneal_cfg.update(init=stages["init_prune"]["file"], init_architecture=True)
     stages["anneal"] = _train_stage(anneal_stage.anneal, anneal_cfg, f"{command} (stage anneal)")
     annealed = Path(stages["anneal"]["export"])
     distill_cfg = {

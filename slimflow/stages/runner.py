@@ -49,9 +49,9 @@ RESUMABLE_CHANGES = (
 )
 
 
-# Training settings added after runs existed, with the value that means the old behaviour: a run directory
-# written before them (the key absent) resumes when the requested value is that one.
-ADDED_SETTINGS = {"lr_schedule": "constant", "min_lr": 0.0}
+# Settings added after runs existed, with the value that means the old behaviour: a run directory written before
+# them (the key absent) resumes when the requested value is that one.
+ADDED_SETTINGS = {"lr_schedule": "constant", "min_lr": 0.0, "init_architecture": False}
 
 
 # ------------------------------------------------------------------------------------------ settings
