@@ -78,12 +78,21 @@ def cmd_domain_net_train(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from slimflow.stages.export import export_model
+    from slimflow.stages.export import INT8_OPS, export_model
 
     print(
         json.dumps(
             export_model(
-                args.model, args.out, tuple(args.formats), resolution=args.resolution, unsafe_pickle=args.unsafe_pickle
+                args.model,
+                args.out,
+                tuple(args.formats),
+                resolution=args.resolution,
+                unsafe_pickle=args.unsafe_pickle,
+                int8=args.int8,
+                calibration=args.calibration,
+                calibration_seed=args.calibration_seed,
+                int8_ops=tuple(args.int8_ops) if args.int8_ops else INT8_OPS,
+                int8_exclude=tuple(args.int8_exclude),
             ),
             indent=1,
             default=str,
@@ -279,6 +288,11 @@ def _add_file_commands(sub, teacher) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--out", default="runs/export")
     p.add_argument("--formats", nargs="+", default=["onnx", "torch_export"])
+    p.add_argument("--int8", action="store_true", help="also generator.int8.onnx: static int8 quantization (QDQ)")
+    p.add_argument("--calibration", type=int, default=64, help="int8: calibration noise samples (seed, 0..N-1)")
+    p.add_argument("--calibration-seed", type=int, default=1, help="int8: seed of the calibration noise")
+    p.add_argument("--int8-ops", nargs="+", default=None, help="int8: ONNX op types to quantize (Conv MatMul)")
+    p.add_argument("--int8-exclude", nargs="*", default=[], help="int8: ONNX node names left in fp32")
     _model_file_args(p)
     p.set_defaults(func=cmd_export)
 

@@ -289,7 +289,7 @@ def _check_arguments(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
-_REQUIRED_KEYS = ("in_channels", "resolution", "nf", "ch_mult", "num_res_blocks", "attn_resolutions")
+_REQUIRED_KEYS = UNET_KEYS = ("in_channels", "resolution", "nf", "ch_mult", "num_res_blocks", "attn_resolutions")
 _OPTIONAL_KEYS = ("dropout", "time_scale")
 
 

@@ -20,7 +20,7 @@ from slimflow.checkpoint import CheckpointError, check_config, load_state_checke
 from teachers.adapters import load_diffusers_teacher
 from teachers.formats import detect, load_reference, slimflow_model_path
 from teachers.pruned import apply_pruning_record
-from teachers.unet import PRESETS, build_unet
+from teachers.unet import PRESETS, UNET_KEYS, build_unet
 
 
 def resolve_model_config(spec: dict) -> dict:
@@ -106,6 +106,13 @@ def _project_model(path: Path, expect: dict | None) -> tuple[torch.nn.Module, di
     config = sidecar.get("model")
     if not config:
         raise CheckpointError(f"{str(path)!r} does not record its model config")
+    missing = [key for key in UNET_KEYS if key not in config]
+    if missing:  # e.g. the domain classifier's file: a project model file, but no flow
+        raise CheckpointError(
+            f"{str(path)!r} is not a velocity model (a flow's v(x, t), whose one-step generator is z + v(z, t0)): "
+            f"its sidecar describes a {sidecar.get('kind') or 'non-UNet'} network with config keys {sorted(config)}, "
+            f"without the UNet's {missing}; give a teacher or student model file"
+        )
     if expect is not None:
         check_config(resolve_model_config(expect), config, str(path))
     model = build_from_sidecar(sidecar)

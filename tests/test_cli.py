@@ -72,3 +72,14 @@ def test_prune_names_a_missing_student(tmp_path, capsys):
         capsys,
     )
     assert "nopairs" in message
+
+
+def test_export_int8_bad_input_is_one_clear_line(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert "at least one noise sample" in _fails(
+        ["export", "--model", TEACHER, "--out", out, "--int8", "--calibration", "0"], capsys
+    )
+    message = _fails(
+        ["export", "--model", "slimflow/assets/domain_net_fmnist.safetensors", "--out", out, "--int8"], capsys
+    )
+    assert "is not a velocity model" in message

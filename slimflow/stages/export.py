@@ -5,14 +5,28 @@ slimflow.sample and docs/methods.md, "One-step generator").
 Writes to `out_dir`:
 - `generator.pt2`: a `torch.export` program (load with `torch.export.load(path).module()`),
 - `generator.onnx`: ONNX from the torch.export-based exporter (`torch.onnx.export(..., dynamo=True)`, the
-  default since torch 2.9; the TorchScript exporter is deprecated). The program is decomposed to core ATen
-  first: onnxscript's translation of `scaled_dot_product_attention` accepts only 4-D inputs and the UNet's
-  attention is 3-D, so it is exported as matmul/softmax.
-- `export.json`: what was written, the parity checks and the latencies.
+  default since torch 2.9; the TorchScript exporter is deprecated), input `noise` (batch, C, H, W) → output
+  `image`, the batch axis named "batch"; the file's metadata records `one_step_time`. The exporter is given the
+  program as traced (it decomposes it once, to the ops ONNX implements) and a translation of
+  `scaled_dot_product_attention` as MatMul/Softmax/MatMul for any rank (onnxscript's own accepts only 4-D inputs;
+  the UNet's attention is 3-D). onnxscript's optimiser is replaced by its constant folding and dead-node removal
+  alone: its pattern rewriter took most of an export's time and changes nothing for these models (same ops, size
+  and onnxruntime latency); initializers are not de-duplicated, so each normalisation keeps its own (onnxruntime's
+  quantizer cannot quantize a bias shared between nodes).
+- `generator.int8.onnx` (with `int8=True`): static post-training quantization by onnxruntime
+  (`quantize_static`, QDQ format, weights int8 per channel, activations uint8 — the choice for x86 CPUs —, MinMax
+  ranges) calibrated on the generator's own inputs: the noise of (`calibration_seed`, 0..`calibration`−1). The
+  same settings give the same file, byte for byte. Quantized: the op types `int8_ops` (default Conv and MatMul:
+  every weight of the UNet's image path; normalisations, activations and the residual adds stay fp32) on the
+  noise's path, minus the nodes `int8_exclude`; the time-embedding branch depends only on the batch size, not on
+  the noise, and is always left in fp32.
+- `export.json`: what was written, the parity checks, file sizes and latencies.
 
 Checks: the reloaded .pt2 program and onnxruntime (CPU provider) must reproduce PyTorch's output on the same
-noise within `atol`, else ExportMismatchError. Latency: median ms per image at batch 1 for PyTorch eager and
-onnxruntime, both with torch's current thread count. Export runs on CPU (the files carry no device).
+noise within `atol`, else ExportMismatchError. The int8 file is not held to a tolerance; its image error to the
+fp32 ONNX file (max / mean absolute difference and RMSE, images nominally in [-1, 1]) on the noise of
+(seed, 0..63) is reported. Latency: median ms per image at batch 1 for PyTorch eager and onnxruntime, both with
+torch's current thread count. Export runs on CPU (the files carry no device).
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ import torch
 from torch import nn
 
 from pruning.measure import count_params, median_ms
-from slimflow.checkpoint import atomic_write_text, require_writable
+from slimflow.checkpoint import atomic_file, atomic_write_text, require_writable
 from slimflow.flow import noise_for
 from slimflow.sample import one_step_images, one_step_time
 from teachers.zoo import load_model
@@ -34,6 +48,9 @@ FORMATS = ("onnx", "torch_export")
 TRACE_BATCH = 2  # a batch of 1 would let torch.export specialise the batch dimension to 1
 CHECK_BATCH = 4
 MAX_BATCH = 4096
+INT8_CHECK = 64  # noise of (seed, 0..63): the int8 file's image error to fp32
+INT8_OPS = ("Conv", "MatMul")
+INPUT, OUTPUT = "noise", "image"
 ONNX_EXTRA = "pip install 'slimflow[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
@@ -73,28 +90,176 @@ def _onnxruntime():
     return onnxruntime
 
 
-def _export_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
+def _quantization():
+    """onnxruntime.quantization, or an ImportError saying what to install (checked before any work)."""
     try:
-        onnx_program = torch.onnx.export(program.run_decompositions(), dynamo=True, verbose=False)
+        from onnxruntime import quantization
+    except ImportError as err:
+        raise ImportError(f"int8 export needs onnxruntime's quantization tools ({err}); {ONNX_EXTRA}") from None
+    return quantization
+
+
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """ONNX translation of aten.scaled_dot_product_attention (no mask, no dropout) for inputs of any rank:
+    softmax(q kᵀ · scale) v, scale = 1/√d by default."""
+    from onnxscript import opset18 as op
+
+    if attn_mask is not None or is_causal or dropout_p or enable_gqa:
+        raise NotImplementedError("the ONNX export translates attention without mask, causality, dropout or GQA")
+    rank = len(query.shape)
+    scores = op.MatMul(query, op.Transpose(key, perm=[*range(rank - 2), rank - 1, rank - 2]))
+    if scale is None:
+        scores = op.Div(scores, op.Sqrt(op.CastLike(op.Shape(query, start=-1), query)))
+    else:
+        scores = op.Mul(scores, op.CastLike(scale, query))
+    return op.MatMul(op.Softmax(scores, axis=-1), value)
+
+
+def _export_onnx(program: torch.export.ExportedProgram, path: Path, t0: float) -> None:
+    try:
+        import onnx_ir.passes.common as ir_passes
+        import onnxscript.optimizer
     except ImportError as err:
         raise ImportError(f"ONNX export needs onnx and onnxscript ({err}); {ONNX_EXTRA}") from None
-    onnx_program.save(str(path))
+    onnx_program = torch.onnx.export(
+        program,
+        dynamo=True,
+        verbose=False,
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_shapes=({0: "batch"},),
+        custom_translation_table={torch.ops.aten.scaled_dot_product_attention.default: _attention},
+        optimize=False,
+    )
+    model = onnx_program.model
+    onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+    onnxscript.optimizer.remove_unused_nodes(model)
+    ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    for node in model.graph.all_nodes():  # the exporter's debugging notes (stack traces, FX nodes): 40% of the file
+        node.metadata_props.clear()
+    model.metadata_props["one_step_time"] = repr(t0)
+    with atomic_file(path) as tmp:
+        onnx_program.save(str(tmp))
 
 
-def _check_onnx(path: Path, z: torch.Tensor, expected: torch.Tensor, atol: float, warmup: int, repeats: int) -> dict:
-    """onnxruntime vs PyTorch on the same noise, and onnxruntime's batch-1 latency."""
+def _session(path: Path):
     ort = _onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    got = torch.from_numpy(session.run(None, {name: z.numpy()})[0])
-    diff = _max_abs_diff(got, expected)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session, z: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(session.run(None, {INPUT: z.numpy()})[0])
+
+
+def _latency(session, z: torch.Tensor, warmup: int, repeats: int) -> float:
+    one = {INPUT: z[:1].numpy()}
+    return median_ms(lambda: session.run(None, one), torch.device("cpu"), warmup, repeats)
+
+
+def _check_onnx(path: Path, z: torch.Tensor, expected: torch.Tensor, atol: float, warmup: int, repeats: int) -> dict:
+    """onnxruntime vs PyTorch on the same noise, and onnxruntime's batch-1 latency."""
+    session = _session(path)
+    diff = _max_abs_diff(_run(session, z), expected)
     _check("onnxruntime", diff, atol)
-    one = z[:1].numpy()
-    latency = median_ms(lambda: session.run(None, {name: one}), torch.device("cpu"), warmup, repeats)
-    return {"max_abs_diff": diff, "onnxruntime": ort.__version__, "latency_ms_b1": latency}
+    return {
+        "max_abs_diff": diff,
+        "bytes": path.stat().st_size,
+        "onnxruntime": _onnxruntime().__version__,
+        "latency_ms_b1": _latency(session, z, warmup, repeats),
+    }
+
+
+def noise_path_excluded(model) -> list[str]:
+    """Names of the nodes of an ONNX model that do not depend on the values of its input (only, through Shape,
+    on its batch size): the one-step generator's time embedding of the constant t0."""
+    dependent, excluded = {INPUT}, []
+    for node in model.graph.node:  # ONNX graphs are stored in topological order
+        if node.op_type not in ("Shape", "Size") and dependent.intersection(node.input):
+            dependent.update(node.output)
+        else:
+            excluded.append(node.name)
+    return excluded
+
+
+def check_int8_settings(calibration: int, calibration_batch: int, int8_ops) -> None:
+    """Bad int8 settings or missing tools stop the export before any work."""
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
+        raise ValueError(f"int8 calibration needs at least one noise sample, got calibration={calibration!r}")
+    if isinstance(calibration_batch, bool) or not isinstance(calibration_batch, int) or calibration_batch < 1:
+        raise ValueError(f"calibration_batch must be a positive integer, got {calibration_batch!r}")
+    if not int8_ops or isinstance(int8_ops, str):
+        raise ValueError(
+            f"int8_ops must be a non-empty list of ONNX op types (e.g. {list(INT8_OPS)}), got {int8_ops!r}"
+        )
+    _quantization()
+    _onnxruntime()
+
+
+def quantize_int8(
+    fp32_path: Path,
+    out_path: Path,
+    shape: tuple[int, ...],
+    calibration: int,
+    calibration_seed: int,
+    calibration_batch: int = 16,
+    int8_ops: tuple[str, ...] = INT8_OPS,
+    int8_exclude: tuple[str, ...] = (),
+) -> dict:
+    """Static int8 quantization (QDQ) of an exported generator, calibrated on the noise of
+    (calibration_seed, 0..calibration-1); returns the settings and the nodes left in fp32."""
+    import onnx
+
+    q = _quantization()
+    model = onnx.load(str(fp32_path))
+    names = {node.name for node in model.graph.node}
+    unknown = sorted(set(int8_exclude) - names)
+    if unknown:
+        raise ValueError(f"int8_exclude names nodes that are not in {fp32_path}: {unknown[:5]}")
+    excluded = sorted(set(noise_path_excluded(model)) | set(int8_exclude))
+
+    class Noise(q.CalibrationDataReader):
+        def __init__(self):
+            starts = range(0, calibration, calibration_batch)
+            self.batches = iter([list(range(s, min(calibration, s + calibration_batch))) for s in starts])
+
+        def get_next(self):
+            index = next(self.batches, None)
+            return None if index is None else {INPUT: noise_for(index, calibration_seed, shape).numpy()}
+
+    with atomic_file(out_path) as tmp:
+        q.quantize_static(
+            str(fp32_path),
+            str(tmp),
+            Noise(),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            op_types_to_quantize=list(int8_ops),
+            nodes_to_exclude=excluded,
+            calibrate_method=q.CalibrationMethod.MinMax,
+        )
+    return {
+        "format": "QDQ, weights int8 per channel, activations uint8, MinMax calibration",
+        "calibration": calibration,
+        "calibration_seed": calibration_seed,
+        "ops": list(int8_ops),
+        "excluded": list(int8_exclude),
+        "fp32_nodes": len(excluded),
+    }
+
+
+def image_error(got: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Max / mean absolute difference and RMSE of two image batches."""
+    diff = got.double() - reference.double()
+    return {
+        "max_abs_diff": diff.abs().max().item(),
+        "mean_abs_diff": diff.abs().mean().item(),
+        "rmse": diff.pow(2).mean().sqrt().item(),
+    }
 
 
 @torch.no_grad()
@@ -109,13 +274,28 @@ def export_model(
     repeats: int = 50,
     resolution: int | None = None,
     unsafe_pickle: bool = False,
+    int8: bool = False,
+    calibration: int = 64,
+    calibration_seed: int = 1,
+    calibration_batch: int = 16,
+    int8_ops: tuple[str, ...] = INT8_OPS,
+    int8_exclude: tuple[str, ...] = (),
 ) -> dict:
     """Export the one-step generator of a velocity model file (any format `teachers.zoo.load_model` reads; a
     reference DDPM++ checkpoint needs `resolution`); returns (and writes as export.json) a report: files, params,
-    max abs differences to PyTorch on the noise of (seed, 0..3), and batch-1 latencies."""
+    max abs differences to PyTorch on the noise of (seed, 0..3), and batch-1 latencies. `int8`: also the
+    statically quantized ONNX file (see the module docstring for the calibration and int8 settings)."""
     bad = sorted(set(formats) - set(FORMATS))
     if bad or not formats:
         raise ValueError(f"unknown export formats {bad or formats}; choose from {FORMATS}")
+    if int8:
+        if "onnx" not in formats:
+            raise ValueError(f"int8 quantizes the ONNX file: add 'onnx' to formats (got {list(formats)})")
+        check_int8_settings(calibration, calibration_batch, int8_ops)
+    if isinstance(model_path, (str, Path)) and Path(model_path).suffix == ".onnx":
+        raise ValueError(
+            f"{str(model_path)!r} is an exported ONNX file; export takes the velocity model file it came from"
+        )
     out = require_writable(out_dir)
     if isinstance(model_path, nn.Module):  # a module in memory: a CPU copy (the caller's module is left as it is)
         velocity = copy.deepcopy(model_path).cpu().eval()
@@ -131,7 +311,8 @@ def export_model(
     report: dict = {
         "model": type(model_path).__name__ if isinstance(model_path, nn.Module) else str(model_path),
         "params": count_params(velocity),
-        "input": ["batch", *shape],
+        "input": [INPUT, "batch", *shape],
+        "output": [OUTPUT, "batch", *shape],
         "mapping": f"image = z + v(z, {generator.t0:g}), z ~ N(0, I); output not clamped (nominally [-1, 1])",
         "one_step_time": generator.t0,
         "atol": atol,
@@ -149,7 +330,28 @@ def export_model(
         report["torch_export"] = {"file": str(path), "max_abs_diff": diff}
     if "onnx" in formats:
         path = out / "generator.onnx"
-        _export_onnx(program, path)
+        _export_onnx(program, path, generator.t0)
         report["onnx"] = {"file": str(path), **_check_onnx(path, z, expected, atol, warmup, repeats)}
+    if int8:
+        path = out / "generator.int8.onnx"
+        settings = quantize_int8(
+            out / "generator.onnx",
+            path,
+            shape,
+            calibration,
+            calibration_seed,
+            calibration_batch,
+            int8_ops,
+            int8_exclude,
+        )
+        check = noise_for(list(range(INT8_CHECK)), seed, shape)
+        fp32, int8_session = _session(out / "generator.onnx"), _session(path)
+        report["int8"] = {
+            "file": str(path),
+            **settings,
+            "bytes": path.stat().st_size,
+            "image_error_to_fp32": {"n": INT8_CHECK, **image_error(_run(int8_session, check), _run(fp32, check))},
+            "latency_ms_b1": _latency(int8_session, z, warmup, repeats),
+        }
     atomic_write_text(out / "export.json", json.dumps(report, indent=1) + "\n")
     return report
