@@ -1,7 +1,9 @@
 """Benchmark: sample quality (FID/KID/precision-recall per extractor) against size, MACs, NFE and latency.
 
 `bench(cfg)` first runs the `prepare` stages that make the models (pipelines, pruning; each resumes or is skipped
-when current), then evaluates each entry (a model file sampled with one solver setting) and writes to `cfg.out`:
+when current), then evaluates each entry (a model file sampled with one solver setting, or an ONNX file written by
+`slimflow export`, fp32 or int8, run by onnxruntime on CPU: one step, same noise; MACs and peak memory n/a) and
+writes to `cfg.out`:
 - `entries/<name>.json`: one entry's result with a fingerprint of everything it depends on (entry, model file
   hash, feature extractors including the domain net's weights hash, reference, metric and cost settings,
   device, torch version); a re-run skips entries whose fingerprint still matches, so an interrupted benchmark
@@ -46,6 +48,7 @@ from slimflow.metrics import compute_metrics, metric_label, metric_labels, refer
 from slimflow.sample import sample
 from slimflow.solvers import METHODS
 from slimflow.stages import CONFIG_STAGES, run_stage, stage
+from slimflow.stages.export import OnnxGenerator
 from slimflow.stages.runner import full_config
 from teachers.zoo import load_model
 
@@ -132,9 +135,19 @@ def check_entries(entries: list) -> list[dict]:
             raise ValueError(f"entries[{i}]: name {name!r} is used twice")
         if entry["method"] not in METHODS:
             raise ValueError(f"entries[{i}] ({name}): unknown method {entry['method']!r}; choose one of {METHODS}")
+        if is_onnx(entry["model"]) and (entry["method"], entry["steps"]) != ("euler", 1):
+            raise ValueError(
+                f"entries[{i}] ({name}): {entry['model']} is an exported one-step generator (ONNX): it takes "
+                f"method euler, steps 1, got {entry['method']}, {entry['steps']}"
+            )
         seen.add(name)
         out.append(entry)
     return out
+
+
+def is_onnx(model: str | Path) -> bool:
+    """An entry's model is an exported ONNX generator (run by onnxruntime on CPU, see export.OnnxGenerator)."""
+    return Path(model).suffix == ".onnx"
 
 
 def check_prepare(items: list) -> list[dict]:
@@ -294,21 +307,26 @@ def _save_figure(fig, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def evaluate_entry(entry: dict, cfg: dict, model: torch.nn.Module, out: Path) -> dict:
-    """Sample the entry, compute every extractor's metrics and the cost measures; one result row."""
+def evaluate_entry(entry: dict, cfg: dict, model: torch.nn.Module | OnnxGenerator, out: Path) -> dict:
+    """Sample the entry, compute every extractor's metrics and the cost measures; one result row. An ONNX
+    generator makes the images of the same noise (seed, i); its MACs and peak memory are not measured."""
     m, c = cfg["metrics"], cfg["cost"]
     started = time.time()
-    images, nfe = sample(
-        model,
-        m["n_samples"],
-        method=entry["method"],
-        steps=entry["steps"],
-        seed=m["seed"],
-        batch_size=m["batch_size"],
-        rtol=entry["tol"],
-        atol=entry["tol"],
-        progress=True,
-    )
+    onnx = isinstance(model, OnnxGenerator)
+    if onnx:
+        images, nfe = model.sample(m["n_samples"], m["seed"], m["batch_size"]), 1
+    else:
+        images, nfe = sample(
+            model,
+            m["n_samples"],
+            method=entry["method"],
+            steps=entry["steps"],
+            seed=m["seed"],
+            batch_size=m["batch_size"],
+            rtol=entry["tol"],
+            atol=entry["tol"],
+            progress=True,
+        )
     images = to_uint8(images)
     if cfg["grid"]:
         save_grid(to_float(images[: cfg["grid"]]), out / "samples" / f"{entry['name']}.png")
@@ -330,7 +348,7 @@ def evaluate_entry(entry: dict, cfg: dict, model: torch.nn.Module, out: Path) ->
                 extractor,
                 weights=m[f"{extractor}_weights"],
                 cache_dir=m["cache_dir"],
-                device=next(model.parameters()).device,
+                device=torch.device("cpu") if onnx else next(model.parameters()).device,
                 batch_size=m["batch_size"],
                 kid_subsets=m["kid_subsets"],
                 kid_subset_size=m["kid_subset_size"],
@@ -339,13 +357,23 @@ def evaluate_entry(entry: dict, cfg: dict, model: torch.nn.Module, out: Path) ->
             )
         )
     shape = tuple(images.shape[1:])
-    cost = measure_cost(
-        model, shape, entry["method"], entry["steps"], entry["tol"], tuple(c["batch_sizes"]), c["warmup"], c["repeats"]
-    )
+    if onnx:
+        cost = model.cost(tuple(c["batch_sizes"]), c["warmup"], c["repeats"])
+    else:
+        cost = measure_cost(
+            model,
+            shape,
+            entry["method"],
+            entry["steps"],
+            entry["tol"],
+            tuple(c["batch_sizes"]),
+            c["warmup"],
+            c["repeats"],
+        )
     cost.pop("nfe")  # the table's NFE is the mean over the benchmark's own samples
     row.update(
         cost,
-        macs_per_sample=round(cost["macs_per_nfe"] * nfe),
+        macs_per_sample=None if cost["macs_per_nfe"] is None else round(cost["macs_per_nfe"] * nfe),
         n_samples=m["n_samples"],
         seconds=round(time.time() - started, 1),
     )
@@ -492,9 +520,15 @@ def bench(cfg: dict, command: str | None = None) -> dict:
             print(f"bench: {entry['name']}: settings or model changed since {path}; recomputing", file=sys.stderr)
         model_key = str(entry["model"])
         if model_key not in models:
-            models = {model_key: load_model(entry["model"], device=device)}  # one model in memory at a time
+            # one model in memory at a time; an exported ONNX generator runs on CPU (onnxruntime)
+            models = {
+                model_key: OnnxGenerator(entry["model"])
+                if is_onnx(entry["model"])
+                else load_model(entry["model"], device=device)
+            }
         print(f"bench: {entry['name']}: {entry['method']} on {entry['model']}", file=sys.stderr)
-        result = {**evaluate_entry(entry, cfg, models[model_key], out), "device": str(device)}
+        where = "cpu (onnxruntime)" if is_onnx(entry["model"]) else str(device)
+        result = {**evaluate_entry(entry, cfg, models[model_key], out), "device": where}
         atomic_write_text(path, json.dumps({"fingerprint": key, "result": result}, indent=1) + "\n")
         rows.append(result)
         computed.append(entry["name"])

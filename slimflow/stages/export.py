@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ MAX_BATCH = 4096
 INT8_CHECK = 64  # noise of (seed, 0..63): the int8 file's image error to fp32
 INT8_OPS = ("Conv", "MatMul")
 INPUT, OUTPUT = "noise", "image"
+WEIGHT_TYPES = (1, 3, 10, 11)  # onnx.TensorProto FLOAT, INT8, FLOAT16, DOUBLE: initializers counted as parameters
 ONNX_EXTRA = "pip install 'slimflow[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
@@ -260,6 +262,54 @@ def image_error(got: torch.Tensor, reference: torch.Tensor) -> dict:
         "mean_abs_diff": diff.abs().mean().item(),
         "rmse": diff.pow(2).mean().sqrt().item(),
     }
+
+
+class OnnxGenerator:
+    """An exported generator file (fp32 or int8) run by onnxruntime on CPU with torch's thread count: images from
+    the noise of (seed, index), as `slimflow.sample.sample` draws it for a one-step model, and its cost."""
+
+    def __init__(self, path: str | Path):
+        import onnx
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no ONNX file {str(self.path)!r}")
+        self.session = _session(self.path)
+        inputs = self.session.get_inputs()
+        if [i.name for i in inputs] != [INPUT] or len(inputs[0].shape) != 4:
+            raise ValueError(
+                f"{str(self.path)!r} is not a one-step generator exported by slimflow export (one input "
+                f"{INPUT!r} of shape (batch, C, H, W)); got inputs {[(i.name, i.shape) for i in inputs]}"
+            )
+        self.sample_shape = tuple(int(d) for d in inputs[0].shape[1:])
+        model = onnx.load(str(self.path), load_external_data=False)
+        graph = model.graph
+        qparams = {i for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
+        self.params = sum(
+            math.prod(t.dims) for t in graph.initializer if t.data_type in WEIGHT_TYPES and t.name not in qparams
+        )
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return _run(self.session, z.float().contiguous())
+
+    def sample(self, n: int, seed: int, batch_size: int) -> torch.Tensor:
+        """The images of the noise of (seed, 0..n-1), generated in batches."""
+        batches = range(0, n, batch_size)
+        return torch.cat(
+            [self(noise_for(list(range(s, min(n, s + batch_size))), seed, self.sample_shape)) for s in batches]
+        )
+
+    def cost(self, batch_sizes: tuple[int, ...], warmup: int, repeats: int) -> dict:
+        """The keys of `slimflow.cost.measure_cost`: params (the float and int8 initializers, less quantization
+        scales and zero points: the fp32 file counts a few constants more than the torch model), latency in
+        ms/image at each batch size; MACs and peak memory are not measured (None)."""
+        out: dict = {"params": self.params, "macs_per_nfe": None, "nfe": 1, "macs_per_sample": None}
+        for batch_size in sorted(batch_sizes):
+            z = {INPUT: torch.randn(batch_size, *self.sample_shape).numpy()}
+            ms = median_ms(lambda: self.session.run(None, z), torch.device("cpu"), warmup, repeats)  # noqa: B023
+            out[f"latency_ms_b{batch_size}"] = ms / batch_size
+        out[f"peak_mem_mib_b{max(batch_sizes)}"] = None
+        return out
 
 
 @torch.no_grad()
