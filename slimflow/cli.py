@@ -93,6 +93,7 @@ def cmd_export(args) -> None:
                 calibration_seed=args.calibration_seed,
                 int8_ops=tuple(args.int8_ops) if args.int8_ops else INT8_OPS,
                 int8_exclude=tuple(args.int8_exclude),
+                int8_budget=args.int8_budget,
             ),
             indent=1,
             default=str,
@@ -293,6 +294,12 @@ def _add_file_commands(sub, teacher) -> None:
     p.add_argument("--calibration-seed", type=int, default=1, help="int8: seed of the calibration noise")
     p.add_argument("--int8-ops", nargs="+", default=None, help="int8: ONNX op types to quantize (Conv MatMul)")
     p.add_argument("--int8-exclude", nargs="*", default=[], help="int8: ONNX node names left in fp32")
+    p.add_argument(
+        "--int8-budget",
+        type=float,
+        default=None,
+        help="int8: also a mixed-precision file (sensitivity scan per block) within this image RMSE to fp32",
+    )
     _model_file_args(p)
     p.set_defaults(func=cmd_export)
 

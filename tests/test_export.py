@@ -150,6 +150,51 @@ def test_int8_nodes_left_in_fp32(int8_export, tmp_path):
         quantize_int8(fp32_path, tmp_path / "x.onnx", (1, 16, 16), 4, 1, int8_exclude=("nope",))
 
 
+def test_mixed_precision_plan_within_an_error_budget(int8_export, tmp_path):
+    """The scan ranks every block; the plan quantizes the least sensitive ones within the budget, and adding the
+    next block would break it."""
+    import onnxruntime as ort
+
+    from slimflow.flow import noise_for
+    from slimflow.stages.export import block_of, image_error, int8_mixed, quantize_int8
+
+    folder, _, report = int8_export
+    fp32_path = folder / "a" / "generator.onnx"
+    check = noise_for(list(range(16)), 0, (1, 16, 16))
+    full = report["int8"]["image_error_to_fp32"]["rmse"]
+    budget = full / 2
+    plan = int8_mixed(fp32_path, tmp_path / "mixed.onnx", (1, 16, 16), budget, check, 8, 1)
+    ranked = [row["rmse_alone"] for row in plan["scan"]]
+    assert ranked == sorted(ranked) and len(ranked) >= 5  # stem conv, res blocks, attention, output conv
+    assert plan["int8_blocks"] and plan["fp32_blocks"]
+    assert plan["int8_blocks"] + plan["fp32_blocks"] == [row["block"] for row in plan["scan"]]
+
+    def rmse(path) -> float:
+        run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+            None, {"noise": check.numpy()}
+        )[0]  # noqa: E731
+        return image_error(torch.from_numpy(run(path)), torch.from_numpy(run(fp32_path)))["rmse"]
+
+    assert rmse(tmp_path / "mixed.onnx") == pytest.approx(plan["rmse"]) and plan["rmse"] <= budget
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "mixed.onnx")).graph
+    quantized = {n.name for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert quantized and all(block_of(n.name) not in plan["fp32_blocks"] for n in graph.node if n.name in quantized)
+    # one block more breaks the budget
+    blocks = {*plan["int8_blocks"], plan["fp32_blocks"][0]}
+    nodes = [n.name for n in onnx.load(str(fp32_path)).graph.node if n.op_type in ("Conv", "MatMul")]
+    quantize_int8(
+        fp32_path,
+        tmp_path / "more.onnx",
+        (1, 16, 16),
+        8,
+        1,
+        int8_exclude=[n for n in nodes if block_of(n) not in blocks],
+    )
+    assert rmse(tmp_path / "more.onnx") > budget
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -158,6 +203,7 @@ def test_int8_nodes_left_in_fp32(int8_export, tmp_path):
         ({"calibration_batch": 0}, ValueError, "calibration_batch"),
         ({"int8_ops": ()}, ValueError, "int8_ops"),
         ({"formats": ("torch_export",)}, ValueError, "add 'onnx' to formats"),
+        ({"int8_budget": 0.0}, ValueError, "int8_budget"),
     ],
 )
 def test_bad_int8_settings_fail_before_any_work(tmp_path, kwargs, error, match):

@@ -20,6 +20,9 @@ Writes to `out_dir`:
   every weight of the UNet's image path; normalisations, activations and the residual adds stay fp32) on the
   noise's path, minus the nodes `int8_exclude`; the time-embedding branch depends only on the batch size, not on
   the noise, and is always left in fp32.
+- `generator.int8-mixed.onnx` (with `int8_budget`): a sensitivity scan quantizes one block at a time, then the
+  least sensitive blocks are quantized together as long as the image RMSE to fp32 stays within the budget; the
+  others stay fp32 (`int8_mixed`).
 - `export.json`: what was written, the parity checks, file sizes and latencies.
 
 Checks: the reloaded .pt2 program and onnxruntime (CPU provider) must reproduce PyTorch's output on the same
@@ -31,9 +34,11 @@ torch's current thread count. Export runs on CPU (the files carry no device).
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -137,7 +142,14 @@ def _export_onnx(program: torch.export.ExportedProgram, path: Path, t0: float) -
     onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
     onnxscript.optimizer.remove_unused_nodes(model)
     ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    for node in model.graph.all_nodes():  # the exporter's debugging notes (stack traces, FX nodes): 40% of the file
+    for node in model.graph.all_nodes():
+        # nodes named by the module they come from (e.g. "all_modules.12.Conv_0/node_Conv_7"), so that int8_exclude
+        # and the sensitivity scan can name layers and blocks; the exporter's other notes (stack traces, FX
+        # nodes) are dropped: 40% of the file
+        scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+        module = scopes[-2].removeprefix("velocity.") if len(scopes) > 2 else ""
+        if module and module != "velocity":
+            node.name = f"{module}/{node.name}"
         node.metadata_props.clear()
     model.metadata_props["one_step_time"] = repr(t0)
     with atomic_file(path) as tmp:
@@ -264,6 +276,83 @@ def image_error(got: torch.Tensor, reference: torch.Tensor) -> dict:
     }
 
 
+def block_of(node_name: str) -> str:
+    """The block a node belongs to, from its module-path name: "all_modules.12.Conv_0/node_conv2d_18" ->
+    "all_modules.12" (a ModuleList entry), "conv_out/x" -> "conv_out"; nodes outside any module -> "(top)"."""
+    module, _, _ = node_name.rpartition("/")
+    if not module:
+        return "(top)"
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+
+def int8_mixed(
+    fp32_path: Path,
+    out_path: Path,
+    shape: tuple[int, ...],
+    budget_rmse: float,
+    check: torch.Tensor,
+    calibration: int,
+    calibration_seed: int,
+    calibration_batch: int = 16,
+    int8_ops: tuple[str, ...] = INT8_OPS,
+    int8_exclude: tuple[str, ...] = (),
+) -> dict:
+    """Sensitivity scan and a mixed-precision plan within an image-error budget.
+
+    Each block's quantizable nodes (op types `int8_ops` on the noise's path) are quantized alone and the RMSE of
+    the images of `check` to the fp32 file's is recorded. Blocks are then quantized in order of increasing RMSE:
+    the plan is the longest prefix of that order whose model stays within `budget_rmse`, found by bisection
+    (which assumes the error grows with each block added); the rest stay fp32. Writes the plan's file to
+    `out_path` (nothing when no block fits) and returns the scan and the plan."""
+    import onnx
+
+    if not budget_rmse > 0:
+        raise ValueError(f"the int8 error budget must be a positive RMSE, got {budget_rmse!r}")
+    model = onnx.load(str(fp32_path))
+    free = set(noise_path_excluded(model)) | set(int8_exclude)
+    blocks: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in int8_ops and node.name not in free:
+            blocks.setdefault(block_of(node.name), []).append(node.name)
+    reference = _run(_session(fp32_path), check)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".int8-scan-") as scratch:
+        trials: dict[tuple[str, ...], float] = {}
+        files: dict[tuple[str, ...], Path] = {}
+
+        def quantized(chosen: tuple[str, ...]) -> float:
+            if chosen in trials:
+                return trials[chosen]
+            keep = {name for block in chosen for name in blocks[block]}
+            files[chosen] = path = Path(scratch) / f"{len(files)}.onnx"
+            excluded = tuple(sorted({n for names in blocks.values() for n in names} - keep | set(int8_exclude)))
+            quantize_int8(fp32_path, path, shape, calibration, calibration_seed, calibration_batch, int8_ops, excluded)
+            trials[chosen] = image_error(_run(_session(path), check), reference)["rmse"]
+            return trials[chosen]
+
+        alone = {block: quantized((block,)) for block in blocks}
+        order = sorted(blocks, key=lambda block: (alone[block], block))
+        low, high = 0, len(order)  # the longest prefix within the budget: order[:low] fits, order[:high + 1] does not
+        while low < high:
+            mid = (low + high + 1) // 2
+            if quantized(tuple(order[:mid])) <= budget_rmse:
+                low = mid
+            else:
+                high = mid - 1
+        plan = tuple(order[:low])
+        if plan:  # every prefix the bisection accepted was quantized and measured
+            files[plan].replace(out_path)
+    return {
+        "budget_rmse": budget_rmse,
+        "scan": [{"block": b, "nodes": len(blocks[b]), "rmse_alone": alone[b]} for b in order],
+        "int8_blocks": list(plan),
+        "fp32_blocks": order[low:],
+        "rmse": trials[plan] if plan else 0.0,
+        "quantizations": len(files),
+        "file": str(out_path) if plan else None,
+    }
+
+
 class OnnxGenerator:
     """An exported generator file (fp32 or int8) run by onnxruntime on CPU with torch's thread count: images from
     the noise of (seed, index), as `slimflow.sample.sample` draws it for a one-step model, and its cost."""
@@ -330,11 +419,13 @@ def export_model(
     calibration_batch: int = 16,
     int8_ops: tuple[str, ...] = INT8_OPS,
     int8_exclude: tuple[str, ...] = (),
+    int8_budget: float | None = None,
 ) -> dict:
     """Export the one-step generator of a velocity model file (any format `teachers.zoo.load_model` reads; a
     reference DDPM++ checkpoint needs `resolution`); returns (and writes as export.json) a report: files, params,
     max abs differences to PyTorch on the noise of (seed, 0..3), and batch-1 latencies. `int8`: also the
-    statically quantized ONNX file (see the module docstring for the calibration and int8 settings)."""
+    statically quantized ONNX file (see the module docstring for the calibration and int8 settings); `int8_budget`:
+    also the mixed-precision file within that image RMSE to fp32 (see `int8_mixed`)."""
     bad = sorted(set(formats) - set(FORMATS))
     if bad or not formats:
         raise ValueError(f"unknown export formats {bad or formats}; choose from {FORMATS}")
@@ -342,6 +433,8 @@ def export_model(
         if "onnx" not in formats:
             raise ValueError(f"int8 quantizes the ONNX file: add 'onnx' to formats (got {list(formats)})")
         check_int8_settings(calibration, calibration_batch, int8_ops)
+    if int8_budget is not None and not (int8 and int8_budget > 0):
+        raise ValueError(f"int8_budget (a positive image RMSE) needs int8=True, got {int8_budget!r}, int8={int8}")
     if isinstance(model_path, (str, Path)) and Path(model_path).suffix == ".onnx":
         raise ValueError(
             f"{str(model_path)!r} is an exported ONNX file; export takes the velocity model file it came from"
@@ -403,5 +496,23 @@ def export_model(
             "image_error_to_fp32": {"n": INT8_CHECK, **image_error(_run(int8_session, check), _run(fp32, check))},
             "latency_ms_b1": _latency(int8_session, z, warmup, repeats),
         }
+    if int8_budget is not None:
+        path = out / "generator.int8-mixed.onnx"
+        path.unlink(missing_ok=True)  # a plan of no block writes no file: none may be left from an earlier run
+        mixed = int8_mixed(
+            out / "generator.onnx",
+            path,
+            shape,
+            int8_budget,
+            check,
+            calibration,
+            calibration_seed,
+            calibration_batch,
+            int8_ops,
+            int8_exclude,
+        )
+        if mixed["file"]:
+            mixed.update(bytes=path.stat().st_size, latency_ms_b1=_latency(_session(path), z, warmup, repeats))
+        report["int8_mixed"] = mixed
     atomic_write_text(out / "export.json", json.dumps(report, indent=1) + "\n")
     return report
