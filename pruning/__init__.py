@@ -20,7 +20,16 @@ from .structured import (
     ratio_for_macs,
 )
 from .taylor import accumulate_gradients
-from .unstructured import WeightMasks, cycle_rate, iterative_pruning, prunable_weights, prune_cycle, rewind, snapshot
+from .unstructured import (
+    WeightMasks,
+    cycle_rate,
+    iterative_pruning,
+    n_of_m_masks,
+    prunable_weights,
+    prune_cycle,
+    rewind,
+    snapshot,
+)
 
 __all__ = [
     "DeadNeuronMonitor",
@@ -50,6 +59,7 @@ __all__ = [
     "WeightMasks",
     "cycle_rate",
     "iterative_pruning",
+    "n_of_m_masks",
     "prunable_weights",
     "prune_cycle",
     "rewind",

@@ -27,9 +27,10 @@ from .recovery import classification_loss, evaluate_accuracy, fine_tune, image_b
 from .serialization import load_pruned, save_pruned
 from .structured import IMPORTANCES, find_output_layers, prune_structured
 from .taylor import accumulate_gradients
-from .unstructured import WeightMasks, iterative_pruning, snapshot
+from .unstructured import WeightMasks, iterative_pruning, n_of_m_masks, snapshot
 
 UNSTRUCTURED = ("magnitude", "ap")
+SEMI_STRUCTURED = ("2:4",)  # n:m masks along the input dimension, one cut then recovery
 TAYLOR_BATCHES = 8  # training batches whose summed gradients score channels for method="taylor"
 
 
@@ -146,7 +147,8 @@ def prune_network(
 
     method: a structural importance (l1, l2, taylor, lamp, random; `ratio` = share of channels removed) or
     unstructured "magnitude" / "ap" (`sparsity` = final share of zero weights, reached over `steps` cycles
-    after one initial fine-tune phase that gives AP its reference change; `ap_fraction` = AP share of each cut).
+    after one initial fine-tune phase that gives AP its reference change; `ap_fraction` = AP share of each cut),
+    or "2:4" (two of every four weights along each layer's input kept, by magnitude; one cut, one recovery phase).
     Output layers are never pruned. Attention (timm-style) loses whole heads at `head_ratio` and head dimensions
     unless `prune_head_dims` is False; `unwrapped_parameters` ({name: dim}) overrides the channel dimension guessed
     for parameters outside layers (a ViT's cls_token, pos_embed). `finetune_epochs` (may be fractional) is the
@@ -163,8 +165,9 @@ def prune_network(
         raise ValueError("random_init=True contradicts the checkpoint / pretrained weights given")
     if latency_batch_size < 0:
         raise ValueError(f"latency_batch_size must be >= 0 (0: batch 1 only), got {latency_batch_size}")
-    if method not in IMPORTANCES + UNSTRUCTURED:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(IMPORTANCES + UNSTRUCTURED)}")
+    methods = IMPORTANCES + UNSTRUCTURED + SEMI_STRUCTURED
+    if method not in methods:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(methods)}")
     if method in UNSTRUCTURED and not 0.0 < sparsity < 1.0:
         raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
     try:  # the output folder must be usable before any pruning or fine-tuning is done
@@ -213,7 +216,7 @@ def prune_network(
         }
 
     phases: list[dict] = []
-    n_phases = steps + (1 if method in UNSTRUCTURED else 0)
+    n_phases = 1 if method in SEMI_STRUCTURED else steps + (1 if method in UNSTRUCTURED else 0)
     bar = tqdm(total=n_phases * phase_steps, desc="fine-tune", unit="step", disable=not progress, dynamic_ncols=True)
 
     def recover(masks: WeightMasks | None = None) -> None:
@@ -278,6 +281,12 @@ def prune_network(
         )
         history = result.pop("history")
         report["structured"] = result
+    elif method in SEMI_STRUCTURED:
+        n, m = (int(k) for k in method.split(":"))
+        masks, dense = n_of_m_masks(net, n, m, ignored_layers=find_output_layers(net, example))
+        masks.apply(net)
+        recover(masks)
+        report["semi_structured"] = {"pattern": method, "sparsity": masks.sparsity(), "dense_layers": dense}
     else:
         scope = "global" if global_pruning else "layer"
         masks = WeightMasks.dense(net, ignored_layers=find_output_layers(net, example))

@@ -4,6 +4,9 @@ Each cycle removes `rate` of the surviving Conv/Linear weights: a share `ap_frac
 (among surviving *negative* weights, those whose change |w_end − w_start| over the last training phase was
 smallest), the rest by magnitude (smallest |w|), ranked over all layers ("global") or within each ("layer").
 Between cycles the caller trains (fine-tunes, or rewinds first with `rewind`) with the masks enforced.
+
+`n_of_m_masks` makes semi-structured masks instead (2:4 — the pattern sparse tensor cores accelerate): in every
+group of `m` consecutive weights along a layer's input dimension, the `n` largest in magnitude are kept.
 """
 
 from __future__ import annotations
@@ -100,6 +103,31 @@ class WeightMasks:
         if not Path(path).is_file():
             raise FileNotFoundError(f"mask file {str(path)!r} does not exist")
         return cls({name: t.bool() for name, t in load_file(str(path)).items()})
+
+
+@torch.no_grad()
+def n_of_m_masks(
+    model: nn.Module, n: int = 2, m: int = 4, *, ignored_layers: Sequence[nn.Module] = ()
+) -> tuple[WeightMasks, list[str]]:
+    """N:M masks of the Conv/Linear weights of `model` (not applied): along the input dimension (dim 1; for a
+    convolution at every kernel position), each group of `m` consecutive weights keeps its `n` largest |w| (ties
+    to the lower index). Layers whose input size is not a multiple of `m` (e.g. a 1- or 3-channel first
+    convolution) are left dense and returned by name."""
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"need integers 0 < n < m for n:m sparsity, got {n}:{m}")
+    masks, dense = {}, []
+    for name, weight in prunable_weights(model, ignored_layers).items():
+        if weight.shape[1] % m:
+            dense.append(name)
+            continue
+        w = weight.detach().abs().movedim(1, -1)  # (out, *kernel, in)
+        groups = w.reshape(*w.shape[:-1], w.shape[-1] // m, m)
+        order = torch.argsort(-groups, dim=-1, stable=True)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :n], True)
+        masks[name] = keep.reshape(w.shape).movedim(-1, 1).contiguous()
+    if not masks:
+        raise ValueError(f"no Conv/Linear layer of the model has an input size divisible by {m}: nothing to mask")
+    return WeightMasks(masks), dense
 
 
 def _scopes(names: list[str], scope: str) -> list[list[str]]:

@@ -360,7 +360,9 @@ def _add_prune_net(sub) -> None:
     p.add_argument("--data-root")
     p.add_argument("--image-size", type=int)
     p.add_argument("--num-classes", type=int)
-    p.add_argument("--method", help="structural: l1 l2 taylor lamp random; unstructured: magnitude ap")
+    p.add_argument(
+        "--method", help="structural: l1 l2 taylor lamp random; unstructured: magnitude ap; semi-structured: 2:4"
+    )
     p.add_argument("--ratio", type=float, help="structural: share of channels removed")
     p.add_argument("--head-ratio", type=float, help="structural: share of attention heads removed (needs --ratio > 0)")
     p.add_argument(

@@ -230,3 +230,28 @@ def test_cli_preset_print_config_and_overrides(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("model: timm:resnet18\nratoi: 0.5\n")
     with pytest.raises(SystemExit, match="unknown prune-net settings ratoi"):
         main(["prune-net", "--config", str(tmp_path / "bad.yaml"), "--print-config"])
+
+
+def test_prune_network_two_of_four_keeps_the_pattern_through_recovery_and_reload(tmp_path):
+    report = prune_network(
+        model="timm:resnet18",
+        out_dir=tmp_path,
+        load_images=load_images,
+        random_init=True,
+        image_size=28,
+        method="2:4",
+        finetune_epochs=1.0,
+        batch_size=32,
+        max_train_images=64,
+        max_eval_images=32,
+        latency_batch_size=0,
+        progress=False,
+    )
+    assert report["semi_structured"]["dense_layers"] == ["conv1.weight"]  # 1 input channel
+    model, masks = load_pruned(tmp_path), load_masks(tmp_path)
+    assert "fc.weight" not in masks.masks  # the classifier is kept whole
+    for name, param in model.named_parameters():
+        if name in masks.masks:
+            nonzero = (param != 0).movedim(1, -1)
+            groups = nonzero.reshape(*nonzero.shape[:-1], -1, 4).sum(dim=-1)
+            assert (groups <= 2).all(), name  # after fine-tuning, still at most two of every four

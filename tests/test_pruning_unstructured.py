@@ -10,6 +10,7 @@ from pruning import (
     cycle_rate,
     fine_tune,
     iterative_pruning,
+    n_of_m_masks,
     prunable_weights,
     prune_cycle,
     rewind,
@@ -159,3 +160,27 @@ def test_iterative_pruning_hits_each_target_and_trains_masked():
     for target, sparsity, zeros in seen:
         assert sparsity == pytest.approx(target, abs=2e-3) and zeros >= sparsity
     assert cycle_rate(0.5, 0.8) == pytest.approx(0.6)
+
+
+def test_two_of_four_masks_keep_exactly_the_two_largest_of_every_group_along_the_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 4))
+    masks, dense = n_of_m_masks(model, 2, 4)
+    assert dense == ["0.weight"]  # 3 input channels: no whole group of four
+    for name, param in model.named_parameters():
+        if name not in masks.masks:
+            continue
+        mask = masks.masks[name]
+        w = param.detach().abs().movedim(1, -1)
+        groups = mask.movedim(1, -1).reshape(*w.shape[:-1], -1, 4)
+        assert (groups.sum(dim=-1) == 2).all()  # exactly two of every four, all along the input dimension
+        kept = w.reshape(groups.shape)[groups].reshape(*groups.shape[:-1], 2)
+        dropped = w.reshape(groups.shape)[~groups].reshape(*groups.shape[:-1], 2)
+        assert (kept.min(dim=-1).values >= dropped.max(dim=-1).values).all()
+    assert masks.sparsity() == pytest.approx(0.5)
+    masks.apply(model)
+    assert (model[2].weight[~masks.masks["2.weight"]] == 0).all()
+    with pytest.raises(ValueError, match="0 < n < m"):
+        n_of_m_masks(model, 4, 4)
+    with pytest.raises(ValueError, match="nothing to mask"):
+        n_of_m_masks(nn.Linear(3, 2))
