@@ -94,6 +94,7 @@ def cmd_export(args) -> None:
                 int8_ops=tuple(args.int8_ops) if args.int8_ops else INT8_OPS,
                 int8_exclude=tuple(args.int8_exclude),
                 int8_budget=args.int8_budget,
+                int8_reduce_range=not args.int8_full_range,
             ),
             indent=1,
             default=str,
@@ -299,6 +300,11 @@ def _add_file_commands(sub, teacher) -> None:
         type=float,
         default=None,
         help="int8: also a mixed-precision file (sensitivity scan per block) within this image RMSE to fp32",
+    )
+    p.add_argument(
+        "--int8-full-range",
+        action="store_true",
+        help="int8: 8-bit weights (default 7-bit: onnxruntime's uint8 x int8 kernels saturate on x86 without VNNI)",
     )
     _model_file_args(p)
     p.set_defaults(func=cmd_export)

@@ -14,9 +14,10 @@ Writes to `out_dir`:
   and onnxruntime latency); initializers are not de-duplicated, so each normalisation keeps its own (onnxruntime's
   quantizer cannot quantize a bias shared between nodes).
 - `generator.int8.onnx` (with `int8=True`): static post-training quantization by onnxruntime
-  (`quantize_static`, QDQ format, weights int8 per channel, activations uint8 — the choice for x86 CPUs —, MinMax
-  ranges) calibrated on the generator's own inputs: the noise of (`calibration_seed`, 0..`calibration`−1). The
-  same settings give the same file, byte for byte. Quantized: the op types `int8_ops` (default Conv and MatMul:
+  (`quantize_static`, QDQ format, weights int8 per channel — in 7 bits by default, `int8_reduce_range`, as
+  onnxruntime's x86 kernels without VNNI need —, activations uint8 — the choice for x86 CPUs —, MinMax ranges)
+  calibrated on the generator's own inputs: the noise of (`calibration_seed`, 0..`calibration`−1). The same
+  settings give the same file, byte for byte. Quantized: the op types `int8_ops` (default Conv and MatMul:
   every weight of the UNet's image path; normalisations, activations and the residual adds stay fp32) on the
   noise's path, minus the nodes `int8_exclude`; the time-embedding branch depends only on the batch size, not on
   the noise, and is always left in fp32.
@@ -221,9 +222,12 @@ def quantize_int8(
     calibration_batch: int = 16,
     int8_ops: tuple[str, ...] = INT8_OPS,
     int8_exclude: tuple[str, ...] = (),
+    reduce_range: bool = True,
 ) -> dict:
     """Static int8 quantization (QDQ) of an exported generator, calibrated on the noise of
-    (calibration_seed, 0..calibration-1); returns the settings and the nodes left in fp32."""
+    (calibration_seed, 0..calibration-1); returns the settings and the nodes left in fp32. `reduce_range`: 7-bit
+    weights, which onnxruntime's uint8 x int8 kernels need on x86 CPUs without VNNI (AVX2: their 16-bit
+    intermediate sums saturate with full-range weights; on this project's CPU that quadrupled the image error)."""
     import onnx
 
     q = _quantization()
@@ -250,6 +254,7 @@ def quantize_int8(
             Noise(),
             quant_format=q.QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=reduce_range,
             activation_type=q.QuantType.QUInt8,
             weight_type=q.QuantType.QInt8,
             op_types_to_quantize=list(int8_ops),
@@ -257,7 +262,7 @@ def quantize_int8(
             calibrate_method=q.CalibrationMethod.MinMax,
         )
     return {
-        "format": "QDQ, weights int8 per channel, activations uint8, MinMax calibration",
+        "format": f"QDQ, weights int{7 if reduce_range else 8} per channel, activations uint8, MinMax calibration",
         "calibration": calibration,
         "calibration_seed": calibration_seed,
         "ops": list(int8_ops),
@@ -297,6 +302,7 @@ def int8_mixed(
     calibration_batch: int = 16,
     int8_ops: tuple[str, ...] = INT8_OPS,
     int8_exclude: tuple[str, ...] = (),
+    reduce_range: bool = True,
 ) -> dict:
     """Sensitivity scan and a mixed-precision plan within an image-error budget.
 
@@ -326,7 +332,17 @@ def int8_mixed(
             keep = {name for block in chosen for name in blocks[block]}
             files[chosen] = path = Path(scratch) / f"{len(files)}.onnx"
             excluded = tuple(sorted({n for names in blocks.values() for n in names} - keep | set(int8_exclude)))
-            quantize_int8(fp32_path, path, shape, calibration, calibration_seed, calibration_batch, int8_ops, excluded)
+            quantize_int8(
+                fp32_path,
+                path,
+                shape,
+                calibration,
+                calibration_seed,
+                calibration_batch,
+                int8_ops,
+                excluded,
+                reduce_range,
+            )
             trials[chosen] = image_error(_run(_session(path), check), reference)["rmse"]
             return trials[chosen]
 
@@ -420,6 +436,7 @@ def export_model(
     int8_ops: tuple[str, ...] = INT8_OPS,
     int8_exclude: tuple[str, ...] = (),
     int8_budget: float | None = None,
+    int8_reduce_range: bool = True,
 ) -> dict:
     """Export the one-step generator of a velocity model file (any format `teachers.zoo.load_model` reads; a
     reference DDPM++ checkpoint needs `resolution`); returns (and writes as export.json) a report: files, params,
@@ -486,6 +503,7 @@ def export_model(
             calibration_batch,
             int8_ops,
             int8_exclude,
+            int8_reduce_range,
         )
         check = noise_for(list(range(INT8_CHECK)), seed, shape)
         fp32, int8_session = _session(out / "generator.onnx"), _session(path)
@@ -510,6 +528,7 @@ def export_model(
             calibration_batch,
             int8_ops,
             int8_exclude,
+            int8_reduce_range,
         )
         if mixed["file"]:
             mixed.update(bytes=path.stat().st_size, latency_ms_b1=_latency(_session(path), z, warmup, repeats))
