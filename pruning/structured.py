@@ -135,6 +135,11 @@ def _layer_width(layer: nn.Module, side: str) -> int:
     return layer.in_channels if side == "in" else layer.out_channels
 
 
+def _int_attr(module: nn.Module, attr: str) -> int | None:
+    value = getattr(module, attr, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class WidthAttributes:
     """Keeps a network's integer width attributes (`embed_dim`, `num_features`, `head_hidden_size`) equal to the
     layers they describe while channels are removed.
@@ -146,18 +151,23 @@ class WidthAttributes:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, output_layers: Sequence[nn.Module]):
-        calls, _ = _traced_layers(model, example_inputs)
         self.ties: list[tuple[nn.Module, str, nn.Module, str]] = []
         self.unmatched: list[str] = []
-        for name, module in model.named_modules():
-            if isinstance(module, nn.MultiheadAttention):  # Torch-Pruning updates these itself
-                continue
+        owners = [  # modules with a width attribute (Torch-Pruning updates MultiheadAttention itself)
+            (name, module)
+            for name, module in model.named_modules()
+            if not isinstance(module, nn.MultiheadAttention) and any(_int_attr(module, a) for a in NETWORK_WIDTHS)
+        ]
+        if not owners:  # e.g. the project's UNet: no second forward pass to trace
+            return
+        calls, _ = _traced_layers(model, example_inputs)
+        for name, module in owners:
             inside = {id(m) for m in module.modules()}
             first = next((m for m in calls if id(m) in inside), None)
             heads = [m for m in output_layers if id(m) in inside]
             for attr in NETWORK_WIDTHS:
-                value = getattr(module, attr, None)
-                if not isinstance(value, int) or isinstance(value, bool):
+                value = _int_attr(module, attr)
+                if value is None:
                     continue
                 candidates = [(m, "in") for m in heads] + ([(first, "out")] if first is not None else [])
                 if attr == "embed_dim":
@@ -178,9 +188,7 @@ def width_attributes(model: nn.Module) -> dict[str, dict[str, int]]:
     model and set again when it is rebuilt: a replayed history removes channels but does not know head counts)."""
     found = {}
     for name, module in model.named_modules():
-        attrs = {
-            a: v for a in WIDTH_ATTRIBUTES if isinstance(v := getattr(module, a, None), int) and not isinstance(v, bool)
-        }
+        attrs = {a: v for a in WIDTH_ATTRIBUTES if (v := _int_attr(module, a)) is not None}
         if attrs:
             found[name] = attrs
     return found
