@@ -2,9 +2,9 @@
 
 - MACs are Torch-Pruning's count (`torch_pruning.utils.count_ops_and_params`) of ONE network evaluation
   v(x, t) on one image: multiply-accumulates of Conv/Linear modules plus one op per element for their biases,
-  norms, activations and pooling modules. Functional calls and bare tensor maths are not counted (in the
-  project's UNet: the attention matmuls of `F.scaled_dot_product_attention`, the NIN projections, `F.silu`,
-  resampling). For the Fashion-MNIST UNet presets the two effects nearly cancel: the count is within 2% of the
+  norms, ReLU and pooling modules. Functional calls, bare tensor maths and modules outside the counter's list are
+  not counted (in the project's UNet: the attention matmuls of `F.scaled_dot_product_attention`, the NIN
+  projections, the `nn.SiLU` modules, resampling). For the Fashion-MNIST UNet presets the two effects nearly cancel: the count is within 2% of the
   conv/matmul MACs torch's FlopCounterMode sees. MACs per sample = MACs × NFE.
 - Latency: median wall time of repeated generations of a batch (after warm-up), divided by the batch size, in
   ms/image; on CUDA each run is synchronised. It times the whole sampler (every NFE) on the model's device.

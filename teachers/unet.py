@@ -121,6 +121,8 @@ class ResBlock(nn.Module):
         self.Dropout_0 = nn.Dropout(dropout)
         self.Conv_1 = _conv(out_ch, out_ch, 3, init_scale=0.0)
         self.Conv_2 = _conv(in_ch, out_ch, 1) if (in_ch != out_ch or up or down) else None
+        # swish as modules (no parameters, so the state dict is unchanged): hooks see every activation (DNR)
+        self.act_0, self.act_1 = nn.SiLU(), nn.SiLU()
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
@@ -130,10 +132,10 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        h = self._resample(F.silu(self.GroupNorm_0(x)))
+        h = self._resample(self.act_0(self.GroupNorm_0(x)))
         x = self._resample(x)
         h = self.Conv_0(h) + self.Dense_0(temb_act)[:, :, None, None]
-        h = self.Conv_1(self.Dropout_0(F.silu(self.GroupNorm_1(h))))
+        h = self.Conv_1(self.Dropout_0(self.act_1(self.GroupNorm_1(h))))
         if self.Conv_2 is not None:
             x = self.Conv_2(x)
         return (x + h) / math.sqrt(2.0)
@@ -176,6 +178,7 @@ class UNet(nn.Module):
         self.attn_at_level = [resolution // 2**level in attn_resolutions for level in range(self.num_levels)]
 
         temb_dim = 4 * nf
+        self.temb_act_0, self.temb_act_1, self.out_act = nn.SiLU(), nn.SiLU(), nn.SiLU()  # see ResBlock.act_0
         block_kwargs = {"temb_dim": temb_dim, "dropout": dropout}
         modules: list[nn.Module] = [_dense(nf, temb_dim), _dense(temb_dim, temb_dim), _conv(in_channels, nf, 3)]
         skip_channels = [nf]
@@ -212,7 +215,7 @@ class UNet(nn.Module):
         emb_dtype = torch.promote_types(x.dtype, torch.float32)
         emb = timestep_embedding(t.to(emb_dtype) * self.time_scale, self.nf)
         dense_0, dense_1 = next(blocks), next(blocks)
-        temb_act = F.silu(dense_1(F.silu(dense_0(emb.to(dense_0.weight.dtype)))))
+        temb_act = self.temb_act_1(dense_1(self.temb_act_0(dense_0(emb.to(dense_0.weight.dtype)))))
 
         skips = [next(blocks)(x)]
         for level in range(self.num_levels):
@@ -236,7 +239,7 @@ class UNet(nn.Module):
             if level != 0:
                 h = next(blocks)(h, temb_act)
 
-        h = F.silu(next(blocks)(h))
+        h = self.out_act(next(blocks)(h))
         return next(blocks)(h)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
