@@ -5,6 +5,9 @@ Each cycle removes `rate` of the surviving Conv/Linear weights: a share `ap_frac
 smallest), the rest by magnitude (smallest |w|), ranked over all layers ("global") or within each ("layer").
 Between cycles the caller trains (fine-tunes, or rewinds first with `rewind`) with the masks enforced.
 
+`attach_masks` stores masks in the model as `weight_mask` buffers, so that they travel with its state dict (the
+project's model files, checkpoints and EMA copies); `masks_of` reads them back.
+
 `n_of_m_masks` makes semi-structured masks instead (2:4 — the pattern sparse tensor cores accelerate): in every
 group of `m` consecutive weights along a layer's input dimension, the `n` largest in magnitude are kept.
 """
@@ -42,6 +45,8 @@ class WeightMasks:
     def dense(cls, model: nn.Module, ignored_layers: Sequence[nn.Module] = ()) -> WeightMasks:
         """All-ones masks over the prunable weights of `model`."""
         weights = prunable_weights(model, ignored_layers)
+        if not weights:
+            raise ValueError(f"{type(model).__name__} has no Conv/Linear weights to prune (outside the ignored layers)")
         return cls({name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()})
 
     def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -103,6 +108,54 @@ class WeightMasks:
         if not Path(path).is_file():
             raise FileNotFoundError(f"mask file {str(path)!r} does not exist")
         return cls({name: t.bool() for name, t in load_file(str(path)).items()})
+
+
+MASK_BUFFER = "weight_mask"  # the buffer beside a masked weight (a module's `weight_mask`)
+
+
+@torch.no_grad()
+def attach_masks(model: nn.Module, masks: WeightMasks) -> None:
+    """Keep `masks` in the model itself: a uint8 buffer `<module>.weight_mask` beside each masked weight, so the
+    masks travel with its state dict (checkpoints, EMA copies, model files), then zero the masked weights.
+    Replaces masks attached before."""
+    params = masks._params(model)  # checks names and shapes
+    modules = dict(model.named_modules())
+    for name, mask in masks.masks.items():
+        module = modules[name.rpartition(".")[0]]
+        module.register_buffer(MASK_BUFFER, mask.to(device=params[name].device, dtype=torch.uint8).contiguous())
+    masks.apply(model)
+
+
+def masks_of(model: nn.Module) -> WeightMasks | None:
+    """The masks attached to `model` by `attach_masks` (copies, as bool), or None when it has none."""
+    found = {
+        f"{name}.weight": module.get_buffer(MASK_BUFFER)
+        for name, module in model.named_modules()
+        if MASK_BUFFER in module._buffers and module._buffers[MASK_BUFFER] is not None
+    }
+    return WeightMasks(found) if found else None
+
+
+def ones_masks(model: nn.Module, names: Sequence[str]) -> WeightMasks:
+    """All-ones masks for the named weights (placeholders to attach before loading a state dict with masks)."""
+    params = dict(model.named_parameters())
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ValueError(f"masked weights the model does not have: {', '.join(missing[:5])}")
+    return WeightMasks({name: torch.ones_like(params[name], dtype=torch.bool) for name in names})
+
+
+def sparse_storage_bytes(model: nn.Module, masks: WeightMasks, value_bytes: int = 4) -> int:
+    """Bytes to store `model`'s parameters with the masked weights in a simple sparse form: per masked layer a
+    bitmask (one bit per weight) plus its surviving values; every other parameter dense (`value_bytes` each)."""
+    masked = masks._params(model)
+    total = 0
+    for name, param in model.named_parameters():
+        if name in masked:
+            total += (param.numel() + 7) // 8 + int(masks.masks[name].sum()) * value_bytes
+        else:
+            total += param.numel() * value_bytes
+    return total
 
 
 @torch.no_grad()

@@ -411,6 +411,7 @@ def read_model_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         return {
             "model": meta["config"].get("model", {}),
             "pruning": meta["config"].get("pruning"),
+            "weight_masks": meta["config"].get("weight_masks"),
             "step": meta["step"],
             "source": str(ckpt),
         }, tensors.get("ema", tensors["model"])

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from pruning.unstructured import masks_of
 from slimflow import checkpoint as ckpt
 from slimflow.images import grid_image, save_grid
 
@@ -330,10 +331,16 @@ class Trainer:
             )
         torch.manual_seed(self.cfg["seed"] + self.rank)  # dropout etc.; restored exactly on resume
         self.model = model.to(self.device)
+        # a sparse model (masks attached by pruning.attach_masks): its pruned weights stay exactly zero
+        self.masks = masks_of(self.model)
+        if self.masks is not None:
+            self.masks.apply(self.model)
         self.ema = None
         if self.cfg["ema"]["kind"] != "none":
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = self._make_optimizer()
+        if self.masks is not None:  # gradients masked, masked weights re-zeroed after every optimizer step
+            self.masks.enforce(self.model, self.optimizer)
         self.step = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint on disk
         self.writer = None
@@ -440,7 +447,8 @@ class Trainer:
             model.train(was_training)
         scalars = {f"eval/{name}": float(value) for name, value in values.items()}
         self._log(scalars)
-        tqdm.write(f"{self.run_dir.name} step {self.step}: " + ", ".join(f"{k} {v:.6g}" for k, v in scalars.items()))
+        shown = {k: v for k, v in scalars.items() if k.count("/") == 1}  # per-layer values go to TensorBoard only
+        tqdm.write(f"{self.run_dir.name} step {self.step}: " + ", ".join(f"{k} {v:.6g}" for k, v in shown.items()))
         return {"step": self.step, **scalars}
 
     def fit(self, make_batch: Callable, loss_fn: Callable, steps: int | None = None) -> dict:

@@ -2,8 +2,9 @@
 
 `load_model(path)` reads, by content (see `teachers.formats`): the project's exported models (`.safetensors` +
 `.json` sidecar, pruned ones included) and training runs/checkpoints (EMA weights), reference DDPM++ `.pth`
-checkpoints (give `resolution`), and diffusers folders (adapted to the project's velocity convention). The model
-it returns is on `device`, in eval mode, frozen, with two attributes every stage reads:
+checkpoints (give `resolution`), diffusers folders and EDM `.pkl` networks (adapted to the project's velocity
+convention; `teachers.edm`). The model it returns is on `device`, in eval mode, frozen, with two attributes every
+stage reads:
 - `sample_shape`: (C, H, W) of one sample;
 - `one_step_time`: the time t0 its one-step generator z + v(z, t0) is evaluated at (recorded by distillation in
   the sidecar; 0 for every other model).
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from pruning.unstructured import attach_masks, masks_of, ones_masks
 from slimflow.checkpoint import CheckpointError, check_config, load_state_checked, read_model_file, shipped_path
 from teachers.adapters import load_diffusers_teacher
+from teachers.edm import load_edm_teacher
 from teachers.formats import detect, load_reference, slimflow_model_path
 from teachers.pruned import apply_pruning_record
 from teachers.unet import PRESETS, UNET_KEYS, build_unet
@@ -44,6 +47,8 @@ def build_from_sidecar(sidecar: dict) -> torch.nn.Module:
     model = build_unet(sidecar["model"])
     if sidecar.get("pruning"):
         apply_pruning_record(model, sidecar["pruning"])
+    if sidecar.get("weight_masks"):  # a sparse model: its state dict holds the masks (pruning.attach_masks)
+        attach_masks(model, ones_masks(model, sidecar["weight_masks"]["layers"]))
     return model
 
 
@@ -75,6 +80,8 @@ def load_model(
         model = load_reference(obj, resolution, path)[0]
     elif fmt == "diffusers":
         model = load_diffusers_teacher(path)
+    elif fmt == "edm-pickle":
+        model = load_edm_teacher(obj, path)
     else:
         raise CheckpointError(
             f"{str(path)!r} is a plain state dict: it does not record its architecture, so it "
@@ -117,4 +124,6 @@ def _project_model(path: Path, expect: dict | None) -> tuple[torch.nn.Module, di
         check_config(resolve_model_config(expect), config, str(path))
     model = build_from_sidecar(sidecar)
     load_state_checked(model, weights, str(path))
+    if (masks := masks_of(model)) is not None:
+        masks.apply(model)  # pruned weights are zero whatever the file holds
     return model, sidecar

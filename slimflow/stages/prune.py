@@ -1,4 +1,4 @@
-"""Prune a flow student (the project's UNet) by channels, then recover it.
+"""Prune a flow student (the project's UNet) by channels, then by weights, recovering it after each cut.
 
 `prune_student(cfg)` (`slimflow prune --config ...`):
 1. loads the student model file (annealed or distilled; a velocity network v(x, t));
@@ -13,24 +13,45 @@
    z + v_u(z, t0)) on fresh noise z (data-free; for one-step students); `flow`: the reflow loss on the pairs
    (for multi-step students); `none`. Training follows the stage recipe (`slimflow.stages.runner`) in
    `recover/`;
-5. exports `recovered_ema.safetensors` and writes `summary.json`: params/MACs/latency before and after, the
-   one-step distance to the unpruned student before and after recovery, and a grid of the three models.
+5. exports `recovered_ema.safetensors`;
+6. weight sparsity (`sparsity`, optional, after the channels or instead of them with `prune.channels: false`):
+   one cycle per target in `sparsity.targets` (overall share of zero Conv/Linear weights), each removing weights
+   by magnitude, a share `sparsity.ap_fraction` of them by AP (the surviving negative weights that changed least
+   over the last training phase), then recovering as in 4; or one cycle of 2:4 masks (`sparsity.pattern`). The
+   masks live in the model (`pruning.attach_masks`): they are held through recovery, saved in the model file and
+   re-applied on load. Cycle k writes `sparsity/cycle_<k>/masked.safetensors`, its recovery
+   `sparsity/cycle_<k>/recover/` and `sparsity/cycle_<k>/recovered_ema.safetensors`;
+7. writes `summary.json`: params (and non-zero params), MACs, latency, file size (raw, deflated, and as bitmask +
+   non-zero values), the one-step distance to the unpruned student and the dead-neuron rate (overall and per SiLU)
+   of every model made, and a grid of each. Recovery logs the DNR to TensorBoard with its periodic evaluation.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pruning.dnr import DeadNeuronMonitor
 from pruning.measure import count_macs_params, measure_latency
 from pruning.serialization import input_specs
 from pruning.structured import GROUPNORM_MODES, IMPORTANCES, prune_structured, ratio_for_macs, width_attributes
 from pruning.taylor import accumulate_gradients
+from pruning.unstructured import (
+    SCOPES,
+    WeightMasks,
+    attach_masks,
+    cycle_rate,
+    masks_of,
+    n_of_m_masks,
+    prune_cycle,
+    sparse_storage_bytes,
+)
 from slimflow.checkpoint import content_hash, model_identity, read_model_file, require_writable, save_model, sha256_file
 from slimflow.config import prefixed
 from slimflow.engine import TRAIN_DEFAULTS, TRAIN_HELP, batch_indices, check_train_config, dist_info, resolve_device
@@ -54,13 +75,16 @@ from teachers.zoo import load_model
 
 RECOVER_MODES = ("one_step", "flow", "none")
 MACS_MATCH = ("at_most", "nearest")
+PATTERNS = ("unstructured", "2:4")
 KIND = "pruned-student"
+SPARSE_KIND = "sparse-student"
 
 DEFAULTS: dict = {
     "out": "runs/prune",
     "student": "runs/run/distill/distilled_ema.safetensors",  # a model file (or a training run directory)
     "pairs": None,  # pair store: read only by importance taylor and recover.mode flow
     "prune": {
+        "channels": True,  # False: no channel pruning (e.g. weight sparsity only)
         "importance": "l2",  # l1 | l2 | lamp | random | taylor
         "ratio": None,  # share of channels removed per layer; or, when None:
         # the smallest ratio whose pruning keeps at most this share of the MACs (macs_match: at_most), or the
@@ -86,6 +110,14 @@ DEFAULTS: dict = {
             "ckpt_every": 100,
         },
     },
+    "sparsity": {  # weight pruning after the channels, one cycle (prune, then recover) per target
+        "targets": [],  # e.g. [0.5, 0.8, 0.9]: overall shares of zero Conv/Linear weights
+        "pattern": "unstructured",  # or 2:4 (one cycle, targets empty)
+        "ap_fraction": 0.0,  # share of each cycle's removals chosen by AP
+        "scope": "global",
+        "ap_reference": None,  # model file: the student's weights when its last training began (AP, cycle 1)
+        "dnr_threshold": 0.0,
+    },
     "compare": {"n": 64, "seed": 0},  # noise of the grid and of the distance to the unpruned student
 }
 
@@ -93,6 +125,7 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "out": "folder: pruned.safetensors, recover/, recovered_ema.safetensors, grids/, summary.json",
     "student": "the unpruned student: a model file or a training run directory",
     "pairs": "pair store: read only by importance taylor and recover.mode flow",
+    "prune.channels": "prune channels (false: keep them, e.g. for weight sparsity alone)",
     "prune.importance": "channel ranking: l1 | l2 | lamp | random | taylor",
     "prune.ratio": "share of channels removed per layer (null: searched from macs_fraction)",
     "prune.macs_fraction": "keep at most this share of the MACs (used when ratio is null)",
@@ -107,6 +140,12 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "recover.distance": "one_step: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex (flow: l2)",
     "recover.options": "options of that distance",
     **prefixed(TRAIN_HELP, "recover.train."),
+    "sparsity.targets": "overall weight sparsities (shares of zero Conv/Linear weights), one cycle + recovery each",
+    "sparsity.pattern": "unstructured (by targets) | 2:4 (one cycle: 2 of every 4 input weights kept)",
+    "sparsity.ap_fraction": "AP's share of each cycle's removals: surviving negative weights that changed least",
+    "sparsity.scope": "global (one ranking over all layers) | layer (each layer loses the same share)",
+    "sparsity.ap_reference": "AP in cycle 1: the student's weights when its last training began (a model file)",
+    "sparsity.dnr_threshold": "a SiLU unit counts as dead when its pre-activation is at most this",
     "compare.n": "noises of the comparison grids and of the l2 to the unpruned student",
     "compare.seed": "seed of that noise (also of recovery's periodic evaluation)",
 }
@@ -143,7 +182,12 @@ def check_config(cfg: dict) -> None:
 
 
 def _needs_pairs(cfg: dict) -> bool:
-    return cfg["prune"]["importance"] == "taylor" or cfg["recover"]["mode"] == "flow"
+    return (cfg["prune"]["channels"] and cfg["prune"]["importance"] == "taylor") or cfg["recover"]["mode"] == "flow"
+
+
+def sparsity_plan(s: dict) -> list:
+    """The cycles of the `sparsity` section: its targets, or the one n:m pattern."""
+    return list(s["targets"]) if s["pattern"] == "unstructured" else [s["pattern"]]
 
 
 def _is_number(value) -> bool:
@@ -171,11 +215,40 @@ def _check(cfg: dict) -> None:
         raise ValueError(f"unknown recover.mode {r['mode']!r}; choose one of {', '.join(RECOVER_MODES)}")
     if r["mode"] == "one_step":
         distance(r["distance"], **r["options"])  # an unknown distance or missing LPIPS weights stop here
+    _check_sparsity(cfg)
     if _needs_pairs(cfg) and not cfg["pairs"]:
         raise ValueError(
             "prune.importance taylor and recover.mode flow read the pair store: set pairs= to one "
             "(slimflow pairs generate)"
         )
+
+
+def _check_sparsity(cfg: dict) -> None:
+    s = cfg["sparsity"]
+    if not isinstance(cfg["prune"]["channels"], bool):
+        raise ValueError(f"prune.channels must be true or false, got {cfg['prune']['channels']!r}")
+    if s["pattern"] not in PATTERNS:
+        raise ValueError(f"sparsity.pattern must be one of {', '.join(PATTERNS)}, got {s['pattern']!r}")
+    targets = s["targets"]
+    if not isinstance(targets, list) or not all(_is_number(t) for t in targets):
+        raise ValueError(f"sparsity.targets must be a list of numbers, got {targets!r}")
+    bad = [t for t in targets if not 0.0 < t < 1.0]
+    if bad:
+        raise ValueError(f"sparsity.targets are shares of zero weights and must lie in (0, 1), got {bad}")
+    if sorted(set(targets)) != targets:
+        raise ValueError(f"sparsity.targets must increase strictly (each cycle removes more), got {targets}")
+    if s["pattern"] != "unstructured" and targets:
+        raise ValueError(f"sparsity.pattern {s['pattern']} makes one cycle of its own: leave sparsity.targets empty")
+    if not (_is_number(s["ap_fraction"]) and 0.0 <= s["ap_fraction"] <= 1.0):
+        raise ValueError(
+            f"sparsity.ap_fraction is a share of each cycle's removals, in [0, 1]; got {s['ap_fraction']!r}"
+        )
+    if s["scope"] not in SCOPES:
+        raise ValueError(f"sparsity.scope must be one of {', '.join(SCOPES)}, got {s['scope']!r}")
+    if s["ap_reference"] is not None and not Path(s["ap_reference"]).exists():
+        raise FileNotFoundError(f"sparsity.ap_reference {s['ap_reference']!r} does not exist")
+    if not (cfg["prune"]["channels"] or sparsity_plan(s)):
+        raise ValueError("nothing to prune: prune.channels is false and sparsity.targets is empty")
 
 
 def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=None) -> tuple[nn.Module, dict]:
@@ -224,16 +297,31 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
     out = require_writable(cfg["out"])
     command = command_line(command)
     sidecar, _ = read_model_file(cfg["student"])
-    if sidecar.get("pruning"):
-        raise ValueError(f"{cfg['student']} is already pruned; prune the unpruned student (or recover this one)")
+    if sidecar.get("pruning") and cfg["prune"]["channels"]:
+        raise ValueError(
+            f"{cfg['student']} is already pruned; prune the unpruned student (or recover this one, or give it "
+            "weight sparsity alone with prune.channels: false)"
+        )
+    if sidecar.get("weight_masks"):
+        raise ValueError(f"{cfg['student']} is already sparse (it has weight masks); prune the dense student")
     store = open_pairs(cfg["pairs"]) if _needs_pairs(cfg) else None
     student = load_model(cfg["student"])
     source = {"file": str(cfg["student"]), "kind": sidecar.get("kind"), "sha256": model_identity(cfg["student"])}
     summary: dict = {"kind": KIND, "student": source, "out": str(out)}
-    summary["prune"], pruned_path, record = _prune_stage(cfg, student, sidecar, source, store, command)
-    if cfg["recover"]["mode"] != "none":
-        summary["recover"] = _recover_stage(cfg, student, sidecar, pruned_path, record, store, command)
-    summary["models"] = _compare_stage(cfg, student, sidecar, pruned_path)
+    models = {"unpruned": Path(cfg["student"])}
+    # the last training phase (start file, end file) and the model the weight cycles start from
+    phase = (cfg["sparsity"]["ap_reference"], cfg["student"]) if cfg["sparsity"]["ap_reference"] else None
+    if cfg["prune"]["channels"]:
+        summary["prune"], models["pruned"], _ = _prune_stage(cfg, student, sidecar, source, store, command)
+        phase = None
+        if cfg["recover"]["mode"] != "none":
+            summary["recover"] = _recover_stage(cfg, student, models["pruned"], out, store, command)
+            models["recovered"] = out / "recovered_ema.safetensors"
+            phase = (models["pruned"], models["recovered"])
+    if sparsity_plan(cfg["sparsity"]):
+        summary["sparsity"] = _sparsity_stage(cfg, student, list(models.values())[-1], phase, store, command)
+        models.update({cycle["name"]: Path(cycle["file"]) for cycle in summary["sparsity"]["cycles"]})
+    summary["models"] = _compare_stage(cfg, student, sidecar, models)
     if dist_info()[0] == 0:
         write_summary(out, summary)
     return summary
@@ -323,13 +411,14 @@ def _recovery_objective(r: dict, student: nn.Module, shape: tuple, t0: float, st
     return make_batch, make_loss
 
 
-def _recover_stage(
-    cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path, record: dict, store, command: str
-) -> dict:
-    """Train the pruned model in out/recover and export out/recovered_ema.safetensors by the stage recipe (skipped
-    when that export was made from this pruned file with these settings)."""
-    out, r = Path(cfg["out"]), cfg["recover"]
-    recover_cfg = {**cfg, "pruned_sha256": sha256_file(pruned_path)}
+def _recover_stage(cfg: dict, student: nn.Module, start: Path, folder: Path, store, command: str) -> dict:
+    """Train the model file `start` (pruned or masked) in folder/recover and export folder/recovered_ema.safetensors
+    by the stage recipe (skipped when that export was made from this file with these settings); its masks, if any,
+    are held through training."""
+    r = cfg["recover"]
+    sidecar = read_model_file(start)[0]
+    # the start file carries the effect of the channel and sparsity settings; its hash is in the key
+    recover_cfg = {**{k: v for k, v in cfg.items() if k != "sparsity"}, "pruned_sha256": sha256_file(start)}
     meta = _file_meta(sidecar)
     shape = tuple(example_inputs(sidecar["model"])[0].shape[1:])
     make_batch, make_loss = _recovery_objective(r, student, shape, meta["one_step_time"], store)
@@ -340,31 +429,35 @@ def _recover_stage(
         with torch.no_grad():
             return z, one_step_images(student, z.to(device), meta["one_step_time"]).cpu()
 
+    records = {"pruning": sidecar.get("pruning"), "weight_masks": sidecar.get("weight_masks")}
     started = time.time()
     job = TrainingJob(
         # train settings at the top level, where the run directory allows steps/logging to change on resume
-        out=out / "recover",
-        export_dir=out,
-        kind="recovered-" + KIND,
+        out=folder / "recover",
+        export_dir=folder,
+        kind="recovered-" + (SPARSE_KIND if records["weight_masks"] else KIND),
         export_name="recovered_ema.safetensors",
         run_config={
             **recover_cfg,
             "recover": {k: v for k, v in r.items() if k != "train"},
             "train": r["train"],
             "model": sidecar["model"],
-            "pruning": record,
+            **records,
         },
         train=r["train"],
-        build=lambda: load_model(pruned_path).train().requires_grad_(True),
+        build=lambda: load_model(start).train().requires_grad_(True),
         make_batch=make_batch,
         make_loss=make_loss,
         sample_fn=one_step_sampler(cfg["compare"]["n"], shape, cfg["compare"]["seed"]),
-        eval_fn=one_step_eval("one_step_l2_to_unpruned", eval_data, meta["one_step_time"]),
+        eval_fn=with_dead_neuron_rate(
+            one_step_eval("one_step_l2_to_unpruned", eval_data, meta["one_step_time"]),
+            cfg["sparsity"]["dnr_threshold"],
+        ),
         meta={
             "one_step_time": meta["one_step_time"],
             "pairs": meta["pairs"],
-            "pruning": record,
-            "recovered_from": str(pruned_path),
+            **records,
+            "recovered_from": str(start),
         },
         settings=recover_cfg,
     )
@@ -373,31 +466,149 @@ def _recover_stage(
         "status": result["status"],
         "seconds": time.time() - started,
         "file": str(job.export),
-        **{k: result.get(k) for k in ("steps", "img_per_s", "final")},
+        **{k: result.get(k) for k in ("steps", "img_per_s", "final", "eval")},
     }
 
 
-def _compare_stage(cfg: dict, student: nn.Module, sidecar: dict, pruned_path: Path) -> dict:
-    """Params, MACs, latency (batch 1) of the unpruned, pruned and recovered models, and the mean l2 of their
-    one-step images to the unpruned student's on the same noise; grids of those images in out/grids."""
+def with_dead_neuron_rate(eval_fn: Callable, threshold: float) -> Callable:
+    """`eval_fn` that also reports the dead-neuron rate of the SiLUs over its forward passes ("dnr", and
+    "dnr/<module>" per activation)."""
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        with DeadNeuronMonitor(model, threshold=threshold) as monitor:
+            values = eval_fn(model)
+        rates = monitor.rates()
+        return {**values, "dnr": rates["overall"], **{f"dnr/{k}": v for k, v in rates["layers"].items()}}
+
+    return evaluate
+
+
+def _sparsity_stage(cfg: dict, student: nn.Module, source: Path, phase: tuple | None, store, command: str) -> dict:
+    """The weight-pruning cycles: cycle k masks the model of cycle k − 1 (first: `source`) to its target and
+    recovers it in out/sparsity/cycle_<k>/. AP compares the weights at the start and end of the last training
+    phase (`phase`: the start and end files; None: none known, so cycle 1 removes by magnitude alone)."""
+    cycles = []
+    for k, target in enumerate(sparsity_plan(cfg["sparsity"]), 1):
+        folder = Path(cfg["out"]) / "sparsity" / f"cycle_{k}"
+        started = time.time()
+        masked, record, status = _mask_stage(cfg, source, target, phase, folder / "masked.safetensors", command)
+        cycle = {"name": _cycle_name(target), "status": status, "seconds": time.time() - started, **record}
+        if cfg["recover"]["mode"] != "none":
+            cycle["recover"] = _recover_stage(cfg, student, masked, folder, store, command)
+            phase, source = (masked, folder / "recovered_ema.safetensors"), folder / "recovered_ema.safetensors"
+        else:
+            phase, source = None, masked
+        cycles.append({**cycle, "file": str(source)})
+    return {"cycles": cycles, "final": str(source)}
+
+
+def _cycle_name(target) -> str:
+    return f"sparse-{target}" if isinstance(target, str) else f"sparse-{round(100 * target)}%"
+
+
+def _mask_stage(
+    cfg: dict, source: Path, target, phase: tuple | None, path: Path, command: str
+) -> tuple[Path, dict, str]:
+    """Write `path`: the model at `source` with the weights of one cycle removed (its masks attached), unless
+    made from the same inputs; returns the file, its weight_masks record and the status."""
+    s = cfg["sparsity"]
+    key = content_hash(
+        [model_identity(source), s["pattern"], s["ap_fraction"], s["scope"], target]
+        + [model_identity(p) for p in phase or ()]
+    )
+    if is_current(path, key):
+        return path, read_model_file(path)[0]["weight_masks"], "skipped"
+    sidecar = read_model_file(source)[0]
+    model = load_model(source)
+    before = masks_of(model) or WeightMasks.dense(model)
+    if isinstance(target, str):  # an n:m pattern
+        n, m = (int(x) for x in target.split(":"))
+        masks, dense_layers = n_of_m_masks(model, n, m)
+        ap_fraction, notes = 0.0, [f"left dense (input size not a multiple of {m}): {', '.join(dense_layers)}"]
+    else:
+        ap_fraction, notes = s["ap_fraction"], []
+        start_weights = _start_weights(phase, model) if ap_fraction else None
+        if ap_fraction and start_weights is None:
+            ap_fraction = 0.0
+            notes.append("no earlier training phase is known (set sparsity.ap_reference): removed by magnitude alone")
+        masks = prune_cycle(
+            model,
+            before,
+            rate=cycle_rate(before.sparsity(), target),
+            ap_fraction=ap_fraction,
+            start_weights=start_weights,
+            scope=s["scope"],
+        )
+    attach_masks(model, masks)
+    history = (sidecar.get("weight_masks") or {}).get("history", [])
+    record = {
+        "layers": list(masks.masks),
+        "sparsity": masks.sparsity(),
+        "history": [*history, {"target": target, "ap_fraction": ap_fraction, "scope": s["scope"], "notes": notes}],
+    }
+    meta = {**_file_meta(sidecar), "pruning": sidecar.get("pruning"), "weight_masks": record, "kind": SPARSE_KIND}
+    save_model(path, model, {**meta, "config": plain_config(cfg), "key": key, "command": command})
+    return path, record, "ran"
+
+
+def _start_weights(phase: tuple | None, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The weights of `phase`'s start file, checked against `model` (AP's reference point); None without one."""
+    if phase is None:
+        return None
+    start = load_model(phase[0]).state_dict()
+    own = model.state_dict()
+    differ = [k for k in own if k in start and start[k].shape != own[k].shape] + [k for k in own if k not in start]
+    differ = [k for k in differ if not k.endswith(".weight_mask")]
+    if differ:
+        raise ValueError(
+            f"the AP reference {str(phase[0])!r} does not have the pruned model's architecture (e.g. {differ[0]}); "
+            "give the student's weights from when its last training began"
+        )
+    return start
+
+
+def _compare_stage(cfg: dict, student: nn.Module, sidecar: dict, files: dict[str, Path]) -> dict:
+    """For each model (unpruned, pruned, recovered, sparse cycles): params and non-zero params, MACs, latency
+    (batch 1), file sizes, the mean l2 of its one-step images to the unpruned student's on the same noise and the
+    dead-neuron rate of its SiLUs; grids of the images in out/grids."""
     out = Path(cfg["out"])
     device = resolve_device(cfg["recover"]["train"]["device"])
     inputs = tuple(x.to(device) for x in example_inputs(sidecar["model"]))
     z = noise_for(torch.arange(cfg["compare"]["n"]), cfg["compare"]["seed"], list(inputs[0].shape[1:])).to(device)
-    models = {"unpruned": student, "pruned": load_model(pruned_path)}
-    if cfg["recover"]["mode"] != "none":
-        models["recovered"] = load_model(out / "recovered_ema.safetensors")
     t0 = _file_meta(sidecar)["one_step_time"]
-    with torch.no_grad():
-        images = {name: one_step_images(m.to(device).eval(), z, t0).cpu() for name, m in models.items()}
-    rows = {}
-    for name, m in models.items():
-        macs, params = count_macs_params(m, inputs)
+    rows, reference = {}, None
+    for name, path in files.items():
+        model = student if name == "unpruned" else load_model(path)
+        model = model.to(device).eval()
+        with torch.no_grad(), DeadNeuronMonitor(model, threshold=cfg["sparsity"]["dnr_threshold"]) as monitor:
+            images = one_step_images(model, z, t0).cpu()
+        reference = images if reference is None else reference
+        macs, params = count_macs_params(model, inputs)
+        masks = masks_of(model)
+        rates = monitor.rates()
         rows[name] = {
+            "file": str(path),
             "params": params,
+            "nonzero_params": params - (masks.total() - masks.alive() if masks else 0),
+            "weight_sparsity": masks.sparsity() if masks else 0.0,
             "macs": macs,
-            "latency_ms_b1": measure_latency(m, inputs, warmup=3, repeats=10),
-            "l2_to_unpruned": l2(images[name], images["unpruned"]).mean().item(),
+            "latency_ms_b1": measure_latency(model, inputs, warmup=3, repeats=10),
+            "l2_to_unpruned": l2(images, reference).mean().item(),
+            **_file_sizes(model, masks, Path(path)),
+            "dnr": rates["overall"],
+            "dnr_layers": rates["layers"],
         }
-        save_grid(images[name], out / "grids" / f"{name}.png")
+        save_grid(images, out / "grids" / f"{name}.png")
     return rows
+
+
+def _file_sizes(model: nn.Module, masks: WeightMasks | None, path: Path) -> dict[str, int]:
+    """Bytes of the model file, of it deflated (zlib level 9) and, for a sparse model, of its parameters as
+    per-layer bitmasks + non-zero values (`pruning.sparse_storage_bytes`)."""
+    if not path.is_file():  # a training run directory
+        return {}
+    data = path.read_bytes()
+    sizes = {"file_bytes": len(data), "deflated_bytes": len(zlib.compress(data, 9))}
+    if masks is not None:
+        sizes["sparse_bytes"] = sparse_storage_bytes(model, masks)
+    return sizes
