@@ -16,13 +16,17 @@ over the same extractor's features (the paper uses VGG-16 features; here the nam
 k-NN radii depend on the set sizes, so compare precision/recall only between runs with the same sample and
 reference counts. torch-fidelity's convention: input1 = generated, input2 = reference.
 
-Reference features and FID statistics are cached by torch-fidelity in `cache_dir`, keyed by data set, split,
-image size, number of images (and a hash of `root` when one is given) plus the extractor's registered name
-(which for the domain net includes the hash of its weights file).
+Features are extracted by torch-fidelity (`extract_features`); the metrics are computed from features here
+(`metrics_from_features`: FID by `frechet_distance`, KID and precision/recall by torch-fidelity's functions),
+so nothing prints torch-fidelity's "Frechet Inception Distance" for a domain-net figure. Reference features are
+cached in `cache_dir` (read back as weights only), keyed by data set, split, image size, number of images (and a
+hash of `root` when one is given) plus the extractor's registered name (which for the domain net includes the
+hash of its weights file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -33,9 +37,12 @@ import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from slimflow.checkpoint import sha256_file
+from slimflow.checkpoint import atomic_file, load_torch_file, sha256_file
 from slimflow.data import load_images, to_uint8
 from slimflow.domain_net import DEFAULT_WEIGHTS, MissingWeightsError, load_domain_net
 from slimflow.engine import resolve_device
@@ -219,7 +226,8 @@ def load_samples(
     raise ValueError(f"{str(path)!r} is neither an .npz, a folder of images, nor a model file")
 
 
-def _check_pair(fake: torch.Tensor, real: torch.Tensor) -> None:
+def check_image_pair(fake: torch.Tensor, real: torch.Tensor) -> None:
+    """Both uint8 (N >= 2, C, H, W) with the same channels and resolution: the metrics compare like with like."""
     for what, images in (("samples", fake), ("reference", real)):
         if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
@@ -233,6 +241,124 @@ def _check_pair(fake: torch.Tensor, real: torch.Tensor) -> None:
             f"samples are {tuple(fake.shape[1:])} but the reference images are {tuple(real.shape[1:])} "
             "(C, H, W); make them match (e.g. reference.image_size)"
         )
+
+
+# ------------------------------------------------------------------------------------------- features
+def extractor_identity(extractor: str, weights: str | Path | None = None) -> str:
+    """What made a set of features, as recorded in statistics files: the domain net's registered name (it holds
+    its weights' hash), or torch-fidelity's Inception name with its weights file's hash. Two feature sets are
+    comparable only when their identities are equal."""
+    name, path = resolve_extractor(extractor, weights)
+    return name if extractor == "domain" else f"{name}-{sha256_file(path)[:12]}"
+
+
+def feature_layer(extractor_name: str) -> str:
+    """The layer torch-fidelity uses for FID, KID and precision/recall with this registered extractor."""
+    return FEATURE_EXTRACTORS_REGISTRY[extractor_name].get_default_feature_layer_for_metric("fid")
+
+
+def _on_device(device: torch.device):
+    """torch-fidelity moves its extractor to the current CUDA device: make `device` the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def extract_features(
+    images: torch.Tensor,
+    extractor: str = "domain",
+    *,
+    weights: str | Path | None = None,
+    cache_name: str | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    device: str | torch.device | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """(N, D) float features of uint8 images (N, C, H, W) at `extractor`'s FID layer.
+
+    With `cache_name` the features are kept in `cache_dir` as `<cache_name>-<extractor name>-features-<layer>.pt`
+    (torch-fidelity's own cache name, so earlier caches are reused) and read back as weights only."""
+    name, path = resolve_extractor(extractor, weights)
+    layer = feature_layer(name)
+    cached = Path(cache_dir) / f"{cache_name}-{name}-features-{layer}.pt" if cache_name else None
+    if cached is not None and cached.is_file():
+        return load_torch_file(cached)
+    dev = resolve_device("auto") if device is None else torch.device(device)
+    cuda = dev.type == "cuda"
+    with _on_device(dev):
+        net = create_feature_extractor(
+            name, [layer], cuda=cuda, feature_extractor_weights_path=str(path), verbose=False
+        )
+        data = _Images(images, rgb=extractor == "inception")
+        # save_cpu_ram: a DataLoader without worker processes
+        features = get_featuresdict_from_dataset(data, net, batch_size, cuda, True, progress)[layer]
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(cached) as tmp:
+            torch.save(features, tmp)
+    return features
+
+
+def fid_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) of (N, D) features in float64: the Gaussian FID fits to a feature set."""
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"FID statistics need (N >= 2, D) features, got {tuple(features.shape)}")
+    array = features.double().cpu().numpy()
+    return array.mean(axis=0), np.cov(array, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance of two Gaussians: |mu1 - mu2|² + tr(S1) + tr(S2) - 2 tr((S1 S2)^½).
+
+    tr((S1 S2)^½) is computed as the sum of the square roots of the eigenvalues of R S2 R, R = S1^½ (similar
+    to S1 S2, but symmetric positive semi-definite), so only symmetric eigendecompositions are needed and no
+    complex matrix square root; round-off negatives are clipped to 0."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"statistics of different shapes: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}; "
+            "both sides must come from the same feature extractor (same feature dimension)"
+        )
+    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    product = root @ sigma2 @ root
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
+
+
+def metrics_from_features(
+    fake: torch.Tensor,
+    real: torch.Tensor,
+    extractor: str,
+    metrics: tuple[str, ...] = METRICS,
+    *,
+    kid_subsets: int = 100,
+    kid_subset_size: int | None = None,
+    prc_neighborhood: int = 3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """{label: value} of FID / KID (mean, std; torch-fidelity's polynomial-kernel MMD over random subsets drawn
+    from `seed`) / precision-recall (torch-fidelity's k-NN balls) of generated `fake` against `real` features.
+    Nothing is printed: torch-fidelity would name every figure "Inception" whatever the extractor."""
+    if fake.shape[1:] != real.shape[1:]:
+        raise ValueError(f"feature dimensions differ: {fake.shape[1]} vs {real.shape[1]} (two extractors?)")
+    out = {}
+    if "fid" in metrics:
+        out[metric_label("fid", extractor)] = frechet_distance(*fid_statistics(fake), *fid_statistics(real))
+    if "kid" in metrics:
+        size = kid_subset_size or min(DEFAULT_KID_SUBSET_SIZE, fake.shape[0], real.shape[0])
+        kid = kid_features_to_metric(
+            fake, real, kid_subsets=kid_subsets, kid_subset_size=size, rng_seed=seed, verbose=False
+        )
+        out[metric_label("kid", extractor)] = float(kid[torch_fidelity.KEY_METRIC_KID_MEAN])
+        out[metric_label("kid_std", extractor)] = float(kid[torch_fidelity.KEY_METRIC_KID_STD])
+    if "prc" in metrics:
+        prc = prc_features_to_metric(fake, real, prc_neighborhood=prc_neighborhood, save_cpu_ram=True, verbose=False)
+        out[metric_label("precision", extractor)] = float(prc[torch_fidelity.KEY_METRIC_PRECISION])
+        out[metric_label("recall", extractor)] = float(prc[torch_fidelity.KEY_METRIC_RECALL])
+    return out
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -256,51 +382,26 @@ def compute_metrics(
     """FID / KID (mean, std) / precision-recall of `samples` against `reference`, in `extractor`'s features.
 
     samples: uint8 (N, C, H, W), or a path given to `load_samples` (an .npz, a folder of images, or a model
-    sampled with `sampling`). reference: a spec {name, split, root, image_size, n} (its features and FID
-    statistics are cached in `cache_dir`) or uint8 images (not cached). kid_subset_size None means
-    min(1000, N samples, N reference). Returns {label: value} with labels such as "FID (domain)".
+    sampled with `sampling`). reference: a spec {name, split, root, image_size, n} (its features are cached in
+    `cache_dir`) or uint8 images (not cached). kid_subset_size None means min(1000, N samples, N reference).
+    Returns {label: value} with labels such as "FID (domain)".
     """
     bad = sorted(set(metrics) - set(METRICS))
     if bad or not metrics:
         raise ValueError(f"unknown metrics {bad or metrics}; choose from {METRICS}")
-    name, weights_path = resolve_extractor(extractor, weights)
+    resolve_extractor(extractor, weights)  # missing weights stop before any sampling
     dev = resolve_device("auto") if device is None else torch.device(device)
     fake = samples if torch.is_tensor(samples) else load_samples(samples, sampling, dev, progress)
     real, cache_name = (reference, None) if torch.is_tensor(reference) else reference_images(reference)
-    _check_pair(fake, real)
-    if kid_subset_size is None:
-        kid_subset_size = min(DEFAULT_KID_SUBSET_SIZE, fake.shape[0], real.shape[0])
-    rgb = extractor == "inception"
-    kwargs = dict(
-        input1=_Images(fake, rgb),
-        input2=_Images(real, rgb),
-        input2_cache_name=cache_name,
-        cache=cache_name is not None,
-        cache_root=str(cache_dir),
-        feature_extractor=name,
-        feature_extractor_weights_path=str(weights_path),
-        fid="fid" in metrics,
-        kid="kid" in metrics,
-        prc="prc" in metrics,
+    check_image_pair(fake, real)
+    common = dict(weights=weights, cache_dir=cache_dir, device=dev, batch_size=batch_size, progress=progress)
+    return metrics_from_features(
+        extract_features(fake, extractor, **common),
+        extract_features(real, extractor, cache_name=cache_name, **common),
+        extractor,
+        metrics,
         kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size,
         prc_neighborhood=prc_neighborhood,
-        batch_size=batch_size,
-        cuda=dev.type == "cuda",
-        save_cpu_ram=True,  # DataLoader without worker processes; precision/recall in bounded-memory chunks
-        rng_seed=seed,
-        verbose=progress,
+        seed=seed,
     )
-    if dev.type == "cuda":
-        with torch.cuda.device(dev):
-            raw = torch_fidelity.calculate_metrics(**kwargs)
-    else:
-        raw = torch_fidelity.calculate_metrics(**kwargs)
-    keys = {
-        "fid": torch_fidelity.KEY_METRIC_FID,
-        "kid": torch_fidelity.KEY_METRIC_KID_MEAN,
-        "kid_std": torch_fidelity.KEY_METRIC_KID_STD,
-        "precision": torch_fidelity.KEY_METRIC_PRECISION,
-        "recall": torch_fidelity.KEY_METRIC_RECALL,
-    }
-    return {metric_label(metric, extractor): float(raw[key]) for metric, key in keys.items() if key in raw}
