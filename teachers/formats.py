@@ -7,6 +7,8 @@ Formats, recognised by content rather than by file name:
 - "diffusers": a `UNet2DModel` folder (`config.json` with `_class_name`) or a pipeline folder with `unet/`.
 - "reference-ddpmpp": a score_sde / RectifiedFlow / SlimFlow `.pth` whose state dict has `all_modules.*` keys,
   bare or under 'model' / 'ema', with or without DataParallel's 'module.' prefix (loaded by teachers.reference).
+- "edm-pickle": an EDM / SiD / GDD `.pkl` network saved by `torch_utils.persistence`, read by
+  `teachers.edm_pickle` without running the code it carries (rebuilt by `teachers.edm`).
 - "state-dict": any other name → tensor mapping (torch file or bare safetensors): no architecture recorded.
 
 Torch files are read by `slimflow.checkpoint.load_torch_file` (weights only; a file that pickles Python objects is
@@ -24,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from slimflow.checkpoint import CheckpointError, file_kind, load_torch_file
 from teachers.adapters import read_json
+from teachers.edm_pickle import is_edm_pickle, read_edm_pickle
 from teachers.reference import load_reference_state_dict
 from teachers.unet import build_unet
 
@@ -61,6 +64,8 @@ def detect(path: Path, unsafe_pickle: bool) -> tuple[str, Any]:
         return "slimflow-model", None
     if file_kind(path) == "safetensors":
         return ("slimflow-model" if path.with_suffix(".json").is_file() else "state-dict"), None
+    if is_edm_pickle(path):  # before torch.load, which would refuse it (or, with unsafe_pickle, run its code)
+        return "edm-pickle", read_edm_pickle(path)
     obj = load_torch_file(path, unsafe_pickle)
     return ("reference-ddpmpp" if reference_state(obj)[0] is not None else "state-dict"), obj
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from slimflow.checkpoint import CheckpointError, latest_checkpoint, load_torch_file, read_meta
 from teachers.adapters import diffusers_layout, diffusers_schedule, read_json
+from teachers.edm import describe_edm
 from teachers.formats import (
     PROJECT_CONVENTION,
     REFERENCE_CONVENTION,
@@ -41,6 +42,8 @@ def describe_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict:
         info = _describe_diffusers(path)
     elif fmt == "reference-ddpmpp":
         info = _describe_reference(path, obj)
+    elif fmt == "edm-pickle":
+        info = describe_edm(obj, path)
     else:
         info = _describe_state_dict(path, obj)
     return {"path": str(path), "format": fmt, **info}
