@@ -50,8 +50,9 @@ def make_config(stage_name: str, preset: str | Path | None = None, **overrides) 
 
 
 def run(stage_name: str, preset: str | Path | None = None, **overrides) -> dict:
-    """Run a config stage ("teacher", "pairs", "anneal", "distill", "run", "prune", "bench") as its command would,
-    with `make_config(stage_name, preset, **overrides)`; returns its summary."""
+    """Run a config stage ("teacher", "pairs", "anneal", "distill", "run", "prune", "bench", "fid") as its command
+    would, with `make_config(stage_name, preset, **overrides)`; returns its summary. `run("fid", None,
+    protocol="fmnist-domain", samples="s.npz")` is `slimflow fid --protocol fmnist-domain --samples s.npz`."""
     _, fn = stage(stage_name)
     return run_stage(fn, make_config(stage_name, preset, **overrides), None)
 

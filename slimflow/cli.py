@@ -13,7 +13,51 @@ import slimflow
 def _config(args, defaults: dict) -> dict:
     from slimflow.config import load_config
 
-    return load_config(defaults, args.config, args.overrides)
+    return load_config(defaults, args.config, args.overrides, update=_flag_settings(args))
+
+
+SETTING_FLAG = "setting:"  # argparse dest prefix of a flag that stands for a config setting
+# `slimflow fid` flag -> (setting of slimflow.stages.fid.DEFAULTS, type): `--samples s.npz --n 300` is
+# `samples=s.npz n_samples=300`; what each setting means: `slimflow fid --help-config`
+FID_FLAGS: dict[str, tuple[str, type]] = {
+    "protocol": ("protocol", str),
+    "samples": ("samples", str),
+    "n": ("n_samples", int),
+    "method": ("sampling.method", str),
+    "steps": ("sampling.steps", int),
+    "seed": ("seed", int),
+    "batch-size": ("batch_size", int),
+    "reference": ("reference.name", str),
+    "split": ("reference.split", str),
+    "root": ("reference.root", str),
+    "n-reference": ("reference.n", int),
+    "image-size": ("reference.image_size", int),
+    "stats": ("reference.stats", str),
+    "extractor": ("extractor", str),
+    "weights": ("weights", str),
+    "save-stats": ("save_stats", str),
+    "out": ("out", str),
+}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[str, type]]) -> None:
+    """`--flag VALUE` for each {flag: (setting, type)}: the same as the override `setting=VALUE`, applied after
+    the overrides."""
+    for flag, (key, kind) in flags.items():
+        parser.add_argument(f"--{flag}", dest=SETTING_FLAG + key, type=kind, metavar="VALUE", help=f"sets {key}")
+
+
+def _flag_settings(args) -> dict:
+    """The nested settings of the setting flags given on the command line."""
+    tree: dict = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(SETTING_FLAG) and value is not None:
+            *parents, leaf = dest.removeprefix(SETTING_FLAG).split(".")
+            node = tree
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return tree
 
 
 def _with_config(parser: argparse.ArgumentParser, default: str | None = None) -> argparse.ArgumentParser:
@@ -51,7 +95,13 @@ def _stage(name: str):
 
             print(describe_config(cfg, module.HELP), end="")
             return
-        print(json.dumps(run_stage(fn, cfg, _command()), indent=1, default=str))
+        result = run_stage(fn, cfg, _command())
+        # a stage with its own summary (fid's table) prints that; the others their result as JSON
+        print(
+            module.format_result(result)
+            if hasattr(module, "format_result")
+            else json.dumps(result, indent=1, default=str)
+        )
 
     return run
 
@@ -248,6 +298,7 @@ CONFIG_COMMANDS = [
         "prune",
     ),
     (None, "bench", "FID/KID/precision-recall vs params, MACs, NFE, latency", "bench/fmnist-cpu", "bench"),
+    (None, "fid", "FID/KID/precision-recall of samples, a folder or a model vs a data set or statistics", None, "fid"),
 ]
 
 
@@ -266,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     for parent, name, text, preset, stage_name in CONFIG_COMMANDS:
         command = (groups[parent] if parent else sub).add_parser(name, help=text)
         _with_config(command, preset).set_defaults(func=_stage(stage_name))
+        if stage_name == "fid":  # the one config stage with flags for its settings
+            _add_setting_flags(command, FID_FLAGS)
     _add_file_commands(sub, groups["teacher"])
     _add_prune_net(sub)
     return parser

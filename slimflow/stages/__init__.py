@@ -20,6 +20,7 @@ CONFIG_STAGES: dict[str, tuple[str, str]] = {
     "run": ("slimflow.stages.run", "run_pipeline"),
     "prune": ("slimflow.stages.prune", "prune_student"),
     "bench": ("slimflow.stages.bench", "bench"),
+    "fid": ("slimflow.stages.fid", "fid"),
 }
 
 

@@ -103,7 +103,7 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "prepare": "runs that make the entries' models first: each {stage, config, overrides}",
     "compare": "pairs of entries set side by side in bench.md: each {label, baseline, candidate}",
 }
-PREPARE_STAGES = tuple(name for name in CONFIG_STAGES if name != "bench")  # the stages that make models
+PREPARE_STAGES = tuple(name for name in CONFIG_STAGES if name not in ("bench", "fid"))  # the stages that make models
 ENTRY_DEFAULTS = {"method": "euler", "steps": 1, "tol": 1e-5}
 ENTRY_KEYS = ("name", "model", *ENTRY_DEFAULTS)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
