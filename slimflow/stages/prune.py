@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 import zlib
 from collections.abc import Callable
@@ -320,11 +321,26 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
             phase = (models["pruned"], models["recovered"])
     if sparsity_plan(cfg["sparsity"]):
         summary["sparsity"] = _sparsity_stage(cfg, student, list(models.values())[-1], phase, store, command)
-        models.update({cycle["name"]: Path(cycle["file"]) for cycle in summary["sparsity"]["cycles"]})
+        for cycle in summary["sparsity"]["cycles"]:
+            if "recover" in cycle:
+                models[cycle["name"] + "-before-recovery"] = Path(cycle["masked_file"])
+            models[cycle["name"]] = Path(cycle["file"])
     summary["models"] = _compare_stage(cfg, student, sidecar, models)
     if dist_info()[0] == 0:
         write_summary(out, summary)
     return summary
+
+
+def format_result(summary: dict) -> str:
+    """What `slimflow prune` prints: the summary as JSON without the per-layer dead-neuron rates (those are in
+    out/summary.json and TensorBoard)."""
+
+    def short(value):
+        if isinstance(value, dict):
+            return {k: short(v) for k, v in value.items() if k != "dnr_layers" and not k.startswith("eval/dnr/")}
+        return [short(v) for v in value] if isinstance(value, list) else value
+
+    return json.dumps(short(summary), indent=1, default=str)
 
 
 def _file_meta(sidecar: dict) -> dict:
@@ -498,7 +514,7 @@ def _sparsity_stage(cfg: dict, student: nn.Module, source: Path, phase: tuple | 
             phase, source = (masked, folder / "recovered_ema.safetensors"), folder / "recovered_ema.safetensors"
         else:
             phase, source = None, masked
-        cycles.append({**cycle, "file": str(source)})
+        cycles.append({**cycle, "masked_file": str(masked), "file": str(source)})
     return {"cycles": cycles, "final": str(source)}
 
 
