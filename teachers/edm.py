@@ -321,7 +321,7 @@ def _check_block(mapping: _Mapping, name: str, record: PickledObject, res_block:
     )
     mapping.check(not state.get("adaptive_scale"), f"{name} uses adaptive_scale (ADM's scale-shift), not DDPM++'s bias")
     mapping.check(
-        state.get("num_heads") in (0, 1) and bool(state.get("num_heads")) == attention,
+        _plain(state.get("num_heads")) in (0, 1) and bool(state.get("num_heads")) == attention,
         f"{name}.num_heads is {state.get('num_heads')}; the UNet has {'single-head' if attention else 'no'} attention here",
     )
     convs = module_fields(record)[2]
