@@ -35,7 +35,7 @@ from slimflow.checkpoint import CheckpointError, load_state_checked
 from slimflow.flow import per_sample
 from teachers.adapters import TeacherVelocity, edm
 from teachers.edm_pickle import PickledObject, module_fields, module_tensors, parameter_count, submodules
-from teachers.unet import UNet, build_unet
+from teachers.unet import AttnBlock, ResBlock, UNet, build_unet
 
 # SongUNet's constructor, in order, with EDM's defaults (the first three have none)
 SONGUNET_ARGUMENTS: dict[str, Any] = {
@@ -376,14 +376,14 @@ def songunet_state(model: PickledObject, tensors: dict[str, torch.Tensor], unet:
             break
         project, module = f"all_modules.{index}", modules[index]
         kind = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "GroupNorm": nn.GroupNorm}.get(record.class_name)
-        if record.class_name == "UNetBlock" and type(module).__name__ == "ResBlock":
+        if record.class_name == "UNetBlock" and isinstance(module, ResBlock):
             attention = "qkv" in module_fields(record)[2]
             _check_block(mapping, name, record, module, attention)
             mapping.copy(name, project, module, RESBLOCK_NAMES)
             _check_norms(mapping, name, record, module)
             index += 1
             if attention:
-                if index >= len(modules) or type(modules[index]).__name__ != "AttnBlock":
+                if index >= len(modules) or not isinstance(modules[index], AttnBlock):
                     mapping.problems.append(f"{name} has attention where the UNet (all_modules.{index}) has none")
                     break
                 mapping.attention(name, f"all_modules.{index}", modules[index])
