@@ -521,6 +521,8 @@ def write_outputs(out: Path, work: Path, cfg: dict) -> None:
         f"- CPU time: {sum(dense_cpu) / 60:.1f} min dense trainings + {cycle_cpu / 60:.1f} min pruning cycles = "
         f"{(sum(dense_cpu) + cycle_cpu) / 60:.1f} CPU-min (process CPU time, one thread); wall time per process: "
         + ", ".join(f"{s.get('wall_seconds', 0) / 60:.1f} min (`{s['only'] or 'all'}`)" for s in runs_log),
+        "- CPU time of one retraining + test evaluation (mean over the cycles run): "
+        + ", ".join(f"{n} {mean_cycle_cpu(records, n):.1f} s" for n in cfg["networks"]),
         "- status: "
         + (
             "all runs complete"
@@ -551,6 +553,11 @@ def write_outputs(out: Path, work: Path, cfg: dict) -> None:
     if notes.exists() and out.resolve() == HERE:
         lines += [notes.read_text().strip(), ""]
     save_text(out / "README.md", "\n".join(lines))
+
+
+def mean_cycle_cpu(records: list[dict], network: str) -> float:
+    seconds = [r["cpu_seconds"] for r in records if r["network"] == network and r["cycle"] > 0]
+    return statistics.mean(seconds) if seconds else float("nan")
 
 
 def protocol_lines(cfg: dict, params: dict, prunable: dict) -> list[str]:
@@ -608,9 +615,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=0.2, help="share of surviving weights removed per cycle")
     parser.add_argument("--ap-fraction", type=float, default=0.1, help="AP's share of each cycle's removals")
     parser.add_argument("--train-images", type=int, default=4000, help="size of the fixed training subset")
-    parser.add_argument("--steps", type=int, default=250, help="SGD steps of every training (dense and retraining)")
+    parser.add_argument("--steps", type=int, default=800, help="SGD steps of every training (dense and retraining)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--rewind-fraction", type=float, default=0.05, help="rewinding point: share of the steps")
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--only", action="append", default=[], help="e.g. network=vgg,seed=0 (repeatable)")
