@@ -615,7 +615,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=0.2, help="share of surviving weights removed per cycle")
     parser.add_argument("--ap-fraction", type=float, default=0.1, help="AP's share of each cycle's removals")
     parser.add_argument("--train-images", type=int, default=4000, help="size of the fixed training subset")
-    parser.add_argument("--steps", type=int, default=800, help="SGD steps of every training (dense and retraining)")
+    parser.add_argument("--steps", type=int, default=700, help="SGD steps of every training (dense and retraining)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--rewind-fraction", type=float, default=0.05, help="rewinding point: share of the steps")
