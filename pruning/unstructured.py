@@ -2,7 +2,10 @@
 
 Each cycle removes `rate` of the surviving Conv/Linear weights: a share `ap_fraction` of them by the AP rule
 (among surviving *negative* weights, those whose change |w_end − w_start| over the last training phase was
-smallest), the rest by magnitude (smallest |w|), ranked over all layers ("global") or within each ("layer").
+smallest), the rest by magnitude (smallest |w|), ranked over all layers ("global"), within each ("layer"), or
+over all layers by LAMP score ("lamp": Lee et al., ICLR 2021 — a weight's w² over the sum of w² of the surviving
+weights of its layer at least as large; scale-free per layer, so a layer of small weights is not emptied, and the
+largest weight of every layer scores 1 and stays).
 Between cycles the caller trains (fine-tunes, or rewinds first with `rewind`) with the masks enforced.
 
 `attach_masks` stores masks in the model as `weight_mask` buffers, so that they travel with its state dict (the
@@ -22,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "lamp")
 
 
 def prunable_weights(model: nn.Module, ignored_layers: Sequence[nn.Module] = ()) -> dict[str, nn.Parameter]:
@@ -185,7 +188,7 @@ def n_of_m_masks(
 
 def _scopes(names: list[str], scope: str) -> list[list[str]]:
     """The sets of weights ranked together: all of them ("global") or each layer alone ("layer")."""
-    if scope == "global":
+    if scope in ("global", "lamp"):
         return [names]
     if scope == "layer":
         return [[name] for name in names]
@@ -207,6 +210,19 @@ def _lowest(scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tensor], 
         out[n] = chosen[start : start + scores[n].numel()].view_as(scores[n]).to(scores[n].device)
         start += scores[n].numel()
     return out
+
+
+def lamp_scores(weight: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """LAMP score of each surviving weight of one layer: w_u² / Σ_{v ≥ u} w_v² over the surviving weights sorted by
+    |w| (ties in position order); masked weights score inf."""
+    squares = weight.detach().flatten().double().square()
+    keep = alive.flatten()
+    order = torch.argsort(torch.where(keep, squares, torch.inf), stable=True)
+    sorted_sq = torch.where(keep[order], squares[order], 0.0)
+    tail = sorted_sq.flip(0).cumsum(0).flip(0)  # sum of the weights at least as large
+    scores = torch.full_like(squares, torch.inf)
+    scores[order] = torch.where(keep[order], sorted_sq / tail.clamp_min(torch.finfo(torch.float64).tiny), torch.inf)
+    return scores.view_as(weight)
 
 
 @torch.no_grad()
@@ -238,7 +254,8 @@ def prune_cycle(
     for names in _scopes(list(alive), scope):
         total = round(rate * sum(int(alive[n].sum()) for n in names))
         n_ap = round(ap_fraction * total)
-        removed = _lowest({n: weights[n].abs() for n in names}, alive, total - n_ap)
+        rank = (lambda n: lamp_scores(weights[n], alive[n])) if scope == "lamp" else (lambda n: weights[n].abs())
+        removed = _lowest({n: rank(n) for n in names}, alive, total - n_ap)
         alive.update({n: alive[n] & ~removed[n] for n in names})
         if n_ap:
             change = {n: (weights[n] - start_weights[n].to(weights[n].device)).abs() for n in names}

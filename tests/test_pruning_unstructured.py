@@ -1,5 +1,7 @@
 """Unstructured magnitude / AP pruning with masks: exact counts, AP picks negatives, masks survive optimizers."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -43,6 +45,25 @@ def test_layer_scope_prunes_each_layer_by_the_rate():
     model = relu_net()
     masks = prune_cycle(model, WeightMasks.dense(model), rate=0.25, scope="layer")
     assert masks.masks["0.weight"].sum() == 36 - 9 and masks.masks["3.weight"].sum() == 640 - 160
+
+
+def test_lamp_scores_closed_form_and_scale_free_layers():
+    from pruning import lamp_scores
+
+    w = torch.tensor([3.0, -1.0, 2.0, 0.5])
+    alive = torch.tensor([True, True, True, False])
+    # surviving squares 1, 4, 9 (sorted): 1/14, 4/13, 9/9; the masked weight never ranks
+    expected = torch.tensor([1.0, 1 / 14, 4 / 13, float("inf")], dtype=torch.float64)
+    assert torch.allclose(lamp_scores(w, alive), expected)
+    assert torch.equal(lamp_scores(100 * w, alive), lamp_scores(w, alive))
+    # global magnitude empties a layer of small weights; LAMP keeps its largest weights
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-3)
+    by_magnitude = prune_cycle(copy.deepcopy(model), WeightMasks.dense(model), rate=0.5, scope="global")
+    by_lamp = prune_cycle(copy.deepcopy(model), WeightMasks.dense(model), rate=0.5, scope="lamp")
+    assert by_magnitude.masks["1.weight"].sum() == 0
+    assert by_lamp.masks["1.weight"].sum() > 0 and by_lamp.alive() == by_magnitude.alive() == 64
 
 
 def test_ap_step_removes_only_negative_weights_that_moved_least():

@@ -144,7 +144,7 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "sparsity.targets": "overall weight sparsities (shares of zero Conv/Linear weights), one cycle + recovery each",
     "sparsity.pattern": "unstructured (by targets) | 2:4 (one cycle: 2 of every 4 input weights kept)",
     "sparsity.ap_fraction": "AP's share of each cycle's removals: surviving negative weights that changed least",
-    "sparsity.scope": "global (one ranking over all layers) | layer (each layer loses the same share)",
+    "sparsity.scope": "global (|w| over all layers) | layer (each layer loses the same share) | lamp (LAMP scores over all layers)",
     "sparsity.ap_reference": "AP in cycle 1: the student's weights when its last training began (a model file)",
     "sparsity.dnr_threshold": "a SiLU unit counts as dead when its pre-activation is at most this",
     "compare.n": "noises of the comparison grids and of the l2 to the unpruned student",
