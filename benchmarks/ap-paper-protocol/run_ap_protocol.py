@@ -519,10 +519,14 @@ def write_outputs(out: Path, work: Path, cfg: dict) -> None:
         f"- machine: {platform.machine()}, {AP_FMNIST.cpu_name()}, torch {torch.__version__}, 1 thread per process "
         "(2 cores shared with other jobs, run at nice 19)",
         f"- CPU time: {sum(dense_cpu) / 60:.1f} min dense trainings + {cycle_cpu / 60:.1f} min pruning cycles = "
-        f"{(sum(dense_cpu) + cycle_cpu) / 60:.1f} CPU-min (process CPU time, one thread); wall time per process: "
-        + ", ".join(f"{s.get('wall_seconds', 0) / 60:.1f} min (`{s['only'] or 'all'}`)" for s in runs_log),
+        f"{(sum(dense_cpu) + cycle_cpu) / 60:.1f} CPU-min (process CPU time, one thread); per process, wall / CPU "
+        "time at its last update (after each finished run): "
+        + ", ".join(
+            f"{s['wall_seconds'] / 60:.1f} / {s['cpu_seconds'] / 60:.1f} min (`{s['only'] or 'all'}`, {s['end']})"
+            for s in runs_log
+        ),
         "- CPU time of one retraining + test evaluation (mean over the cycles run): "
-        + ", ".join(f"{n} {mean_cycle_cpu(records, n):.1f} s" for n in cfg["networks"]),
+        + ", ".join(f"{n} {mean_cycle_cpu(records, n)}" for n in cfg["networks"]),
         "- status: "
         + (
             "all runs complete"
@@ -555,9 +559,9 @@ def write_outputs(out: Path, work: Path, cfg: dict) -> None:
     save_text(out / "README.md", "\n".join(lines))
 
 
-def mean_cycle_cpu(records: list[dict], network: str) -> float:
+def mean_cycle_cpu(records: list[dict], network: str) -> str:
     seconds = [r["cpu_seconds"] for r in records if r["network"] == network and r["cycle"] > 0]
-    return statistics.mean(seconds) if seconds else float("nan")
+    return f"{statistics.mean(seconds):.1f} s ({len(seconds)} cycles)" if seconds else "– (no cycle yet)"
 
 
 def protocol_lines(cfg: dict, params: dict, prunable: dict) -> list[str]:
