@@ -11,6 +11,7 @@ import copy
 import difflib
 import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,40 @@ def _as_type_of(default: Any, value: Any, path: str, where: str) -> Any:
     return float(number)
 
 
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers, so that `2:4` (an n:m sparsity pattern) or `1:30`
+    stay strings instead of becoming the integers 124 and 90. Other scalars resolve as in `yaml.safe_load`."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+# PyYAML's int and float patterns less their base-60 alternatives
+_Loader.add_implicit_resolver(
+    _INT_TAG,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    """YAML text to Python data, as `yaml.safe_load` reads it but without base-60 numbers (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> dict:
     """`a.b.c=value` -> {'a': {'b': {'c': value}}}; the value is parsed as YAML (numbers, lists, null...)."""
     if "=" not in text:
@@ -89,7 +124,7 @@ def parse_override(text: str) -> dict:
     path, raw = text.split("=", 1)
     if not path or any(not part for part in path.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = yaml_load(raw) if raw != "" else ""
     tree: dict = {}
     node = tree
     parts = path.split(".")
@@ -132,7 +167,7 @@ def resolve_config(spec: str | Path) -> Path:
 def load_yaml(path: str | Path) -> dict:
     path = resolve_config(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if data is None:

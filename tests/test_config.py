@@ -46,3 +46,13 @@ def test_make_config_takes_values_as_they_are():
     assert cfg["anneal"]["model"] == {"preset": "fmnist-student-s", "nf": 16}  # an open mapping takes new keys
     with pytest.raises(ConfigError, match="unknown config key 'pairs.nn'"):
         slimflow.make_config("run", "quickstart", pairs__nn=1)
+
+
+def test_n_of_m_patterns_stay_strings_in_overrides_and_files(tmp_path):
+    from slimflow.config import load_yaml, parse_override, yaml_load
+
+    # YAML 1.1 reads 2:4 as the base-60 integer 124; the project's loader keeps it as written
+    assert parse_override("sparsity.pattern=2:4") == {"sparsity": {"pattern": "2:4"}}
+    (tmp_path / "c.yaml").write_text("pattern: 2:4\nrate: 0.5\nsteps: 1_000\nlr: 1.0e-3\n")
+    assert load_yaml(tmp_path / "c.yaml") == {"pattern": "2:4", "rate": 0.5, "steps": 1000, "lr": 0.001}
+    assert yaml_load("[0x10, .inf, null, true]") == [16, float("inf"), None, True]

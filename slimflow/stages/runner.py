@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from slimflow import config as cfglib
 from slimflow.checkpoint import atomic_write_text, content_hash, save_model, shipped_path
@@ -75,7 +74,7 @@ def start_run_dir(out: Path, run_config: dict) -> None:
     except those in RESUMABLE_CHANGES; otherwise it is an error naming the differences (never a mixed run)."""
     path = out / "config.yaml"
     if path.is_file():
-        old, new = cfglib.flatten(yaml.safe_load(path.read_text()) or {}), cfglib.flatten(plain_config(run_config))
+        old, new = cfglib.flatten(cfglib.yaml_load(path.read_text()) or {}), cfglib.flatten(plain_config(run_config))
         diffs = [
             f"{key}: run has {old.get(key)!r}, requested {new.get(key)!r}"
             for key in sorted(set(old) | set(new))
