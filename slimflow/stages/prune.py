@@ -313,7 +313,7 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
     # the last training phase (start file, end file) and the model the weight cycles start from
     phase = (cfg["sparsity"]["ap_reference"], cfg["student"]) if cfg["sparsity"]["ap_reference"] else None
     if cfg["prune"]["channels"]:
-        summary["prune"], models["pruned"], _ = _prune_stage(cfg, student, sidecar, source, store, command)
+        summary["prune"], models["pruned"] = _prune_stage(cfg, student, sidecar, source, store, command)
         phase = None
         if cfg["recover"]["mode"] != "none":
             summary["recover"] = _recover_stage(cfg, student, models["pruned"], out, store, command)
@@ -353,11 +353,9 @@ def _file_meta(sidecar: dict) -> dict:
     }
 
 
-def _prune_stage(
-    cfg: dict, student: nn.Module, sidecar: dict, source: dict, store, command: str
-) -> tuple[dict, Path, dict]:
+def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, store, command: str) -> tuple[dict, Path]:
     """Write out/pruned.safetensors unless it was made from this student with these settings; returns the stage
-    summary, the file and its pruning record."""
+    summary and the file."""
     path = Path(cfg["out"]) / "pruned.safetensors"
     key = content_hash([source["sha256"], cfg["prune"], store is not None and pairs_hash(store)])
     started = time.time()
@@ -398,7 +396,6 @@ def _prune_stage(
             },
         },
         path,
-        record,
     )
 
 
