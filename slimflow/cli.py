@@ -127,6 +127,19 @@ def cmd_domain_net_train(args) -> None:
     )
 
 
+def _int8_fid(args) -> dict | None:
+    """export's FID-measure settings from --int8-fid-*, or None without --int8-fid-budget."""
+    if args.int8_fid_budget is None:
+        return None
+    name, _, split = args.int8_fid_reference.partition(":")
+    fid = {"reference": {"name": name, "split": split or "test"}, "n": args.int8_fid_samples}
+    if args.int8_fid_extractor is not None:
+        fid["extractor"] = args.int8_fid_extractor
+    if args.int8_fid_weights is not None:
+        fid["weights"] = args.int8_fid_weights
+    return fid
+
+
 def cmd_export(args) -> None:
     from slimflow.stages.export import INT8_OPS, export_model
 
@@ -144,6 +157,8 @@ def cmd_export(args) -> None:
                 int8_ops=tuple(args.int8_ops) if args.int8_ops else INT8_OPS,
                 int8_exclude=tuple(args.int8_exclude),
                 int8_budget=args.int8_budget,
+                int8_fid_budget=args.int8_fid_budget,
+                int8_fid=_int8_fid(args),
                 int8_reduce_range=not args.int8_full_range,
             ),
             indent=1,
@@ -354,6 +369,18 @@ def _add_file_commands(sub, teacher) -> None:
         default=None,
         help="int8: also a mixed-precision file (sensitivity scan per block) within this image RMSE to fp32",
     )
+    p.add_argument(
+        "--int8-fid-budget",
+        type=float,
+        default=None,
+        help="int8: instead, a mixed-precision file within this relative FID increase over fp32 (0.05: +5%%)",
+    )
+    p.add_argument("--int8-fid-samples", type=int, default=1000, help="int8 FID budget: samples per FID")
+    p.add_argument(
+        "--int8-fid-reference", default="fashion_mnist:test", help="int8 FID budget: reference set NAME[:SPLIT]"
+    )
+    p.add_argument("--int8-fid-extractor", default=None, help="int8 FID budget: feature extractor (domain)")
+    p.add_argument("--int8-fid-weights", default=None, help="int8 FID budget: the extractor's weights file")
     p.add_argument(
         "--int8-full-range",
         action="store_true",

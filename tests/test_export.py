@@ -156,15 +156,15 @@ def test_mixed_precision_plan_within_an_error_budget(int8_export, tmp_path):
     import onnxruntime as ort
 
     from slimflow.flow import noise_for
-    from slimflow.stages.export import block_of, image_error, int8_mixed, quantize_int8
+    from slimflow.stages.export import block_of, image_error, int8_mixed, quantize_int8, rmse_to_fp32
 
     folder, _, report = int8_export
     fp32_path = folder / "a" / "generator.onnx"
     check = noise_for(list(range(16)), 0, (1, 16, 16))
     full = report["int8"]["image_error_to_fp32"]["rmse"]
     budget = full / 2
-    plan = int8_mixed(fp32_path, tmp_path / "mixed.onnx", (1, 16, 16), budget, check, 8, 1)
-    ranked = [row["rmse_alone"] for row in plan["scan"]]
+    plan = int8_mixed(fp32_path, tmp_path / "mixed.onnx", (1, 16, 16), rmse_to_fp32(fp32_path, check), budget, 8, 1)
+    ranked = [row["error_alone"] for row in plan["scan"]]
     assert ranked == sorted(ranked) and len(ranked) >= 5  # stem conv, res blocks, attention, output conv
     assert plan["int8_blocks"] and plan["fp32_blocks"]
     assert plan["int8_blocks"] + plan["fp32_blocks"] == [row["block"] for row in plan["scan"]]
@@ -175,7 +175,7 @@ def test_mixed_precision_plan_within_an_error_budget(int8_export, tmp_path):
         )[0]  # noqa: E731
         return image_error(torch.from_numpy(run(path)), torch.from_numpy(run(fp32_path)))["rmse"]
 
-    assert rmse(tmp_path / "mixed.onnx") == pytest.approx(plan["rmse"]) and plan["rmse"] <= budget
+    assert rmse(tmp_path / "mixed.onnx") == pytest.approx(plan["error"]) and plan["error"] <= budget
     import onnx
 
     graph = onnx.load(str(tmp_path / "mixed.onnx")).graph
@@ -195,6 +195,46 @@ def test_mixed_precision_plan_within_an_error_budget(int8_export, tmp_path):
     assert rmse(tmp_path / "more.onnx") > budget
 
 
+def test_mixed_precision_plan_within_a_fid_budget(int8_export, tmp_path):
+    """With a FID budget, every file is scored by its FID against the reference, as bench computes it from the
+    fp32 model's own one-step images; the plan's file is within the budget and its score is the one reported."""
+    from slimflow.data import to_uint8
+    from slimflow.flow import noise_for
+    from slimflow.metrics import compute_metrics
+    from slimflow.sample import one_step_images
+    from slimflow.stages.export import fid_of_file
+
+    folder, model, _ = int8_export
+    fid = {"reference": {"name": "fashion_mnist", "split": "test", "n": 300}, "n": 64, "cache_dir": str(tmp_path)}
+    report = export_model(
+        folder / "student.safetensors",
+        tmp_path / "out",
+        formats=("onnx",),
+        warmup=0,
+        repeats=1,
+        int8=True,
+        calibration=8,
+        int8_fid_budget=0.5,
+        int8_fid=fid,
+    )
+    mixed = report["int8_mixed"]
+    assert mixed["metric"] == "FID (domain)" and mixed["fid"]["reference"]["image_size"] == 16
+    assert mixed["budget"] == pytest.approx(mixed["fp32"] * 1.5)
+    ranked = [row["error_alone"] for row in mixed["scan"]]
+    assert ranked == sorted(ranked) and len(ranked) >= 5
+    with torch.no_grad():
+        own = to_uint8(one_step_images(model, noise_for(list(range(64)), 0, (1, 16, 16))))
+    reference = {"name": "fashion_mnist", "split": "test", "n": 300, "image_size": 16}
+    direct = compute_metrics(own, reference, metrics=("fid",), cache_dir=tmp_path, device="cpu", progress=False)
+    assert mixed["fp32"] == pytest.approx(direct["FID (domain)"], rel=1e-3)
+    if mixed["file"]:
+        score = fid_of_file({**mixed["fid"], "cache_dir": str(tmp_path)})
+        assert score(tmp_path / "out" / "generator.int8-mixed.onnx") == pytest.approx(mixed["error"])
+        assert mixed["error"] <= mixed["budget"]
+    else:
+        assert min(ranked) > mixed["budget"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -204,6 +244,12 @@ def test_mixed_precision_plan_within_an_error_budget(int8_export, tmp_path):
         ({"int8_ops": ()}, ValueError, "int8_ops"),
         ({"formats": ("torch_export",)}, ValueError, "add 'onnx' to formats"),
         ({"int8_budget": 0.0}, ValueError, "int8_budget"),
+        ({"int8_fid_budget": -0.1}, ValueError, "int8_fid_budget"),
+        ({"int8_fid_budget": 0.1, "int8_budget": 0.01}, ValueError, "no int8_budget"),
+        ({"int8_fid_budget": 0.1, "int8_fid": {"n": 1}}, ValueError, "samples per FID"),
+        ({"int8_fid_budget": 0.1, "int8_fid": {"samples": 10}}, ValueError, "unknown int8_fid keys"),
+        ({"int8_fid": {"n": 10}}, ValueError, "only with int8_fid_budget"),
+        ({"int8_fid_budget": 0.1, "int8_fid": {"weights": "missing.safetensors"}}, FileNotFoundError, "missing.safetensors"),
     ],
 )
 def test_bad_int8_settings_fail_before_any_work(tmp_path, kwargs, error, match):

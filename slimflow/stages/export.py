@@ -21,9 +21,10 @@ Writes to `out_dir`:
   every weight of the UNet's image path; normalisations, activations and the residual adds stay fp32) on the
   noise's path, minus the nodes `int8_exclude`; the time-embedding branch depends only on the batch size, not on
   the noise, and is always left in fp32.
-- `generator.int8-mixed.onnx` (with `int8_budget`): a sensitivity scan quantizes one block at a time, then the
-  least sensitive blocks are quantized together as long as the image RMSE to fp32 stays within the budget; the
-  others stay fp32 (`int8_mixed`).
+- `generator.int8-mixed.onnx` (with `int8_budget` or `int8_fid_budget`): a sensitivity scan quantizes one block at
+  a time, then the least sensitive blocks are quantized together as long as the error stays within the budget:
+  the image RMSE to fp32 (`int8_budget`), or the FID against a reference set relative to the fp32 file's
+  (`int8_fid_budget`: 0.05 allows +5 %); the others stay fp32 (`int8_mixed`).
 - `export.json`: what was written, the parity checks, file sizes and latencies.
 
 Checks: the reloaded .pt2 program and onnxruntime (CPU provider) must reproduce PyTorch's output on the same
@@ -40,6 +41,7 @@ import copy
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,7 +49,9 @@ from torch import nn
 
 from pruning.measure import count_params, median_ms
 from slimflow.checkpoint import atomic_file, atomic_write_text, require_writable
+from slimflow.data import to_uint8
 from slimflow.flow import noise_for
+from slimflow.metrics import DEFAULT_CACHE_DIR, compute_metrics, metric_label, resolve_extractor
 from slimflow.sample import one_step_images, one_step_time
 from teachers.zoo import load_model
 
@@ -57,6 +61,14 @@ CHECK_BATCH = 4
 MAX_BATCH = 4096
 INT8_CHECK = 64  # noise of (seed, 0..63): the int8 file's image error to fp32
 INT8_OPS = ("Conv", "MatMul")
+INT8_FID = {  # the FID that int8_fid_budget is measured by (see fid_of_file)
+    "reference": {"name": "fashion_mnist", "split": "test"},  # image_size: the model's, unless given
+    "n": 1000,
+    "seed": 0,
+    "extractor": "domain",
+    "weights": None,
+    "cache_dir": DEFAULT_CACHE_DIR,
+}
 INPUT, OUTPUT = "noise", "image"
 WEIGHT_TYPES = (1, 3, 10, 11)  # onnx.TensorProto FLOAT, INT8, FLOAT16, DOUBLE: initializers counted as parameters
 ONNX_EXTRA = "pip install 'slimflow[onnx]' (onnx, onnxscript, onnxruntime)"
@@ -281,6 +293,48 @@ def image_error(got: torch.Tensor, reference: torch.Tensor) -> dict:
     }
 
 
+def rmse_to_fp32(fp32_path: Path, check: torch.Tensor) -> Callable[[Path], float]:
+    """A quantized file's score: the RMSE of its images of the noise `check` to the fp32 file's."""
+    reference = _run(_session(fp32_path), check)
+    return lambda path: image_error(_run(_session(path), check), reference)["rmse"]
+
+
+def fid_of_file(fid: dict) -> Callable[[Path], float]:
+    """A file's score: its FID against a reference set, from the images of the noise of (seed, 0..n-1), as
+    `slimflow bench` computes it. `fid`: {reference: a reference spec (see slimflow.metrics.reference_images),
+    n, seed, extractor, weights, cache_dir}; the reference features are cached in cache_dir."""
+    label = metric_label("fid", fid["extractor"])
+
+    def score(path: Path) -> float:
+        images = to_uint8(OnnxGenerator(path).sample(fid["n"], fid["seed"], 250))
+        return compute_metrics(
+            images,
+            fid["reference"],
+            fid["extractor"],
+            metrics=("fid",),
+            weights=fid["weights"],
+            cache_dir=fid["cache_dir"],
+            device="cpu",
+            progress=False,
+        )[label]
+
+    return score
+
+
+def check_fid_settings(fid: dict) -> dict:
+    """The FID measure's settings with their defaults, checked before any work."""
+    unknown = sorted(set(fid) - set(INT8_FID))
+    if unknown:
+        raise ValueError(f"unknown int8_fid keys {unknown}; it has {sorted(INT8_FID)}")
+    fid = {**INT8_FID, **fid}
+    if isinstance(fid["n"], bool) or not isinstance(fid["n"], int) or fid["n"] < 2:
+        raise ValueError(f"int8_fid n (samples per FID) must be an integer >= 2, got {fid['n']!r}")
+    if not isinstance(fid["reference"], dict) or "name" not in fid["reference"]:
+        raise ValueError(f"int8_fid reference must be a spec with a name (e.g. {INT8_FID['reference']})")
+    resolve_extractor(fid["extractor"], fid["weights"])  # missing weights stop before any export
+    return fid
+
+
 def block_of(node_name: str) -> str:
     """The block a node belongs to, from its module-path name: "all_modules.12.Conv_0/node_conv2d_18" ->
     "all_modules.12" (a ModuleList entry), "conv_out/x" -> "conv_out"; nodes outside any module -> "(top)"."""
@@ -295,8 +349,8 @@ def int8_mixed(
     fp32_path: Path,
     out_path: Path,
     shape: tuple[int, ...],
-    budget_rmse: float,
-    check: torch.Tensor,
+    error: Callable[[Path], float],
+    budget: float,
     calibration: int,
     calibration_seed: int,
     calibration_batch: int = 16,
@@ -304,24 +358,24 @@ def int8_mixed(
     int8_exclude: tuple[str, ...] = (),
     reduce_range: bool = True,
 ) -> dict:
-    """Sensitivity scan and a mixed-precision plan within an image-error budget.
+    """Sensitivity scan and a mixed-precision plan within an error budget.
 
-    Each block's quantizable nodes (op types `int8_ops` on the noise's path) are quantized alone and the RMSE of
-    the images of `check` to the fp32 file's is recorded. Blocks are then quantized in order of increasing RMSE:
-    the plan is the longest prefix of that order whose model stays within `budget_rmse`, found by bisection
-    (which assumes the error grows with each block added); the rest stay fp32. Writes the plan's file to
-    `out_path` (nothing when no block fits) and returns the scan and the plan."""
+    `error(path)` scores a quantized file (lower is better: the image RMSE to fp32 of `rmse_to_fp32`, or the FID
+    of `fid_of_file`). Each block's quantizable nodes (op types `int8_ops` on the noise's path) are quantized
+    alone and scored. Blocks are then quantized in order of increasing error: the plan is the longest prefix of
+    that order whose file scores at most `budget`, found by bisection (which assumes the error grows with each
+    block added); the rest stay fp32. Writes the plan's file to `out_path` (nothing when no block fits) and
+    returns the scan and the plan."""
     import onnx
 
-    if not budget_rmse > 0:
-        raise ValueError(f"the int8 error budget must be a positive RMSE, got {budget_rmse!r}")
+    if not budget > 0:
+        raise ValueError(f"the int8 error budget must be positive, got {budget!r}")
     model = onnx.load(str(fp32_path))
     free = set(noise_path_excluded(model)) | set(int8_exclude)
     blocks: dict[str, list[str]] = {}
     for node in model.graph.node:
         if node.op_type in int8_ops and node.name not in free:
             blocks.setdefault(block_of(node.name), []).append(node.name)
-    reference = _run(_session(fp32_path), check)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".int8-scan-") as scratch:
         trials: dict[tuple[str, ...], float] = {}
         files: dict[tuple[str, ...], Path] = {}
@@ -343,7 +397,7 @@ def int8_mixed(
                 excluded,
                 reduce_range,
             )
-            trials[chosen] = image_error(_run(_session(path), check), reference)["rmse"]
+            trials[chosen] = error(path)
             return trials[chosen]
 
         alone = {block: quantized((block,)) for block in blocks}
@@ -351,7 +405,7 @@ def int8_mixed(
         low, high = 0, len(order)  # the longest prefix within the budget: order[:low] fits, order[:high + 1] does not
         while low < high:
             mid = (low + high + 1) // 2
-            if quantized(tuple(order[:mid])) <= budget_rmse:
+            if quantized(tuple(order[:mid])) <= budget:
                 low = mid
             else:
                 high = mid - 1
@@ -359,11 +413,11 @@ def int8_mixed(
         if plan:  # every prefix the bisection accepted was quantized and measured
             files[plan].replace(out_path)
     return {
-        "budget_rmse": budget_rmse,
-        "scan": [{"block": b, "nodes": len(blocks[b]), "rmse_alone": alone[b]} for b in order],
+        "budget": budget,
+        "scan": [{"block": b, "nodes": len(blocks[b]), "error_alone": alone[b]} for b in order],
         "int8_blocks": list(plan),
         "fp32_blocks": order[low:],
-        "rmse": trials[plan] if plan else 0.0,
+        "error": trials[plan] if plan else None,
         "quantizations": len(files),
         "file": str(out_path) if plan else None,
     }
@@ -436,13 +490,16 @@ def export_model(
     int8_ops: tuple[str, ...] = INT8_OPS,
     int8_exclude: tuple[str, ...] = (),
     int8_budget: float | None = None,
+    int8_fid_budget: float | None = None,
+    int8_fid: dict | None = None,
     int8_reduce_range: bool = True,
 ) -> dict:
     """Export the one-step generator of a velocity model file (any format `teachers.zoo.load_model` reads; a
     reference DDPM++ checkpoint needs `resolution`); returns (and writes as export.json) a report: files, params,
     max abs differences to PyTorch on the noise of (seed, 0..3), and batch-1 latencies. `int8`: also the
     statically quantized ONNX file (see the module docstring for the calibration and int8 settings); `int8_budget`:
-    also the mixed-precision file within that image RMSE to fp32 (see `int8_mixed`)."""
+    also the mixed-precision file within that image RMSE to fp32 (see `int8_mixed`); `int8_fid_budget`: instead,
+    within that relative FID increase over the fp32 file (0.05: +5 %), FID as `int8_fid` says (see INT8_FID)."""
     bad = sorted(set(formats) - set(FORMATS))
     if bad or not formats:
         raise ValueError(f"unknown export formats {bad or formats}; choose from {FORMATS}")
@@ -452,6 +509,15 @@ def export_model(
         check_int8_settings(calibration, calibration_batch, int8_ops)
     if int8_budget is not None and not (int8 and int8_budget > 0):
         raise ValueError(f"int8_budget (a positive image RMSE) needs int8=True, got {int8_budget!r}, int8={int8}")
+    if int8_fid_budget is not None:
+        if not (int8 and int8_fid_budget > 0) or int8_budget is not None:
+            raise ValueError(
+                f"int8_fid_budget (a positive relative FID increase) needs int8=True and no int8_budget, got "
+                f"{int8_fid_budget!r}, int8={int8}, int8_budget={int8_budget!r}"
+            )
+        int8_fid = check_fid_settings(int8_fid or {})
+    elif int8_fid is not None:
+        raise ValueError("int8_fid (the FID measure's settings) is used only with int8_fid_budget")
     if isinstance(model_path, (str, Path)) and Path(model_path).suffix == ".onnx":
         raise ValueError(
             f"{str(model_path)!r} is an exported ONNX file; export takes the velocity model file it came from"
@@ -514,15 +580,30 @@ def export_model(
             "image_error_to_fp32": {"n": INT8_CHECK, **image_error(_run(int8_session, check), _run(fp32, check))},
             "latency_ms_b1": _latency(int8_session, z, warmup, repeats),
         }
-    if int8_budget is not None:
+    if int8_budget is not None or int8_fid_budget is not None:
         path = out / "generator.int8-mixed.onnx"
         path.unlink(missing_ok=True)  # a plan of no block writes no file: none may be left from an earlier run
-        mixed = int8_mixed(
+        if int8_budget is not None:
+            error, budget, measure = rmse_to_fp32(out / "generator.onnx", check), int8_budget, {"metric": "rmse"}
+        else:
+            reference = {"image_size": shape[-1], **int8_fid["reference"]}
+            int8_fid = {**int8_fid, "reference": reference}
+            error = fid_of_file(int8_fid)
+            fp32_fid, int8_fid_value = error(out / "generator.onnx"), error(out / "generator.int8.onnx")
+            budget = fp32_fid * (1 + int8_fid_budget)
+            measure = {
+                "metric": metric_label("fid", int8_fid["extractor"]),
+                "fid": {k: v for k, v in int8_fid.items() if k != "cache_dir"},
+                "fid_budget": int8_fid_budget,
+                "fp32": fp32_fid,
+                "int8": int8_fid_value,
+            }
+        mixed = measure | int8_mixed(
             out / "generator.onnx",
             path,
             shape,
-            int8_budget,
-            check,
+            error,
+            budget,
             calibration,
             calibration_seed,
             calibration_batch,
