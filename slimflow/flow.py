@@ -172,3 +172,35 @@ def noise_for(
         generator.manual_seed(_fmix32((base + index) & _MASK32))
         out[row].copy_(torch.randn(shape, generator=generator, out=draw))  # rounds to nearest float32
     return out.to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ labels
+LABEL_SCHEME = "fmix32(fmix32(blake2b32(seed) + index) ^ 0x5bd1e995) mod num_classes"
+_LABEL_SALT = 0x5BD1E995
+
+
+def _check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    return num_classes
+
+
+def labels_for(indices: int | Sequence[int] | torch.Tensor, seed: int, num_classes: int) -> torch.Tensor:
+    """The class labels of pairs `indices` (int64, (B,)), bit-exact from (seed, index) alone like their noise:
+    fmix32(noise_seed(seed, index) ^ salt) mod num_classes (`LABEL_SCHEME`; the salt keeps them apart from the
+    noise stream, the modulo bias is < 10⁻⁸ for any class count below 100)."""
+    _check_num_classes(num_classes)
+    idx = _as_indices(indices)
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) > _MASK32):
+        raise ValueError(f"pair indices must lie in [0, 2^32), got min {int(idx.min())}, max {int(idx.max())}")
+    base = _seed_base(seed)
+    out = [_fmix32(_fmix32((base + i) & _MASK32) ^ _LABEL_SALT) % num_classes for i in idx.tolist()]
+    return torch.tensor(out, dtype=torch.long).reshape(len(idx))
+
+
+def balanced_labels(indices: int | Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class-balanced labels: sample i is of class i mod num_classes (n samples hold every class ⌊n/K⌋ or
+    ⌈n/K⌉ times)."""
+    _check_num_classes(num_classes)
+    idx = torch.arange(indices) if isinstance(indices, int) else _as_indices(indices)
+    return idx % num_classes

@@ -273,6 +273,7 @@ def velocity_loss(kind: str) -> Callable:
     d = distance(kind)
 
     def loss_fn(model, batch):
-        return d(model(batch["x_t"], batch["t"]), batch["target"]).mean()
+        labels = (batch["labels"],) if "labels" in batch else ()  # a class-conditional model's labels
+        return d(model(batch["x_t"], batch["t"], *labels), batch["target"]).mean()
 
     return loss_fn

@@ -7,6 +7,12 @@ reference checkpoint loads into it (see `teachers.reference`).
 
 `model(x, t)` takes t in [0, 1] (t = 0 noise, t = 1 data) and feeds `time_scale * t` (999 by default, as the
 RectifiedFlow reference calls its network on 999·t) to the sinusoidal embedding.
+
+Class-conditional models (`num_classes` K > 0 in the config) are called `model(x, t, labels)` with int labels in
+[0, K) or `NO_LABEL` (-1, "no label": the unconditional branch of classifier-free guidance). As in EDM's SongUNet,
+the label enters as `map_label(one_hot(label)·√K)`, a Linear K → nf added to the sinusoidal time embedding before
+the embedding MLP; "no label" is the zero one-hot vector. An unconditional model (K = 0, the default) has no
+`map_label` and its config no `num_classes` key: its state dict, config and outputs are those of before.
 """
 
 from __future__ import annotations
@@ -154,6 +160,7 @@ class UNet(nn.Module):
         attn_resolutions: Sequence[int],
         dropout: float = 0.0,
         time_scale: float = 999.0,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         ch_mult = [int(m) for m in ch_mult]
@@ -169,6 +176,11 @@ class UNet(nn.Module):
             "dropout": float(dropout),
             "time_scale": float(time_scale),
         }
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
+        self.num_classes = int(num_classes)
+        if self.num_classes:  # only then: an unconditional config is exactly that of before
+            self.config["num_classes"] = self.num_classes
         self.in_channels = in_channels
         self.resolution = resolution
         self.nf = nf
@@ -207,13 +219,20 @@ class UNet(nn.Module):
 
         modules += [_group_norm(ch), _conv(ch, in_channels, 3, init_scale=0.0)]
         self.all_modules = nn.ModuleList(modules)
+        # EDM SongUNet's map_label (xavier-uniform weight, zero bias); only in conditional models
+        self.map_label = _dense(self.num_classes, nf) if self.num_classes else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """Velocity at (x, t): x (B, C, H, W), t in [0, 1] of shape (B,) or a scalar; returns x's shape."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor | Sequence[int] | int | None = None
+    ) -> torch.Tensor:
+        """Velocity at (x, t[, labels]): x (B, C, H, W), t in [0, 1] of shape (B,) or a scalar, labels (B,) ints in
+        [0, num_classes) or NO_LABEL (conditional models only, where they are required); returns x's shape."""
         t = self._check_inputs(x, t)
         blocks: Iterator[nn.Module] = iter(self.all_modules)
         emb_dtype = torch.promote_types(x.dtype, torch.float32)
         emb = timestep_embedding(t.to(emb_dtype) * self.time_scale, self.nf)
+        if self.map_label is not None or labels is not None:
+            emb = emb + self.label_embedding(check_labels(labels, self.num_classes, x.shape[0], x.device), emb.dtype)
         dense_0, dense_1 = next(blocks), next(blocks)
         temb_act = self.temb_act_1(dense_1(self.temb_act_0(dense_0(emb.to(dense_0.weight.dtype)))))
 
@@ -242,6 +261,12 @@ class UNet(nn.Module):
         h = self.out_act(next(blocks)(h))
         return next(blocks)(h)
 
+    def label_embedding(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """map_label(one_hot(labels)·√K) (B, nf); NO_LABEL rows are the zero vector's embedding (the bias)."""
+        classes = torch.arange(self.num_classes, device=labels.device)
+        one_hot = (labels[:, None] == classes[None, :]).to(self.map_label.weight.dtype)
+        return self.map_label(one_hot * math.sqrt(self.num_classes)).to(dtype)
+
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         expected = (self.in_channels, self.resolution, self.resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -257,6 +282,42 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"UNet expects t of shape ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
         return t
+
+
+NO_LABEL = -1  # the "no label" class of a conditional model (classifier-free guidance's unconditional branch)
+
+
+def check_labels(labels: Any, num_classes: int, batch: int, device: torch.device | None = None) -> torch.Tensor:
+    """`labels` as an int64 tensor of shape (batch,) (an int is broadcast), or a ValueError saying what is wrong:
+    labels for an unconditional model (num_classes 0), none for a conditional one, non-integers, a wrong shape, or
+    a label outside [0, num_classes) other than NO_LABEL."""
+    if not num_classes:
+        if labels is not None:
+            raise ValueError(
+                "labels were given to an unconditional model (its config has no num_classes); call it as model(x, t)"
+            )
+        return None
+    if labels is None:
+        raise ValueError(
+            f"this model is class-conditional ({num_classes} classes): call it as model(x, t, labels), labels in "
+            f"[0, {num_classes}) or NO_LABEL = {NO_LABEL} for no label"
+        )
+    labels = torch.as_tensor(labels, device=device)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers (class indices), got dtype {labels.dtype}")
+    labels = labels.to(torch.long)
+    if labels.ndim == 0:
+        labels = labels.expand(batch)
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},) (one per sample) or be one int, got {tuple(labels.shape)}")
+    if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        bad = (labels >= num_classes) | (labels < NO_LABEL)
+        if bad.any():
+            raise ValueError(
+                f"label {int(labels[bad][0])} is outside [0, {num_classes}) (the model has {num_classes} classes; "
+                f"NO_LABEL = {NO_LABEL} means no label)"
+            )
+    return labels
 
 
 def _check_arguments(
@@ -293,7 +354,7 @@ def _check_arguments(
 
 
 _REQUIRED_KEYS = UNET_KEYS = ("in_channels", "resolution", "nf", "ch_mult", "num_res_blocks", "attn_resolutions")
-_OPTIONAL_KEYS = ("dropout", "time_scale")
+_OPTIONAL_KEYS = ("dropout", "time_scale", "num_classes")
 
 
 def build_unet(config: dict[str, Any]) -> UNet:

@@ -1,0 +1,209 @@
+"""Class-conditional flows (issue 15): the UNet's label embedding, seeded labels, the teacher stage with labels and
+label dropout, and the unconditional path left exactly as it was."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimflow.checkpoint import read_model_file
+from slimflow.flow import balanced_labels, labels_for, noise_for
+from slimflow.sample import conditioned, sample
+from slimflow.stages.teacher import teacher_job, train_teacher
+from teachers.unet import NO_LABEL, PRESETS, build_unet
+from teachers.zoo import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"preset": None, "nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def tiny_unet(num_classes: int = 0, resolution: int = 8) -> torch.nn.Module:
+    cfg = {k: v for k, v in TINY.items() if k != "preset"}
+    extra = {"num_classes": num_classes} if num_classes else {}
+    return build_unet({**cfg, "in_channels": 1, "resolution": resolution, **extra})
+
+
+def randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Every weight random (the zero-initialised output layer would hide what the labels do)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- the UNet
+def test_unconditional_teacher_file_loads_with_the_same_keys_and_outputs_as_before():
+    """The committed unconditional teacher: same state-dict keys, config without num_classes, and outputs
+    bit-identical to those of the UNet before conditioning existed (fixture written by that code)."""
+    teacher = load_model(ROOT / "teachers/weights/fmnist_teacher.safetensors")
+    assert teacher.num_classes == 0 and "num_classes" not in teacher.config and teacher.map_label is None
+    assert set(teacher.state_dict()) == set(load_file(ROOT / "teachers/weights/fmnist_teacher.safetensors"))
+    z, t = noise_for(range(4), 0, (1, 32, 32)), torch.tensor([0.0, 0.3, 0.7, 1.0])
+    expected = load_file(ROOT / "tests/fixtures/fmnist_teacher_velocity.safetensors")["velocity"]
+    assert torch.equal(teacher(z, t), expected)
+
+
+def test_unconditional_init_is_unchanged_by_the_conditional_code():
+    torch.manual_seed(3)
+    plain = build_unet(PRESETS["fmnist-student-s"])
+    torch.manual_seed(3)
+    cond = build_unet({**PRESETS["fmnist-student-s"], "num_classes": 10})
+    assert set(cond.state_dict()) - set(plain.state_dict()) == {"map_label.weight", "map_label.bias"}
+    for name, tensor in plain.state_dict().items():  # map_label is built last: the shared weights are the same
+        assert torch.equal(tensor, cond.state_dict()[name]), name
+    assert cond.config == {**plain.config, "num_classes": 10}
+
+
+def test_labels_change_the_velocity_and_no_label_is_the_zero_one_hot():
+    model = randomised(tiny_unet(num_classes=3))
+    x, t = torch.randn(3, 1, 8, 8), torch.full((3,), 0.4)
+    v = [model(x, t, torch.full((3,), c)) for c in range(3)]
+    assert not torch.allclose(v[0], v[1]) and not torch.allclose(v[1], v[2])
+    assert torch.equal(model(x, t, 2), v[2])  # one int is every sample's label
+    with torch.no_grad():
+        model.map_label.bias.zero_()
+    # with a zero bias, "no label" adds nothing to the time embedding
+    plain = tiny_unet()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("map_label")})
+    assert torch.allclose(model(x, t, torch.full((3,), NO_LABEL)), plain(x, t), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "labels", "message"),
+    [
+        (3, None, "class-conditional .3 classes.: call it as model.x, t, labels."),
+        (3, torch.tensor([0, 3, 1]), r"label 3 is outside \[0, 3\)"),
+        (3, torch.tensor([0, -2, 1]), r"label -2 is outside \[0, 3\)"),
+        (3, torch.tensor([0.0, 1.0, 2.0]), "labels must be integers"),
+        (3, torch.tensor([0, 1]), r"labels must have shape \(3,\)"),
+        (0, torch.tensor([0, 1, 2]), "labels were given to an unconditional model"),
+    ],
+)
+def test_bad_labels_are_clear_errors(num_classes, labels, message):
+    model = tiny_unet(num_classes)
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(3, 1, 8, 8), 0.5, labels)
+
+
+def test_bad_num_classes_is_refused():
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+            tiny_unet(num_classes=bad)
+
+
+# ------------------------------------------------------------------------------------------- labels
+def test_labels_are_regenerated_bit_exactly_from_seed_and_index():
+    whole = labels_for(range(1000), 7, 10)
+    assert whole.dtype == torch.long and whole.shape == (1000,)
+    assert torch.equal(labels_for([999, 3, 500], 7, 10), whole[[999, 3, 500]])  # any order, any subset
+    assert torch.equal(labels_for(torch.arange(500, 1000), 7, 10), whole[500:])
+    assert not torch.equal(labels_for(range(1000), 8, 10), whole)  # another seed, other labels
+    counts = torch.bincount(whole, minlength=10)
+    assert counts.min() > 60 and counts.max() < 140  # every class, about 100 each
+    assert int(labels_for([0], 7, 10)) == int(whole[0])
+    # fixed values: the scheme is part of the pair-store format (changing it would change stored pairs' labels)
+    assert labels_for(range(8), 0, 10).tolist() == LABELS_SEED0
+
+
+LABELS_SEED0 = [5, 3, 3, 1, 6, 6, 0, 0]
+
+
+def test_balanced_labels_and_bad_class_counts():
+    assert balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert balanced_labels(torch.tensor([4, 5]), 3).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+        labels_for(range(3), 0, 0)
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def test_sampling_labels_and_guidance():
+    model = randomised(tiny_unet(num_classes=3))
+    model.sample_shape = (1, 8, 8)
+    balanced, _ = sample(model, 6, method="euler", steps=2, seed=1)
+    explicit, _ = sample(model, 6, method="euler", steps=2, seed=1, labels=balanced_labels(6, 3))
+    assert torch.equal(balanced, explicit)
+    one_class, _ = sample(model, 6, method="euler", steps=2, seed=1, labels=2)
+    assert torch.equal(one_class[2::3], balanced[2::3]) and not torch.allclose(one_class[:2], balanced[:2])
+    # w = 1 is plain conditioning; w = 0 is the "no label" model
+    guided1, nfe = sample(model, 6, method="euler", steps=2, seed=1, guidance=1.0)
+    assert torch.equal(guided1, balanced) and nfe == 2
+    guided0, _ = sample(model, 6, method="euler", steps=2, seed=1, guidance=0.0)
+    no_label, _ = sample(model, 6, method="euler", steps=2, seed=1, labels=torch.full((6,), NO_LABEL))
+    assert torch.allclose(guided0, no_label, atol=1e-6)
+    z, t, lab = torch.randn(2, 1, 8, 8), torch.full((2,), 0.3), torch.tensor([0, 1])
+    v = conditioned(model, lab, 2.5)(z, t)
+    expected = model(z, t, torch.full((2,), NO_LABEL)) + 2.5 * (model(z, t, lab) - model(z, t, torch.full((2,), -1)))
+    assert torch.allclose(v, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="labels must be a class, 'balanced'"):
+        sample(model, 6, labels="every")
+    with pytest.raises(ValueError, match=r"label 5 is outside \[0, 3\)"):
+        sample(model, 6, labels=5)
+    plain = tiny_unet()
+    plain.sample_shape = (1, 8, 8)
+    with pytest.raises(ValueError, match="labels were given to an unconditional model"):
+        sample(plain, 2, labels=1)
+    with pytest.raises(ValueError, match="guidance .scale 2.0. needs a class-conditional model"):
+        sample(plain, 2, guidance=2.0)
+
+
+# ------------------------------------------------------------------------------------------- teacher stage
+def teacher_config(out, model=None, flow=None, **train):
+    return {
+        "out": str(out),
+        "data": {"name": "digits", "image_size": 8},
+        "model": {**TINY, **(model or {})},
+        "flow": flow or {},
+        "train": {"steps": 4, "batch_size": 8, "warmup": 2, "log_every": 2, "ckpt_every": 2, **train},
+        "sample": {"n": 4, "steps": 2},
+    }
+
+
+def test_unconditional_teacher_run_config_has_no_new_setting():
+    from slimflow.stages.runner import full_config
+    from slimflow.stages.teacher import DEFAULTS
+
+    job = teacher_job(full_config(DEFAULTS, teacher_config("unused")))
+    assert "label_dropout" not in job.run_config["flow"] and "num_classes" not in job.run_config["model"]
+    assert "label_dropout" not in job.meta
+
+
+def test_conditional_teacher_trains_with_labels_resumes_exactly_and_exports(tmp_path):
+    cond = {"num_classes": 10}
+    whole = train_teacher(teacher_config(tmp_path / "whole", cond, {"label_dropout": 0.25}))
+    first = train_teacher(teacher_config(tmp_path / "split", cond, {"label_dropout": 0.25}, steps=2))
+    resumed = train_teacher(teacher_config(tmp_path / "split", cond, {"label_dropout": 0.25}))
+    assert first["status"] == "ran" and resumed["status"] == "resumed" and resumed["steps"] == 4
+    a, b = read_model_file(whole["export"])[1], read_model_file(resumed["export"])[1]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # resumed == uninterrupted
+    sidecar, _ = read_model_file(whole["export"])
+    assert sidecar["model"]["num_classes"] == 10 and sidecar["label_dropout"] == 0.25
+    teacher = load_model(whole["export"])
+    assert teacher.num_classes == 10
+    with pytest.raises(ValueError, match="class-conditional"):
+        teacher(torch.randn(2, 1, 8, 8), 0.5)
+    # the labels matter: the same run with dropout 0 trains other weights
+    other = train_teacher(teacher_config(tmp_path / "nodrop", cond, {"label_dropout": 0.0}))
+    c = read_model_file(other["export"])[1]
+    assert not torch.equal(a["map_label.weight"], c["map_label.weight"])
+
+
+def test_teacher_label_settings_are_checked_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="flow.label_dropout = 0.1 needs a class-conditional model"):
+        train_teacher(teacher_config(tmp_path / "a", flow={"label_dropout": 0.1}))
+    with pytest.raises(ValueError, match=r"flow.label_dropout must be a number in \[0, 1\)"):
+        train_teacher(teacher_config(tmp_path / "b", {"num_classes": 10}, {"label_dropout": 1.0}))
+    with pytest.raises(ValueError, match=r"labels in \[0, 10\), more than model.num_classes = 4"):
+        train_teacher(teacher_config(tmp_path / "c", {"num_classes": 4}))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_conditional_teacher_config_file_is_the_unconditional_one_plus_labels():
+    from slimflow.config import yaml_load
+
+    cond = yaml_load((ROOT / "configs/teacher/fmnist-cond.yaml").read_text())
+    plain = yaml_load((ROOT / "configs/teacher/fmnist.yaml").read_text())
+    assert cond["model"] == {**plain["model"], "num_classes": 10}
+    assert cond["flow"] == {**plain["flow"], "label_dropout": 0.1}
+    assert json.dumps(cond["data"]) == json.dumps(plain["data"])
