@@ -11,7 +11,7 @@ Parameters that sit on no layer Torch-Pruning knows (a ViT's `cls_token` and `po
 and passed to it explicitly with the dimension that holds their channels (`find_unwrapped_parameters`); they are
 pruned with the channels they are added to.
 
-GroupNorm, two ways (`groupnorm=`):
+GroupNorm, two ways (`groupnorm=`), each also with "+regroup" (below):
 - "even" (the default): channels are removed evenly from every group, so `num_channels % num_groups == 0` holds
   and the group count stays. The group count is taken per pruning group from the channels it covers in each
   GroupNorm, so a GroupNorm fed by a concat (UNet skip connections) splits its groups between the concatenated
@@ -21,6 +21,21 @@ GroupNorm, two ways (`groupnorm=`):
 - "whole_groups": whole groups are removed (ranked by their mean channel importance) and `num_groups` drops with
   them; the surviving groups keep their channels and so normalise exactly as before. Widths move in steps of one
   group (4 channels in a DDPM++ UNet), fine enough to hit a MACs budget. Local ranking only.
+Both refuse a GroupNorm whose groups straddle a concat: fed by a producer whose channel count or offset in the
+concat is not a multiple of the group size (DDPM++ from 128 channels on: 256 + 128 channels into 32 groups of 12),
+so no removals from the producers can keep every group whole or even. "even+regroup" and "whole_groups+regroup"
+prune such a GroupNorm like any normalisation layer (its channels follow each producer's own pruning; the other
+GroupNorms are handled as in the base mode) and then re-choose its group count (`regroup_count`): the largest
+divisor of its new channel count not above its original group count. That keeps the count wherever it still
+divides and never fails (DDPM++'s min(C/4, 32) rule would fail on counts it does not divide). With whole_groups
+each producer also removes a multiple of the GroupNorm's group count (`straddled_multiple`; per producer, so its
+widths then move in steps of 32 channels in a DDPM++ UNet), which keeps the count itself: a DDPM++ GroupNorm keeps
+its 32 groups. With even the producers are not held to that, so the count can drop (192 -> 144 channels: 32 -> 24
+groups). Either way the groups now gather other channels than before, so the GroupNorm no longer normalises the
+surviving channels exactly as before: the report lists every regrouped GroupNorm that lost channels
+(`regrouped_groupnorms`: channels and groups, original and now), and recovery training is expected to absorb the
+change. The group counts are saved with the width attributes, so a reloaded model is rebuilt exactly. Models
+without straddling GroupNorms prune identically with or without "+regroup".
 
 Each step replaces the Parameter objects of pruned layers: anything holding parameters (optimizer, scheduler,
 EMA copy) must be rebuilt after `StructuredPruner.step()` / in the `after_step` callback of `prune_structured`.
@@ -65,9 +80,9 @@ WIDTH_ATTRIBUTES = (
     "embed_dim",
     "num_features",
     "head_hidden_size",
-    "num_groups",  # GroupNorm: "whole_groups" pruning changes it
+    "num_groups",  # GroupNorm: "whole_groups" pruning and "+regroup" change it
 )
-GROUPNORM_MODES = ("even", "whole_groups")
+GROUPNORM_MODES = ("even", "whole_groups", "even+regroup", "whole_groups+regroup")
 NETWORK_WIDTHS = ("embed_dim", "num_features", "head_hidden_size")  # widths kept in step by WidthAttributes
 
 
@@ -263,12 +278,52 @@ def _missing_gradients(model: nn.Module) -> list[str]:
     ]
 
 
-class _GroupNormAwarePruner(tp.pruner.BasePruner):
-    """BasePruner whose channel-group count for a GroupNorm is counted in the root layer's channels."""
+def _straddles(group, item, per_group: int) -> bool:
+    """Whether the root layer of a pruning group covers the groups of the GroupNorm its `item` reaches only in part:
+    its channel count is not a multiple of the group size, or its channels enter at an offset that is not (the
+    second producer of a concat), so its last or first group also holds another producer's channels."""
+    roots = item.root_idxs if item.root_idxs is not None else item.idxs
+    return len(group[0].idxs) % per_group != 0 or any((i - r) % per_group for i, r in zip(item.idxs, roots))
 
-    def __init__(self, *args, **kwargs):
+
+def straddled_multiple(root_channels: int, norm: nn.GroupNorm) -> int:
+    """How many channels a layer of `root_channels` channels feeding the straddled GroupNorm `norm` removes a
+    multiple of ("whole_groups+regroup"): its group count where that divides the layer's width (as in DDPM++), so
+    the GroupNorm's width stays a multiple of its group count and the count is kept; else the largest common
+    divisor."""
+    return math.gcd(root_channels, norm.num_groups)
+
+
+def regroup_count(channels: int, max_groups: int) -> int:
+    """The group count a regrouped GroupNorm of `channels` channels gets: the largest divisor of `channels` not above
+    `max_groups` (its original group count)."""
+    return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
+
+
+class _GroupNormAwarePruner(tp.pruner.BasePruner):
+    """BasePruner whose channel-group count for a GroupNorm is counted in the root layer's channels.
+
+    regroup: GroupNorms whose groups a pruning group straddles are left out of its channel-group count and collected
+    in `straddling` (StructuredPruner regroups them after the step) instead of refused.
+    """
+
+    def __init__(self, *args, regroup: bool = False, **kwargs):
         self.concat_fed_groupnorm = False  # set while the base class counts channel groups
+        self.regroup = regroup
+        self.straddling: set[nn.GroupNorm] = set()
         super().__init__(*args, **kwargs)
+
+    def straddled(self, norm: nn.GroupNorm, group, consequence: str) -> None:
+        """Note that `group` straddles the groups of `norm`: collect it when regrouping, else refuse."""
+        if not self.regroup:
+            raise ValueError(
+                f"GroupNorm {self.DG._module2name[norm]} ({norm.num_groups} groups of "
+                f"{norm.num_channels // norm.num_groups}) receives channels of "
+                f"{self.DG._module2name[group[0].dep.target.module]} that straddle its groups, so {consequence}: "
+                "put that layer in ignored_layers, or regroup such GroupNorms (groupnorm='even+regroup' or "
+                "'whole_groups+regroup')"
+            )
+        self.straddling.add(norm)
 
     def _get_channel_groups(self, group) -> int:
         root_channels = len(group[0].idxs)
@@ -277,15 +332,11 @@ class _GroupNormAwarePruner(tp.pruner.BasePruner):
             module = item.dep.target.module
             if isinstance(module, nn.GroupNorm):
                 per_group = module.num_channels // module.num_groups
-                roots = item.root_idxs if item.root_idxs is not None else item.idxs
-                if root_channels % per_group or any((i - r) % per_group for i, r in zip(item.idxs, roots)):
-                    raise ValueError(
-                        f"GroupNorm {self.DG._module2name[module]} ({module.num_groups} groups of {per_group}) "
-                        f"receives channels of {self.DG._module2name[group[0].dep.target.module]} that straddle "
-                        f"its groups, so they cannot be pruned evenly: put that layer in ignored_layers"
-                    )
-                counts.append(root_channels // per_group)
                 self.concat_fed_groupnorm |= len(set(item.idxs)) < module.num_channels
+                if _straddles(group, item, per_group):
+                    self.straddled(module, group, "they cannot be pruned evenly")
+                    continue
+                counts.append(root_channels // per_group)
             else:
                 is_out = self.DG.is_out_channel_pruning_fn(item.dep.handler)
                 groups = self.out_channel_groups if is_out else self.in_channel_groups
@@ -357,7 +408,8 @@ class StructuredPruner:
     neighbours but not scored (importances score Conv/Linear/norm weights).
     head_ratio: share of attention heads removed (whole heads of timm-style attention, rounded up per layer; needs
     ratio > 0); prune_head_dims: whether attention also loses dimensions inside its heads (at `ratio`). unwrapped_parameters: {name: dim} for
-    parameters on no known layer, overriding the guess of `find_unwrapped_parameters`.
+    parameters on no known layer, overriding the guess of `find_unwrapped_parameters`. groupnorm: one of
+    GROUPNORM_MODES (module docstring); `regrouped_groupnorms()` lists what "+regroup" regrouped.
     """
 
     def __init__(
@@ -380,6 +432,7 @@ class StructuredPruner:
     ):
         if groupnorm not in GROUPNORM_MODES:
             raise ValueError(f"groupnorm must be one of {', '.join(GROUPNORM_MODES)}, got {groupnorm!r}")
+        groupnorm, _, straddling = groupnorm.partition("+")
         if groupnorm == "whole_groups" and (global_pruning or round_to is not None or head_ratio > 0):
             raise ValueError("groupnorm='whole_groups' ranks per layer: no global_pruning, round_to or head_ratio")
         if not 0.0 <= ratio < 1.0:
@@ -408,8 +461,12 @@ class StructuredPruner:
         self.model = model
         self.example_inputs = as_args(example_inputs)
         self.importance = importance
-        self.groupnorm = groupnorm
+        self.groupnorm = groupnorm  # the base mode, without "+regroup"
         self.steps = steps
+        self.initial_groupnorms = {
+            m: (name, m.num_channels, m.num_groups) for name, m in model.named_modules() if isinstance(m, nn.GroupNorm)
+        }
+        self.regrouped: set[nn.GroupNorm] = set()
         self.output_layers = (
             list(output_layers) if output_layers is not None else find_output_layers(model, example_inputs)
         )
@@ -431,6 +488,7 @@ class StructuredPruner:
             prune_head_dims=prune_head_dims,
             customized_pruners=custom_pruners,
             unwrapped_parameters=torch_pruning_unwrapped(model, self.unwrapped),
+            regroup=straddling == "regroup",
         )
         model.train(was_training)  # tracing leaves the model in eval()
         self.initial_width = {m: _layer_width(m, "out") for m in model.modules() if isinstance(m, _ROOTS)}
@@ -462,10 +520,12 @@ class StructuredPruner:
                     "or pass compute_gradients to prune_structured"
                 )
         was_training = self.model.training
+        self.pruner.straddling.clear()
         if self.groupnorm == "whole_groups":
             self._remove_whole_groups()
         else:
             self.pruner.step()
+        self._regroup_straddled()
         _check_groupnorms(self.model)
         for qkv, attention in self.attention.items():
             attention.num_heads = self.pruner.num_heads[qkv]
@@ -475,6 +535,22 @@ class StructuredPruner:
         macs, params = count_macs_params(self.model, self.example_inputs)
         ratio = float(self.pruner.per_step_pruning_ratio[self.current_step])
         return StepReport(step=self.current_step, ratio=ratio, macs=macs, params=params)
+
+    def _regroup_straddled(self) -> None:
+        """Give each GroupNorm straddled in this step `regroup_count` groups of its channels now."""
+        for norm in self.pruner.straddling:
+            _name, _channels, groups = self.initial_groupnorms[norm]
+            norm.num_groups = regroup_count(norm.num_channels, groups)
+            self.regrouped.add(norm)
+
+    def regrouped_groupnorms(self) -> dict[str, dict[str, list[int]]]:
+        """{name: {"channels": [original, now], "groups": [original, now]}} of the GroupNorms that were regrouped
+        and lost channels (those whose groups no longer hold the same channels)."""
+        found = {}
+        for norm, (name, channels, groups) in self.initial_groupnorms.items():
+            if norm in self.regrouped and norm.num_channels != channels:
+                found[name] = {"channels": [channels, norm.num_channels], "groups": [groups, norm.num_groups]}
+        return found
 
     def _remove_whole_groups(self) -> None:
         """One step of "whole_groups" pruning: per pruning group, remove the lowest-ranked blocks of channels that
@@ -486,13 +562,14 @@ class StructuredPruner:
             root, handler = group[0].dep.target.module, group[0].dep.handler
             if not graph.is_out_channel_pruning_fn(handler) or root not in self.initial_width:
                 continue
-            block, norms = self._group_block(group)
-            imp = pruner.estimate_importance(group)
             width = _layer_width(root, "out")
+            block, norms, multiple = self._group_block(group, width)
+            imp = pruner.estimate_importance(group)
             if imp is None or width % block:
                 continue
             keep = max(block, block * round(self.initial_width[root] * (1.0 - ratio) / block))
-            n_blocks = (width - keep) // block
+            blocks_per_multiple = math.lcm(block, multiple) // block
+            n_blocks = (width - keep) // block // blocks_per_multiple * blocks_per_multiple
             if n_blocks <= 0:
                 continue
             order = torch.argsort(imp.view(width // block, block).mean(dim=1).cpu(), stable=True)[:n_blocks]
@@ -504,24 +581,22 @@ class StructuredPruner:
                 norm.num_groups = norm.num_channels // per_group
         pruner.current_step += 1
 
-    def _group_block(self, group) -> tuple[int, list[tuple[nn.GroupNorm, int]]]:
+    def _group_block(self, group, width: int) -> tuple[int, list[tuple[nn.GroupNorm, int]], int]:
         """Channels (in the root layer's numbering) that make whole groups of every GroupNorm the pruning group
-        reaches, and those GroupNorms with their channels per group."""
-        norms, sizes = [], []
+        reaches, those GroupNorms with their channels per group, and the number of channels the removal must be a
+        multiple of for the straddled ones ("+regroup": `straddled_multiple`)."""
+        norms, sizes, multiples = [], [], []
         for item in group:
             module = item.dep.target.module
             if isinstance(module, nn.GroupNorm):
                 per_group = module.num_channels // module.num_groups
-                roots = item.root_idxs if item.root_idxs is not None else item.idxs
-                if any((i - r) % per_group for i, r in zip(item.idxs, roots)):
-                    raise ValueError(
-                        f"GroupNorm {self.pruner.DG._module2name[module]} ({module.num_groups} groups of {per_group})"
-                        f" receives channels of {self.pruner.DG._module2name[group[0].dep.target.module]} that "
-                        "straddle its groups, so whole groups cannot be removed: put that layer in ignored_layers"
-                    )
+                if _straddles(group, item, per_group):
+                    self.pruner.straddled(module, group, "whole groups cannot be removed")
+                    multiples.append(straddled_multiple(width, module))
+                    continue
                 norms.append((module, per_group))
                 sizes.append(per_group)
-        return (math.lcm(*sizes) if sizes else 1), norms
+        return (math.lcm(*sizes) if sizes else 1), norms, math.lcm(*multiples) if multiples else 1
 
 
 _ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -587,6 +662,7 @@ def prune_structured(
         "head_ratio": head_ratio,
         "prune_head_dims": prune_head_dims,
         "groupnorm": groupnorm,
+        "regrouped_groupnorms": pruner.regrouped_groupnorms(),
         "unwrapped_parameters": pruner.unwrapped,
         "width_attributes_unmatched": pruner.widths.unmatched,
         "macs_before": macs,

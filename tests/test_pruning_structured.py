@@ -20,7 +20,7 @@ from pruning import (
     ratio_for_macs,
     save_pruned,
 )
-from pruning.structured import find_unwrapped_parameters
+from pruning.structured import find_unwrapped_parameters, regroup_count
 
 
 def tiny_classifier(c1: int = 8, c2: int = 8) -> nn.Sequential:
@@ -394,3 +394,102 @@ def test_whole_groups_reach_finer_macs_budgets_on_the_teacher():
         StructuredPruner(trial, inputs, ratio=ratio, **kwargs).step()
         reached[mode] = count_macs_params(trial, inputs)[0] / base
     assert abs(reached["whole_groups"] / budget - 1) < 0.10 < abs(reached["even"] / budget - 1)
+
+
+def straddling_unet() -> nn.Module:
+    """The project's DDPM++ UNet, small: its decoder concatenates 128 + 64 channels into GroupNorm(32, 192), groups
+    of 6 that the 64 skip channels (at offset 128; 128 % 6 != 0) straddle, as 256 + 128 into 32 groups of 12 do
+    at CIFAR-10 size. Random weights, so every channel matters (DDPM++ initialises some convolutions to ~0)."""
+    from teachers.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, resolution=8, nf=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    return net.train().requires_grad_(True)
+
+
+STRADDLED = {"all_modules.11.GroupNorm_0", "all_modules.14.GroupNorm_0"}  # both GroupNorm(32, 192) of the decoder
+
+
+def unet_probe() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 1, 8, 8, generator=g), torch.rand(3, generator=g)
+
+
+def test_regroup_count_is_the_largest_divisor_up_to_the_original_count():
+    assert [regroup_count(c, 32) for c in (192, 160, 144, 96, 134, 13)] == [32, 32, 24, 32, 2, 13]
+
+
+@pytest.mark.parametrize(
+    ("mode", "regrouped"),
+    [  # even: the 128-channel producer loses 32 and the skip 16, 144 channels take 24 groups of 6; whole_groups:
+        # each producer removes a multiple of 32 (the skip none at 0.25), so the 32 groups stay
+        ("even+regroup", {"channels": [192, 144], "groups": [32, 24]}),
+        ("whole_groups+regroup", {"channels": [192, 160], "groups": [32, 32]}),
+    ],
+)
+def test_a_ddpmpp_unet_whose_skip_concat_straddles_its_groupnorms_prunes_with_regroup(mode, regrouped, tmp_path):
+    from teachers.pruned import unet_custom_pruners
+
+    custom = unet_custom_pruners()
+    x = (torch.zeros(1, 1, 8, 8), torch.zeros(1))
+    with pytest.raises(ValueError, match="straddle its groups.*regroup"):
+        StructuredPruner(straddling_unet(), x, ratio=0.25, custom_pruners=custom, groupnorm=mode.split("+")[0])
+    net = straddling_unet()
+    report = prune_structured(net, x, ratio=0.25, custom_pruners=custom, groupnorm=mode)
+    norms = {name: m for name, m in net.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert all(m.num_channels % m.num_groups == 0 and m.weight.shape == (m.num_channels,) for m in norms.values())
+    assert report["regrouped_groupnorms"] == {name: regrouped for name in STRADDLED}
+    assert {(norms[n].num_channels, norms[n].num_groups) for n in STRADDLED} == {
+        (regrouped["channels"][1], regrouped["groups"][1])
+    }
+    assert (report["macs_after"], report["params_after"]) == count_macs_params(net, x)
+    assert report["params_after"] == sum(p.numel() for p in net.parameters())
+    assert report["macs_after"] < 0.7 * report["macs_before"] and report["params_after"] < report["params_before"]
+    with torch.no_grad():
+        out = net(*unet_probe())
+    assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
+    save_pruned(tmp_path, net, arch={}, example_inputs=x, history=report["history"])
+    loaded = load_pruned(tmp_path, build=lambda _arch: straddling_unet(), custom_pruners=custom)
+    assert {n: m.num_groups for n, m in loaded.named_modules() if n in STRADDLED} == {
+        n: regrouped["groups"][1] for n in STRADDLED
+    }
+    with torch.no_grad():
+        assert torch.equal(loaded(*unet_probe()), out)
+
+
+@pytest.mark.parametrize("mode", ["even+regroup", "whole_groups+regroup"])
+def test_regroup_at_ratio_zero_changes_nothing(mode):
+    from teachers.pruned import unet_custom_pruners
+
+    net, original = straddling_unet(), straddling_unet()
+    x = (torch.zeros(1, 1, 8, 8), torch.zeros(1))
+    report = prune_structured(net, x, ratio=0.0, custom_pruners=unet_custom_pruners(), groupnorm=mode)
+    assert report["regrouped_groupnorms"] == {} and report["history"] == []
+    assert [m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)] == [
+        m.num_groups for m in original.modules() if isinstance(m, nn.GroupNorm)
+    ]
+    with torch.no_grad():
+        assert torch.equal(net(*unet_probe()), original(*unet_probe()))
+
+
+@pytest.mark.parametrize("mode", ["even", "whole_groups"])
+def test_regroup_changes_nothing_where_no_groupnorm_is_straddled(mode):
+    """SkipAttnNet's concat (16 + 16 channels into GroupNorm(8, 32)) is aligned: "+regroup" prunes it identically."""
+    x = torch.randn(2, 3, 8, 8)
+    custom = {NIN: MatmulPruner("W", "b")}
+    runs = []
+    for groupnorm in (mode, mode + "+regroup"):
+        torch.manual_seed(0)
+        model = SkipAttnNet()
+        report = prune_structured(model, x, ratio=0.25, custom_pruners=custom, groupnorm=groupnorm)
+        runs.append((model, report))
+    (plain, plain_report), (regroup, regroup_report) = runs
+    assert regroup_report["history"] == plain_report["history"] and regroup_report["regrouped_groupnorms"] == {}
+    assert plain_report["macs_after"] < plain_report["macs_before"]
+    plain_state, regroup_state = plain.state_dict(), regroup.state_dict()
+    assert plain_state.keys() == regroup_state.keys()
+    assert all(torch.equal(plain_state[k], regroup_state[k]) for k in plain_state)
+    assert plain.up_norm.num_groups == regroup.up_norm.num_groups
