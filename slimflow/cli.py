@@ -270,8 +270,23 @@ def cmd_sample(args) -> None:
             require_writable(path, kind="file")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.model, device=device, resolution=args.resolution, unsafe_pickle=args.unsafe_pickle)
+    label = args.label
+    if label is not None and label != "balanced":
+        try:
+            label = int(label)
+        except ValueError:
+            raise ValueError(f"--label must be a class index or 'balanced', got {label!r}") from None
     images, nfe = sample(
-        model, args.n, method=args.method, steps=args.steps, seed=args.seed, rtol=args.tol, atol=args.tol, progress=True
+        model,
+        args.n,
+        method=args.method,
+        steps=args.steps,
+        seed=args.seed,
+        rtol=args.tol,
+        atol=args.tol,
+        progress=True,
+        labels=label,
+        guidance=args.guidance,
     )
     path = save_grid(images, args.out, nrow=args.nrow)
     print(f"wrote {path} ({args.n} samples, {args.method}, {nfe:.1f} NFE/sample)")
@@ -421,6 +436,15 @@ def _add_file_commands(sub, teacher) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.add_argument("--npz", default=None, help="also write the samples as uint8 NHWC .npz")
+    p.add_argument(
+        "--label",
+        default=None,
+        help="class-conditional model: a class index for every sample, or 'balanced' (the default: sample i is of "
+        "class i mod the class count)",
+    )
+    p.add_argument(
+        "--guidance", type=float, default=1.0, help="class-conditional model: classifier-free guidance scale (1: none)"
+    )
     _model_file_args(p)
     p.set_defaults(func=cmd_sample)
 

@@ -97,13 +97,18 @@ class DomainNetFeatures(FeatureExtractorBase):
     def forward(self, x):
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"domain features need uint8 images (B, 1|3, H, W), got {x.dtype} {tuple(x.shape)}")
-        x = x.float()
-        if x.shape[1] == 3:
-            x = (x * self.luma).sum(1, keepdim=True)
-        size = self.net.config["resolution"]
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return (self.net.features(x / 127.5 - 1.0),)
+        return (self.net.features(domain_net_input(x, self.net.config["resolution"], self.luma)),)
+
+
+def domain_net_input(x: torch.Tensor, resolution: int, luma: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images (B, 1|3, H, W) as the domain net reads them: luma of RGB, resized to `resolution`, in [-1, 1]."""
+    x = x.float()
+    if x.shape[1] == 3:
+        luma = torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1) if luma is None else luma
+        x = (x * luma).sum(1, keepdim=True)
+    if x.shape[-2:] != (resolution, resolution):
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return x / 127.5 - 1.0
 
 
 def inception_weights_file(path: str | Path | None = None) -> Path:
@@ -405,3 +410,35 @@ def compute_metrics(
         prc_neighborhood=prc_neighborhood,
         seed=seed,
     )
+
+
+CLASS_ACCURACY = "class accuracy (domain)"  # the bench column of class-conditional entries
+
+
+@torch.no_grad()
+def class_accuracy(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    weights: str | Path | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 256,
+) -> float:
+    """Share (in %) of uint8 images (N, 1|3, H, W) that the domain net's classifier head (the Fashion-MNIST
+    classifier, `slimflow.domain_net`) assigns to their requested class `labels` (N,): the class accuracy of a
+    class-conditional generator. Images are prepared as for the domain features (luma, resize, [-1, 1])."""
+    net = load_domain_net(weights, device=device)
+    dev = next(net.parameters()).device
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"class accuracy needs uint8 images (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"class accuracy needs one label per image: {images.shape[0]} images, labels {labels.shape}")
+    classes = net.config["num_classes"]
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}) (the domain classifier's classes)")
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = domain_net_input(images[start : start + batch_size].to(dev), net.config["resolution"])
+        predicted = net(x).argmax(dim=1).cpu()
+        correct += int((predicted == labels[start : start + batch_size]).sum())
+    return 100.0 * correct / max(1, len(images))

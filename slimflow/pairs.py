@@ -9,6 +9,9 @@ On disk (`out_dir`):
 - `shard_00012.safetensors`: `index` int64 (count,) and `image` (count, *shape) as float16 (values kept) or uint8
   (q = round_half_even((clamp(x, -1, 1) + 1) * 127.5), read back as q / 127.5 - 1; error <= 1/255 inside [-1, 1]).
   Shard k holds the pairs [k * shard_size, min(n, (k + 1) * shard_size)), solved in batches of `batch_size`.
+  A class-conditional teacher's store keeps no labels either: pair i's label is `labels_for(i, seed, num_classes)`
+  (`LABEL_SCHEME`), regenerated like its noise; the manifest records num_classes, the scheme and the teacher's
+  classifier-free guidance scale (these keys exist only in conditional stores).
 - `shard_00012.json`: that shard's record (file, sha256, bytes, count, index range, NFE, seconds, and the sha256 of
   the settings it was made with), written after it.
 - `manifest.json`: the settings, status ("running" until every shard is written, then "complete"), NFE per pair,
@@ -39,7 +42,8 @@ from tqdm.auto import tqdm
 
 from slimflow.checkpoint import atomic_file, atomic_write_text, content_hash, sha256_file, shipped_path
 from slimflow.engine import dist_info
-from slimflow.flow import _MASK32, NOISE_SCHEME, _as_indices, noise_for
+from slimflow.flow import _MASK32, LABEL_SCHEME, NOISE_SCHEME, _as_indices, labels_for, noise_for
+from slimflow.sample import check_guidance, conditioned
 from slimflow.solvers import solve
 from teachers.zoo import load_model
 
@@ -62,6 +66,7 @@ SETTINGS_KEYS = (
     "shard_size",
     "batch_size",
 )
+CONDITIONAL_KEYS = ("num_classes", "label_scheme", "guidance")  # only in the manifest of a conditional store
 log = logging.getLogger(__name__)
 
 
@@ -132,6 +137,8 @@ def _settings(
     batch_size: int,
     image_format: str,
     teacher_hash: str,
+    num_classes: int = 0,
+    guidance: float = 1.0,
 ) -> dict:
     if not isinstance(n, int) or not 1 <= n <= _MASK32 + 1:
         raise ValueError(f"n must be an int in [1, 2^32], got {n!r}")
@@ -158,14 +165,16 @@ def _settings(
         "shard_size": shard_size,
         "batch_size": batch_size,
     }
+    if num_classes:
+        settings.update(num_classes=num_classes, label_scheme=LABEL_SCHEME, guidance=float(guidance))
     return json.loads(json.dumps(settings))  # the form it takes in manifest.json
 
 
 def _check_settings(existing: dict, wanted: dict, root: Path) -> None:
     diffs = [
-        f"{key}: store has {existing.get(key)!r}, requested {wanted[key]!r}"
-        for key in SETTINGS_KEYS
-        if existing.get(key) != wanted[key]
+        f"{key}: store has {existing.get(key)!r}, requested {wanted.get(key)!r}"
+        for key in SETTINGS_KEYS + CONDITIONAL_KEYS
+        if existing.get(key) != wanted.get(key)
     ]
     if diffs:
         raise PairStoreError(
@@ -229,7 +238,11 @@ def _make_shard(
     for first in range(start, stop, settings["batch_size"]):
         indices = torch.arange(first, min(stop, first + settings["batch_size"]))
         noise = noise_for(indices, settings["seed"], settings["shape"], device=device)
-        solution = solve(velocity, noise, **settings["solver"])
+        labels = None
+        if settings.get("num_classes"):
+            labels = labels_for(indices, settings["seed"], settings["num_classes"]).to(device)
+        field = conditioned(velocity, labels, settings.get("guidance", 1.0))
+        solution = solve(field, noise, **settings["solver"])
         if not torch.isfinite(solution.x).all():
             raise PairStoreError(
                 f"the teacher ODE gave non-finite images for pairs [{first}, {int(indices[-1]) + 1})"
@@ -291,12 +304,14 @@ def generate_pairs(
     teacher_hash: str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    guidance: float = 1.0,
 ) -> dict:
     """Solve the teacher ODE dx/dt = velocity(x, t) from t = 0 to 1 for the noise of pairs 0..n-1; write the store.
 
     `solver`: keyword arguments of `slimflow.solvers.solve` (method, steps, rtol, atol, max_steps).
     `teacher_hash` defaults to `content_hash(velocity)` for a module and is required for a plain function.
-    `device` defaults to the teacher's. Resumable: a rerun with the same settings keeps the shards that check out
+    `device` defaults to the teacher's. A class-conditional teacher (`num_classes` > 0) is solved under the labels
+    of the pairs, with classifier-free guidance scale `guidance` (1: none). Resumable: a rerun with the same settings keeps the shards that check out
     and makes the rest; other settings raise `PairStoreError`. Under torch.distributed every rank must call this;
     shards are dealt round-robin to ranks, rank 0 writes the manifest. Returns the manifest ("pairs_per_s" is per
     worker, from shard timings).
@@ -309,7 +324,11 @@ def generate_pairs(
             )
         teacher_hash = content_hash(velocity)
     root = Path(out_dir)
-    settings = _settings(n, shape, seed, solver, shard_size, batch_size, image_format, teacher_hash)
+    num_classes = int(getattr(velocity, "num_classes", 0) or 0)
+    guidance = check_guidance(velocity, guidance)
+    settings = _settings(
+        n, shape, seed, solver, shard_size, batch_size, image_format, teacher_hash, num_classes, guidance
+    )
     device = torch.device(device) if device is not None else _device_of(velocity)
     rank, world = dist_info()
     root.mkdir(parents=True, exist_ok=True)
@@ -418,6 +437,7 @@ class PairStore:
         self.seed: int = manifest["seed"]
         self.image_format: str = manifest["image_format"]
         self.shard_size: int = manifest["shard_size"]
+        self.num_classes: int = int(manifest.get("num_classes") or 0)
         self._records: list[dict] = manifest["shards"]
         self._open_limit = max(1, open_shards)
         self._open: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -505,6 +525,18 @@ class PairStore:
             images[rows] = decode_images(self._images(k)[idx[rows] - self._records[k]["start"]], self.image_format)
         return noise_for(idx, self.seed, self.shape), images
 
+    def labels(self, indices: int | Sequence[int] | torch.Tensor) -> torch.Tensor | None:
+        """The class labels of pairs `indices` (int64, regenerated from (seed, index)); None for an unconditional
+        store."""
+        if not self.num_classes:
+            return None
+        idx = _as_indices(indices)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(
+                f"pair indices must lie in [0, {len(self)}), got min {int(idx.min())}, max {int(idx.max())}"
+            )
+        return labels_for(idx, self.seed, self.num_classes)
+
     def batch(
         self, indices: int | Sequence[int] | torch.Tensor, device: torch.device | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -541,7 +573,10 @@ def pairs_hash(store: PairStore) -> str:
     """Identity of a store's pairs: its manifest's settings and every shard's checksum (not timings)."""
     manifest = store.manifest
     return content_hash(
-        {**{key: manifest[key] for key in SETTINGS_KEYS}, "shards": [r["sha256"] for r in manifest["shards"]]}
+        {
+            **{key: manifest[key] for key in SETTINGS_KEYS + CONDITIONAL_KEYS if key in manifest},
+            "shards": [r["sha256"] for r in manifest["shards"]],
+        }
     )
 
 
@@ -553,6 +588,7 @@ def pairs_record(store: PairStore) -> dict:
         "teacher_hash": store.manifest["teacher_hash"],
         "count": len(store),
         "solver": store.manifest["solver"],
+        **({"num_classes": store.num_classes, "guidance": store.manifest["guidance"]} if store.num_classes else {}),
     }
 
 

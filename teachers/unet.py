@@ -310,7 +310,7 @@ def check_labels(labels: Any, num_classes: int, batch: int, device: torch.device
         labels = labels.expand(batch)
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape ({batch},) (one per sample) or be one int, got {tuple(labels.shape)}")
-    if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+    if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
         bad = (labels >= num_classes) | (labels < NO_LABEL)
         if bad.any():
             raise ValueError(

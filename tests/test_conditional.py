@@ -207,3 +207,226 @@ def test_conditional_teacher_config_file_is_the_unconditional_one_plus_labels():
     assert cond["model"] == {**plain["model"], "num_classes": 10}
     assert cond["flow"] == {**plain["flow"], "label_dropout": 0.1}
     assert json.dumps(cond["data"]) == json.dumps(plain["data"])
+
+
+# ------------------------------------------------------------------------------------------- pairs → anneal → distill
+def teacher_file(tmp_path, num_classes: int = 3):
+    from slimflow.checkpoint import save_model
+
+    torch.manual_seed(5)
+    model = tiny_unet(num_classes)
+    with torch.no_grad():  # a teacher whose labels matter: random label embedding and output layer
+        for name, p in model.named_parameters():
+            if name.startswith("map_label") or name.startswith(f"all_modules.{len(model.all_modules) - 1}"):
+                p.normal_(0.0, 0.3)
+    return save_model(tmp_path / "teacher.safetensors", model, {"model": model.config, "kind": "test-teacher"})
+
+
+def make_store(tmp_path, teacher, guidance=1.0, name="pairs", n=24):
+    from slimflow.stages.pairs import generate_pairs_from_config
+
+    cfg = {"out": str(tmp_path / name), "teacher": str(teacher), "n": n, "seed": 3, "shard_size": 12}
+    cfg.update(batch_size=12, solver={"method": "euler", "steps": 2}, guidance=guidance, device="cpu")
+    return generate_pairs_from_config(cfg)
+
+
+def test_conditional_pairs_record_labels_from_the_seed_and_the_guidance(tmp_path):
+    from slimflow.pairs import PairStore, pairs_record
+    from slimflow.sample import sample
+
+    teacher_path = teacher_file(tmp_path)
+    manifest = make_store(tmp_path, teacher_path, guidance=2.0)
+    assert manifest["num_classes"] == 3 and manifest["guidance"] == 2.0 and "label_scheme" in manifest
+    store = PairStore(tmp_path / "pairs")
+    assert torch.equal(store.labels(range(24)), labels_for(range(24), 3, 3))
+    from safetensors.torch import load_file as load
+
+    assert set(load(tmp_path / "pairs" / "shard_00000.safetensors")) == {"index", "image"}  # no stored labels
+    # each pair is the teacher's guided ODE under that pair's label
+    teacher = load_model(teacher_path)
+    images, _ = sample(teacher, 24, method="euler", steps=2, seed=3, labels=store.labels(range(24)), guidance=2.0)
+    assert torch.allclose(store.get(range(24))[1], images, atol=2e-3)  # float16 storage
+    assert pairs_record(store)["num_classes"] == 3
+    # another guidance is another store
+    from slimflow.pairs import PairStoreError
+
+    with pytest.raises(PairStoreError, match="guidance: store has 2.0, requested 1.0"):
+        make_store(tmp_path, teacher_path, guidance=1.0)
+
+
+def test_unconditional_pair_store_settings_are_unchanged(tmp_path):
+    from slimflow.checkpoint import save_model
+    from slimflow.pairs import SETTINGS_KEYS, PairStore, pairs_record
+
+    model = tiny_unet()
+    teacher = save_model(tmp_path / "plain.safetensors", model, {"model": model.config, "kind": "test-teacher"})
+    manifest = make_store(tmp_path, teacher, name="plain")
+    assert not {"num_classes", "guidance", "label_scheme"} & set(manifest)
+    store = PairStore(tmp_path / "plain")
+    assert store.labels(range(3)) is None and "num_classes" not in pairs_record(store)
+    assert set(SETTINGS_KEYS) <= set(manifest)
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        make_store(tmp_path, teacher, name="plain2", guidance=3.0)
+
+
+def student_cfgs(tmp_path, pairs, steps=4):
+    train = {"steps": steps, "batch_size": 6, "warmup": 1, "log_every": 2, "ckpt_every": 2, "lr": 1e-3}
+    anneal_cfg = {
+        "out": str(tmp_path / "anneal"),
+        "pairs": str(pairs),
+        "model": {**TINY, "nf": 8},
+        "train": train,
+        "sample": {"n": 4},
+    }
+    distill_cfg = {
+        "out": str(tmp_path / "distill"),
+        "pairs": str(pairs),
+        "student": str(tmp_path / "anneal" / "annealed_ema.safetensors"),
+        "train": train,
+        "sample": {"n": 4},
+    }
+    return anneal_cfg, distill_cfg
+
+
+def test_conditional_anneal_and_distill_train_on_the_pairs_labels_and_resume_exactly(tmp_path):
+    from slimflow.stages.anneal import anneal
+    from slimflow.stages.distill import distill
+
+    teacher_path = teacher_file(tmp_path)
+    make_store(tmp_path, teacher_path)
+    anneal_cfg, distill_cfg = student_cfgs(tmp_path, tmp_path / "pairs")
+    annealed = anneal(anneal_cfg)
+    student = load_model(annealed["export"])
+    assert student.num_classes == 3 and read_model_file(annealed["export"])[0]["model"]["num_classes"] == 3
+    distilled = distill({**distill_cfg, "train": {**distill_cfg["train"], "eval_every": 2, "eval_n": 6}})
+    assert [v for k, v in distilled["eval"].items() if k.endswith("one_step_l2_to_teacher")][0] > 0
+    one_step = load_model(distilled["export"])
+    assert one_step.num_classes == 3
+    # resumed == uninterrupted (distillation draws fresh labels for the 2-step term from the step's generator)
+    part = {**distill_cfg, "out": str(tmp_path / "d2"), "train": {**distill_cfg["train"], "steps": 2}}
+    distill(part)
+    resumed = distill({**part, "train": distill_cfg["train"]})
+    assert resumed["status"] == "resumed"
+    a, b = read_model_file(distilled["export"])[1], read_model_file(resumed["export"])[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the labels reach the student: the annealed model trained on pairs with other labels differs
+    imgs = [sample(one_step, 3, labels=c)[0] for c in range(3)]
+    assert not torch.equal(imgs[0], imgs[1])
+
+
+def test_distill_batch_draws_fresh_labels_for_the_two_step_term(tmp_path):
+    from slimflow.engine import step_generator
+    from slimflow.pairs import PairStore
+    from slimflow.stages.distill import make_distill_batch
+
+    make_store(tmp_path, teacher_file(tmp_path))
+    store = PairStore(tmp_path / "pairs")
+    make = make_distill_batch(store, {"batch_size": 12, "seed": 0}, {"t_min": 0.2, "t_max": 0.8})
+    batch = make(0, step_generator(0, 0))
+    again = make(0, step_generator(0, 0))
+    assert torch.equal(batch["e_labels"], again["e_labels"]) and torch.equal(batch["labels"], again["labels"])
+    index = torch.tensor([i for i in range(24)])
+    assert set(batch["labels"].tolist()) <= set(store.labels(index).tolist())
+    assert not torch.equal(batch["e_labels"], batch["labels"])
+    assert batch["e_labels"].min() >= 0 and batch["e_labels"].max() < 3
+
+
+def test_student_and_store_classes_must_match(tmp_path):
+    from slimflow.stages.anneal import anneal
+
+    make_store(tmp_path, teacher_file(tmp_path))
+    anneal_cfg, _ = student_cfgs(tmp_path, tmp_path / "pairs")
+    with pytest.raises(ValueError, match=r"class-conditional \(5 classes\) but the pair store .* \(3 classes\)"):
+        anneal({**anneal_cfg, "model": {**TINY, "num_classes": 5}})
+
+
+# ------------------------------------------------------------------------------------------- export, bench
+def cond_student(tmp_path, resolution=16, num_classes=10):
+    from slimflow.checkpoint import save_model
+
+    torch.manual_seed(0)
+    cfg = {"in_channels": 1, "resolution": resolution, "nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1}
+    model = build_unet({**cfg, "attn_resolutions": [], "dropout": 0.0, "num_classes": num_classes})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+        model.map_label.weight.normal_(0.0, 2.0)  # labels that visibly change the images
+    path = save_model(tmp_path / "cond.safetensors", model, {"model": model.config, "kind": "test"})
+    return path, model.eval()
+
+
+def test_export_of_a_conditional_generator_takes_the_label_as_a_second_input(tmp_path):
+    pytest.importorskip("onnxscript", reason="ONNX export needs the optional extra slimflow[onnx]")
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX parity check needs the optional extra slimflow[onnx]")
+    from slimflow.stages.export import OneStepGenerator, OnnxGenerator, export_model
+
+    path, model = cond_student(tmp_path)
+    report = export_model(path, tmp_path / "export", warmup=0, repeats=1)
+    assert report["num_classes"] == 10 and report["label_input"] == ["label", "batch"]
+    assert report["onnx"]["max_abs_diff"] < 1e-4 and report["torch_export"]["max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "export" / "generator.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["noise", "label"]
+    assert [o.name for o in session.get_outputs()] == ["image"]
+    z, labels = torch.randn(3, 1, 16, 16), torch.tensor([7, 0, 3])
+    with torch.no_grad():
+        expected = OneStepGenerator(model)(z, labels)
+    got = session.run(None, {"noise": z.numpy(), "label": labels.numpy()})[0]
+    assert abs(got - expected.numpy()).max() < 1e-4
+    other = session.run(None, {"noise": z.numpy(), "label": torch.tensor([1, 1, 1]).numpy()})[0]
+    assert abs(other - got).max() > 5e-4  # the label input matters
+    generator = OnnxGenerator(tmp_path / "export" / "generator.onnx")
+    assert generator.num_classes == 10 and OnnxGenerator.classes_of(tmp_path / "export" / "generator.onnx") == 10
+    balanced = generator.sample(12, 0, 5)
+    assert torch.allclose(balanced, sample(load_model(path), 12, seed=0)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="int8 export of a class-conditional generator"):
+        export_model(path, tmp_path / "int8", int8=True)
+
+
+def test_bench_reports_class_accuracy_of_conditional_entries_only(tmp_path):
+    from slimflow.config import load_config
+    from slimflow.metrics import CLASS_ACCURACY, class_accuracy
+    from slimflow.stages.bench import DEFAULTS, bench, fingerprint
+
+    path, _ = cond_student(tmp_path, resolution=32)
+    plain = tiny_unet(resolution=32)
+    from slimflow.checkpoint import save_model
+
+    plain_path = save_model(tmp_path / "plain.safetensors", plain, {"model": plain.config, "kind": "test"})
+    cfg = load_config(DEFAULTS)
+    cfg.update(
+        out=str(tmp_path / "bench"),
+        device="cpu",
+        grid=0,
+        entries=[{"name": "cond", "model": str(path)}, {"name": "plain", "model": str(plain_path)}],
+    )
+    cfg["reference"]["n"] = 64
+    cfg["metrics"].update(n_samples=40, batch_size=40, kid_subsets=2, cache_dir=str(tmp_path / "cache"))
+    cfg["cost"].update(batch_sizes=[1], warmup=0, repeats=1)
+    result = bench(cfg, command="pytest")
+    cond_row, plain_row = result["rows"]
+    assert 0.0 <= cond_row[CLASS_ACCURACY] <= 100.0 and CLASS_ACCURACY not in plain_row
+    assert "class accuracy (domain) (%)" in (tmp_path / "bench" / "bench.md").read_text()
+    # an unconditional entry's fingerprint has no new field
+    from slimflow.checkpoint import content_hash, model_identity
+    from slimflow.stages.runner import full_config
+
+    full = full_config(DEFAULTS, cfg)
+    entry = {"name": "plain", "model": str(plain_path), "method": "euler", "steps": 1, "tol": 1e-5}
+    ids = {"domain": "x"}
+    blob = {
+        "entry": entry,
+        "model": model_identity(plain_path),
+        "extractors": ids,
+        "reference": full["reference"],
+        "metrics": {k: v for k, v in full["metrics"].items() if k != "cache_dir"},
+        "cost": full["cost"],
+        "device": "cpu",
+        "torch": torch.__version__,
+    }
+    assert fingerprint(entry, full, torch.device("cpu"), ids) == content_hash(blob)
+    # the metric itself: real test images, labelled by their true class, are mostly classified right
+    from slimflow.data import load_images
+
+    real = load_images("fashion_mnist", split="test")
+    assert class_accuracy(real.images[:200], real.labels[:200]) > 80.0
+    assert class_accuracy(real.images[:200], (real.labels[:200] + 1) % 10) < 20.0

@@ -22,8 +22,15 @@ from slimflow.engine import TRAIN_DEFAULTS, TRAIN_HELP, batch_indices, check_tra
 from slimflow.flow import flow_matching_batch, per_sample, random_hflip, sample_time
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, distance, lpips_huber, velocity_loss
 from slimflow.pairs import PairStore, open_pairs, pairs_record
-from slimflow.sample import one_step_sampler
-from slimflow.stages.runner import TrainingJob, full_config, last_pairs, one_step_eval, run_training
+from slimflow.sample import conditioned, one_step_sampler
+from slimflow.stages.runner import (
+    TrainingJob,
+    check_student_classes,
+    full_config,
+    last_pairs,
+    one_step_eval,
+    run_training,
+)
 from teachers.zoo import build_model, load_model, resolve_model_config
 
 BETA_SCHEDULES = ("linear", "exp", "cosine", "constant")
@@ -158,7 +165,7 @@ def anneal_loss(flow_cfg: dict, device: torch.device | None = None) -> Callable:
 
     def loss_fn(model, batch):
         x_t, t, target = batch["x_t"], batch["t"], batch["target"]
-        v = model(x_t, t)
+        v = conditioned(model, batch.get("labels"))(x_t, t)
         rest = 1.0 - per_sample(t, x_t)
         # clean image predicted from x_t, and the pair's image x̂ = x_t + (1 − t)·(x̂ − z̃)
         loss = lpips_huber(x_t + rest * v, x_t + rest * target, v, target, t, perceptual, flow_cfg["one_over_t"])
@@ -169,19 +176,22 @@ def anneal_loss(flow_cfg: dict, device: torch.device | None = None) -> Callable:
 
 def make_anneal_batch(store: PairStore, cfg: dict) -> Callable[[int, torch.Generator], dict]:
     """make_batch(step, generator) for the engine: pairs of epoch-permuted indices, β-annealed noise, per-sample
-    joint flip, training times — every random draw from `generator`."""
+    joint flip, training times — every random draw from `generator` — and, from a class-conditional store, the
+    pairs' labels (regenerated from their indices)."""
     train, beta_cfg, flow = cfg["train"], cfg["beta"], cfg["flow"]
     batch_size, seed = train["batch_size"], train["seed"]
     n_anneal = beta_cfg["steps"] or train["steps"]
 
     def make_batch(step: int, gen: torch.Generator) -> dict:
-        z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
+        index = batch_indices(step, batch_size, len(store), seed)
+        z, x = store.batch(index)
         beta = beta_schedule(beta_cfg["schedule"], step, n_anneal, beta_cfg["value"])
         z = perturb_noise(z, beta, gen)
         if cfg["hflip"]:
             z, x = random_hflip(z, gen, x)
         t = sample_time(batch_size, flow["time_sampler"], eps=flow["eps"], a=flow["a"], generator=gen)
-        return {**flow_matching_batch(z, x, t), "beta": beta}
+        labels = store.labels(index)
+        return {**flow_matching_batch(z, x, t), "beta": beta, **({} if labels is None else {"labels": labels})}
 
     return make_batch
 
@@ -228,6 +238,7 @@ def anneal_job(cfg: dict) -> TrainingJob:
     pruning = None
     if cfg["init_architecture"]:
         model_cfg, pruning, init = _init_network(cfg["init"], store.shape)
+        check_student_classes(int(model_cfg.get("num_classes") or 0), store, f"init {cfg['init']}")
 
         def build() -> torch.nn.Module:
             return load_model(cfg["init"]).float().train().requires_grad_(True)
@@ -235,6 +246,9 @@ def anneal_job(cfg: dict) -> TrainingJob:
     else:
         model_cfg = resolve_model_config(cfg["model"])
         model_cfg.update(in_channels=store.shape[0], resolution=store.shape[-1])
+        if store.num_classes:  # the student is conditioned on its pairs' labels
+            model_cfg.setdefault("num_classes", store.num_classes)
+        check_student_classes(int(model_cfg.get("num_classes") or 0), store, "the student (model.num_classes)")
 
         def build() -> torch.nn.Module:
             model = build_model(model_cfg)

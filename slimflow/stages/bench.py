@@ -16,6 +16,12 @@ writes to `cfg.out`:
   figures, and `tb/<name>/`: one hparams run per entry, its settings and numbers, which the HPARAMS tab shows as
   one table; rewritten on each run),
 - `bench.json`: the rows, the config, the date and the machine.
+
+A class-conditional entry (a model with `num_classes`, or an ONNX generator with a `label` input) is sampled
+class-balanced (sample i of class i mod K, the same noise (seed, i)), so its FID compares a class-balanced set with
+the reference; its row adds "class accuracy (domain)": the share of samples the domain net's classifier head assigns
+to the requested class (for a K equal to the classifier's class count; else n/a). The column appears only when a
+row has it, and only conditional entries' fingerprints record the labelling.
 """
 
 from __future__ import annotations
@@ -38,14 +44,32 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
-from slimflow.checkpoint import atomic_file, atomic_write_text, content_hash, model_identity, require_writable
+from slimflow.checkpoint import (
+    atomic_file,
+    atomic_write_text,
+    content_hash,
+    model_identity,
+    require_writable,
+    shipped_path,
+)
 from slimflow.config import load_config
 from slimflow.cost import measure_cost
 from slimflow.data import to_float, to_uint8
+from slimflow.domain_net import DEFAULT_WEIGHTS as DOMAIN_WEIGHTS
+from slimflow.domain_net import load_domain_net
 from slimflow.engine import resolve_device
+from slimflow.flow import balanced_labels
 from slimflow.images import save_grid
-from slimflow.metrics import compute_metrics, metric_label, metric_labels, reference_images, resolve_extractor
-from slimflow.sample import sample
+from slimflow.metrics import (
+    CLASS_ACCURACY,
+    class_accuracy,
+    compute_metrics,
+    metric_label,
+    metric_labels,
+    reference_images,
+    resolve_extractor,
+)
+from slimflow.sample import num_classes, sample
 from slimflow.solvers import METHODS
 from slimflow.stages import CONFIG_STAGES, run_stage, stage
 from slimflow.stages.export import OnnxGenerator
@@ -212,7 +236,26 @@ def fingerprint(entry: dict, cfg: dict, device: torch.device, extractor_ids: dic
         "device": str(device),
         "torch": torch.__version__,
     }
+    classes = entry_classes(entry["model"])
+    if classes:  # only conditional entries: unconditional fingerprints are those of before
+        blob["labels"] = {"num_classes": classes, "sampling": "balanced", "accuracy": "domain classifier head"}
+        blob["classifier"] = model_identity(cfg["metrics"]["domain_weights"] or DOMAIN_WEIGHTS)
     return content_hash(blob)
+
+
+def entry_classes(model: str | Path) -> int:
+    """The class count of an entry's model (0: unconditional), read from its sidecar or ONNX metadata without
+    loading it."""
+    path = shipped_path(model)
+    if is_onnx(path):
+        return OnnxGenerator.classes_of(path)
+    sidecar = path.with_suffix(".json")
+    if path.suffix == ".safetensors" and sidecar.is_file():
+        try:
+            return int((json.loads(sidecar.read_text()).get("model") or {}).get("num_classes") or 0)
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            return 0
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- table
@@ -313,6 +356,7 @@ def evaluate_entry(entry: dict, cfg: dict, model: torch.nn.Module | OnnxGenerato
     m, c = cfg["metrics"], cfg["cost"]
     started = time.time()
     onnx = isinstance(model, OnnxGenerator)
+    classes = model.num_classes if onnx else num_classes(model)  # conditional: class-balanced samples
     if onnx:
         images, nfe = model.sample(m["n_samples"], m["seed"], m["batch_size"]), 1
     else:
@@ -340,6 +384,16 @@ def evaluate_entry(entry: dict, cfg: dict, model: torch.nn.Module | OnnxGenerato
         "tol": entry["tol"] if adaptive else None,
         "nfe": nfe,
     }
+    if classes:
+        row[CLASS_ACCURACY] = None
+        if classes == load_domain_net(m["domain_weights"]).config["num_classes"]:
+            row[CLASS_ACCURACY] = class_accuracy(
+                images,
+                balanced_labels(len(images), classes),
+                weights=m["domain_weights"],
+                device=torch.device("cpu") if onnx else next(model.parameters()).device,
+                batch_size=m["batch_size"],
+            )
     for extractor in m["extractors"]:
         row.update(
             compute_metrics(
@@ -424,6 +478,8 @@ def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: s
     """bench.csv, bench.md (header, table, footer), both PNG figures and TensorBoard: the table as text, the figures,
     and one hparams run per entry (tb/<name>) with its settings and numbers, shown as a table in the HPARAMS tab."""
     cols = columns(cfg)
+    if any(CLASS_ACCURACY in row for row in rows):
+        cols.append((CLASS_ACCURACY, f"{CLASS_ACCURACY} (%)"))
     paths = {
         "csv": out / "bench.csv",
         "md": out / "bench.md",

@@ -26,8 +26,16 @@ from slimflow.engine import TRAIN_DEFAULTS, TRAIN_HELP, batch_indices, check_tra
 from slimflow.flow import per_sample
 from slimflow.losses import PERCEPTUAL_KINDS, PIXEL_KINDS, Distance, distance
 from slimflow.pairs import PairStore, PairStoreError, open_pairs, pairs_record
-from slimflow.sample import one_step_images, one_step_sampler
-from slimflow.stages.runner import TrainingJob, full_config, last_pairs, one_step_eval, require_input, run_training
+from slimflow.sample import conditioned, one_step_images, one_step_sampler
+from slimflow.stages.runner import (
+    TrainingJob,
+    check_student_classes,
+    full_config,
+    last_pairs,
+    one_step_eval,
+    require_input,
+    run_training,
+)
 from teachers.zoo import load_model
 
 VARIANTS = ("reference", "paper")
@@ -90,10 +98,13 @@ def distill_terms(
     z, e = batch["z"], batch["e"]
     both = torch.cat([z, e])
     times = torch.full((both.shape[0],), t0, dtype=z.dtype, device=z.device)
-    v_z, s_hat = student(both, times).split(z.shape[0])
+    labels, e_labels = batch.get("labels"), batch.get("e_labels")  # a class-conditional student's
+    both_labels = None if labels is None else torch.cat([labels, e_labels])
+    v_z, s_hat = conditioned(student, both_labels)(both, times).split(z.shape[0])
+    guide_e = conditioned(guide, e_labels)
     with torch.no_grad():
-        first = s_hat.detach() if variant == "reference" else guide(e, times[: e.shape[0]])
-        y = two_step_target(guide, e, first, batch["t2"])
+        first = s_hat.detach() if variant == "reference" else guide_e(e, times[: e.shape[0]])
+        y = two_step_target(guide_e, e, first, batch["t2"])
     return {"one_step": z + v_z, "pair_image": batch["x_hat"], "two_step": e + s_hat, "two_step_target": y}
 
 
@@ -103,7 +114,8 @@ def distill_loss(guide: torch.nn.Module, d: Distance, loss_cfg: dict) -> Callabl
 
     def loss_fn(model, batch):
         if loss_cfg["w_2step"] == 0:  # plain distillation (the ablation baseline): no guide, no second batch
-            one = d(one_step_images(model, batch["z"], loss_cfg["one_step_time"]), batch["x_hat"]).mean()
+            images = one_step_images(model, batch["z"], loss_cfg["one_step_time"], batch.get("labels"))
+            one = d(images, batch["x_hat"]).mean()
             return loss_cfg["w_distill"] * one, {"distill": one.detach()}
         terms = distill_terms(model, guide, batch, loss_cfg["variant"], loss_cfg["one_step_time"])
         one = d(terms["one_step"], terms["pair_image"]).mean()
@@ -120,10 +132,15 @@ def make_distill_batch(store: PairStore, train_cfg: dict, loss_cfg: dict) -> Cal
     low, high = loss_cfg["t_min"], loss_cfg["t_max"]
 
     def make_batch(step: int, gen: torch.Generator) -> dict:
-        z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
+        index = batch_indices(step, batch_size, len(store), seed)
+        z, x = store.batch(index)
         e = torch.randn(z.shape, generator=gen)
         t2 = low + (high - low) * torch.rand(batch_size, generator=gen)
-        return {"z": z, "x_hat": x, "e": e, "t2": t2}
+        batch = {"z": z, "x_hat": x, "e": e, "t2": t2}
+        if store.num_classes:  # the pairs' labels; the fresh noise e gets fresh labels (drawn last)
+            batch["labels"] = store.labels(index)
+            batch["e_labels"] = torch.randint(store.num_classes, (batch_size,), generator=gen)
+        return batch
 
     return make_batch
 
@@ -173,6 +190,7 @@ def distill_job(cfg: dict) -> TrainingJob:
             f"{made_from[:16]}…); distill on pairs of the same teacher"
         )
     guide = load_model(cfg["student"])
+    check_student_classes(int(getattr(guide, "num_classes", 0) or 0), store, f"the annealed model {cfg['student']}")
     student_sha256 = sha256_file(cfg["student"])
     record = pairs_record(store)
     loss_cfg = cfg["loss"]

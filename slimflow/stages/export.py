@@ -27,6 +27,11 @@ Writes to `out_dir`:
   (`int8_fid_budget`: 0.05 allows +5 %); the others stay fp32 (`int8_mixed`).
 - `export.json`: what was written, the parity checks, file sizes and latencies.
 
+A class-conditional model (`num_classes` K > 0) is exported with a second input `label` (batch,) int64, classes in
+[0, K) (NO_LABEL = -1: no label): (noise, label) → image; the ONNX metadata records `num_classes`, and the parity
+checks use the class-balanced labels of the check noise (i mod K). int8 quantization of a conditional generator is
+not supported yet (its calibration feeds the noise alone).
+
 Checks: the reloaded .pt2 program and onnxruntime (CPU provider) must reproduce PyTorch's output on the same
 noise within `atol`, else ExportMismatchError. The int8 file is not held to a tolerance; its image error to the
 fp32 ONNX file (max / mean absolute difference and RMSE, images nominally in [-1, 1]) on the noise of
@@ -50,9 +55,9 @@ from torch import nn
 from pruning.measure import count_params, median_ms
 from slimflow.checkpoint import atomic_file, atomic_write_text, require_writable
 from slimflow.data import to_uint8
-from slimflow.flow import noise_for
+from slimflow.flow import balanced_labels, noise_for
 from slimflow.metrics import DEFAULT_CACHE_DIR, compute_metrics, metric_label, resolve_extractor
-from slimflow.sample import one_step_images, one_step_time
+from slimflow.sample import num_classes, one_step_images, one_step_time, resolve_labels
 from teachers.zoo import load_model
 
 FORMATS = ("onnx", "torch_export")
@@ -70,6 +75,7 @@ INT8_FID = {  # the FID that int8_fid_budget is measured by (see fid_of_file)
     "cache_dir": DEFAULT_CACHE_DIR,
 }
 INPUT, OUTPUT = "noise", "image"
+LABEL = "label"  # the second input of a class-conditional generator
 WEIGHT_TYPES = (1, 3, 10, 11)  # onnx.TensorProto FLOAT, INT8, FLOAT16, DOUBLE: initializers counted as parameters
 ONNX_EXTRA = "pip install 'slimflow[onnx]' (onnx, onnxscript, onnxruntime)"
 
@@ -79,15 +85,17 @@ class ExportMismatchError(RuntimeError):
 
 
 class OneStepGenerator(nn.Module):
-    """z (B, C, H, W) ↦ z + v(z, t0), the one-step generator of `velocity` (t0: its `one_step_time`)."""
+    """z (B, C, H, W) ↦ z + v(z, t0), the one-step generator of `velocity` (t0: its `one_step_time`); a
+    class-conditional one takes the labels (B,) too: (z, label) ↦ z + v(z, t0, label)."""
 
     def __init__(self, velocity: nn.Module):
         super().__init__()
         self.velocity = velocity
         self.t0 = one_step_time(velocity)
+        self.num_classes = num_classes(velocity)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return one_step_images(self.velocity, z, self.t0)
+    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        return one_step_images(self.velocity, z, self.t0, label)
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -135,7 +143,7 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return op.MatMul(op.Softmax(scores, axis=-1), value)
 
 
-def _export_onnx(program: torch.export.ExportedProgram, path: Path, t0: float) -> None:
+def _export_onnx(program: torch.export.ExportedProgram, path: Path, t0: float, classes: int = 0) -> None:
     try:
         import onnx_ir.passes.common as ir_passes
         import onnxscript.optimizer
@@ -145,9 +153,9 @@ def _export_onnx(program: torch.export.ExportedProgram, path: Path, t0: float) -
         program,
         dynamo=True,
         verbose=False,
-        input_names=[INPUT],
+        input_names=[INPUT, LABEL] if classes else [INPUT],
         output_names=[OUTPUT],
-        dynamic_shapes=({0: "batch"},),
+        dynamic_shapes=({0: "batch"}, {0: "batch"}) if classes else ({0: "batch"},),
         custom_translation_table={torch.ops.aten.scaled_dot_product_attention.default: _attention},
         optimize=False,
     )
@@ -165,6 +173,8 @@ def _export_onnx(program: torch.export.ExportedProgram, path: Path, t0: float) -
             node.name = f"{module}/{node.name}"
         node.metadata_props.clear()
     model.metadata_props["one_step_time"] = repr(t0)
+    if classes:
+        model.metadata_props["num_classes"] = str(classes)
     with atomic_file(path) as tmp:
         onnx_program.save(str(tmp))
 
@@ -177,25 +187,38 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _run(session, z: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(session.run(None, {INPUT: z.numpy()})[0])
+def _feed(z: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+    """The inputs of a session: the noise, and the labels of a class-conditional generator."""
+    return {INPUT: z.numpy(), **({} if labels is None else {LABEL: labels.to(torch.int64).numpy()})}
 
 
-def _latency(session, z: torch.Tensor, warmup: int, repeats: int) -> float:
-    one = {INPUT: z[:1].numpy()}
+def _run(session, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.from_numpy(session.run(None, _feed(z, labels))[0])
+
+
+def _latency(session, z: torch.Tensor, warmup: int, repeats: int, labels: torch.Tensor | None = None) -> float:
+    one = _feed(z[:1], None if labels is None else labels[:1])
     return median_ms(lambda: session.run(None, one), torch.device("cpu"), warmup, repeats)
 
 
-def _check_onnx(path: Path, z: torch.Tensor, expected: torch.Tensor, atol: float, warmup: int, repeats: int) -> dict:
-    """onnxruntime vs PyTorch on the same noise, and onnxruntime's batch-1 latency."""
+def _check_onnx(
+    path: Path,
+    z: torch.Tensor,
+    expected: torch.Tensor,
+    atol: float,
+    warmup: int,
+    repeats: int,
+    labels: torch.Tensor | None = None,
+) -> dict:
+    """onnxruntime vs PyTorch on the same noise (and labels), and onnxruntime's batch-1 latency."""
     session = _session(path)
-    diff = _max_abs_diff(_run(session, z), expected)
+    diff = _max_abs_diff(_run(session, z, labels), expected)
     _check("onnxruntime", diff, atol)
     return {
         "max_abs_diff": diff,
         "bytes": path.stat().st_size,
         "onnxruntime": _onnxruntime().__version__,
-        "latency_ms_b1": _latency(session, z, warmup, repeats),
+        "latency_ms_b1": _latency(session, z, warmup, repeats, labels),
     }
 
 
@@ -435,28 +458,43 @@ class OnnxGenerator:
             raise FileNotFoundError(f"no ONNX file {str(self.path)!r}")
         self.session = _session(self.path)
         inputs = self.session.get_inputs()
-        if [i.name for i in inputs] != [INPUT] or len(inputs[0].shape) != 4:
+        if [i.name for i in inputs] not in ([INPUT], [INPUT, LABEL]) or len(inputs[0].shape) != 4:
             raise ValueError(
-                f"{str(self.path)!r} is not a one-step generator exported by slimflow export (one input "
-                f"{INPUT!r} of shape (batch, C, H, W)); got inputs {[(i.name, i.shape) for i in inputs]}"
+                f"{str(self.path)!r} is not a one-step generator exported by slimflow export (input "
+                f"{INPUT!r} of shape (batch, C, H, W), and {LABEL!r} (batch,) when class-conditional); got inputs "
+                f"{[(i.name, i.shape) for i in inputs]}"
             )
         self.sample_shape = tuple(int(d) for d in inputs[0].shape[1:])
         model = onnx.load(str(self.path), load_external_data=False)
+        self.num_classes = int({p.key: p.value for p in model.metadata_props}.get("num_classes", 0))
+        if (len(inputs) == 2) != bool(self.num_classes):
+            raise ValueError(f"{str(self.path)!r}: a {LABEL!r} input needs a num_classes entry in its metadata")
         graph = model.graph
         qparams = {i for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
         self.params = sum(
             math.prod(t.dims) for t in graph.initializer if t.data_type in WEIGHT_TYPES and t.name not in qparams
         )
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return _run(self.session, z.float().contiguous())
+    @staticmethod
+    def classes_of(path: str | Path) -> int:
+        """The class count an exported generator's metadata records (0: unconditional), without a session."""
+        import onnx
 
-    def sample(self, n: int, seed: int, batch_size: int) -> torch.Tensor:
-        """The images of the noise of (seed, 0..n-1), generated in batches."""
-        batches = range(0, n, batch_size)
-        return torch.cat(
-            [self(noise_for(list(range(s, min(n, s + batch_size))), seed, self.sample_shape)) for s in batches]
-        )
+        model = onnx.load(str(path), load_external_data=False)
+        return int({p.key: p.value for p in model.metadata_props}.get("num_classes", 0))
+
+    def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return _run(self.session, z.float().contiguous(), labels)
+
+    def sample(self, n: int, seed: int, batch_size: int, labels=None) -> torch.Tensor:
+        """The images of the noise of (seed, 0..n-1), generated in batches; a class-conditional generator's labels
+        as `slimflow.sample.sample` takes them (default: class-balanced)."""
+        labels = resolve_labels(self, n, labels)
+        out = []
+        for s in range(0, n, batch_size):
+            index = list(range(s, min(n, s + batch_size)))
+            out.append(self(noise_for(index, seed, self.sample_shape), None if labels is None else labels[index]))
+        return torch.cat(out)
 
     def cost(self, batch_sizes: tuple[int, ...], warmup: int, repeats: int) -> dict:
         """The keys of `slimflow.cost.measure_cost`: params (the float and int8 initializers, less quantization
@@ -464,7 +502,8 @@ class OnnxGenerator:
         ms/image at each batch size; MACs and peak memory are not measured (None)."""
         out: dict = {"params": self.params, "macs_per_nfe": None, "nfe": 1, "macs_per_sample": None}
         for batch_size in sorted(batch_sizes):
-            z = {INPUT: torch.randn(batch_size, *self.sample_shape).numpy()}
+            labels = balanced_labels(batch_size, self.num_classes) if self.num_classes else None
+            z = _feed(torch.randn(batch_size, *self.sample_shape), labels)
             ms = median_ms(lambda: self.session.run(None, z), torch.device("cpu"), warmup, repeats)  # noqa: B023
             out[f"latency_ms_b{batch_size}"] = ms / batch_size
         out[f"peak_mem_mib_b{max(batch_sizes)}"] = None
@@ -530,34 +569,46 @@ def export_model(
     else:
         velocity = load_model(model_path, device="cpu", resolution=resolution, unsafe_pickle=unsafe_pickle)
     generator = OneStepGenerator(velocity).eval()
+    classes = generator.num_classes
+    if classes and (int8 or int8_budget is not None or int8_fid_budget is not None):
+        raise ValueError(
+            f"int8 export of a class-conditional generator ({classes} classes) is not supported yet: its "
+            "calibration feeds the noise alone; export fp32 (int8=False)"
+        )
     shape = tuple(velocity.sample_shape)
     z = noise_for(list(range(CHECK_BATCH)), seed, shape)
-    expected = generator(z)
-    one = z[:1]
+    labels = balanced_labels(CHECK_BATCH, classes) if classes else None  # the class-balanced check labels
+    expected = generator(z, labels)
+    one, one_label = z[:1], None if labels is None else labels[:1]
     report: dict = {
         "model": type(model_path).__name__ if isinstance(model_path, nn.Module) else str(model_path),
         "params": count_params(velocity),
         "input": [INPUT, "batch", *shape],
+        **({"label_input": [LABEL, "batch"], "num_classes": classes} if classes else {}),
         "output": [OUTPUT, "batch", *shape],
         "mapping": f"image = z + v(z, {generator.t0:g}), z ~ N(0, I); output not clamped (nominally [-1, 1])",
         "one_step_time": generator.t0,
         "atol": atol,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "torch_latency_ms_b1": median_ms(lambda: generator(one), one.device, warmup, repeats),
+        "torch_latency_ms_b1": median_ms(lambda: generator(one, one_label), one.device, warmup, repeats),
     }
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    program = torch.export.export(generator, (z[:TRACE_BATCH],), dynamic_shapes=({0: batch},))
+    if classes:
+        example, dynamic = (z[:TRACE_BATCH], labels[:TRACE_BATCH]), ({0: batch}, {0: batch})
+    else:
+        example, dynamic = (z[:TRACE_BATCH],), ({0: batch},)
+    program = torch.export.export(generator, example, dynamic_shapes=dynamic)
     if "torch_export" in formats:
         path = out / "generator.pt2"
         torch.export.save(program, str(path))
-        diff = _max_abs_diff(torch.export.load(str(path)).module()(z), expected)
+        diff = _max_abs_diff(torch.export.load(str(path)).module()(z, *([] if labels is None else [labels])), expected)
         _check("torch.export program", diff, atol)
         report["torch_export"] = {"file": str(path), "max_abs_diff": diff}
     if "onnx" in formats:
         path = out / "generator.onnx"
-        _export_onnx(program, path, generator.t0)
-        report["onnx"] = {"file": str(path), **_check_onnx(path, z, expected, atol, warmup, repeats)}
+        _export_onnx(program, path, generator.t0, classes)
+        report["onnx"] = {"file": str(path), **_check_onnx(path, z, expected, atol, warmup, repeats, labels)}
     if int8:
         path = out / "generator.int8.onnx"
         settings = quantize_int8(

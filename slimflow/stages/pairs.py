@@ -22,6 +22,7 @@ DEFAULTS: dict = {
     "batch_size": 100,
     "image_format": "float16",
     "device": "auto",
+    "guidance": 1.0,
 }
 
 HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
@@ -39,6 +40,8 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "batch_size": "pairs solved at once",
     "image_format": "stored images: float16 (values kept) | uint8 (error <= 1/255)",
     "device": "auto (GPU when available) | cpu | cuda | cuda:N",
+    "guidance": "class-conditional teacher: classifier-free guidance scale w of its ODE, v = v(∅) + w·(v(c) − v(∅)) "
+    "(1: none); pair i's label is drawn from (seed, i) like its noise",
 }
 
 
@@ -75,5 +78,6 @@ def generate_pairs_from_config(cfg: dict) -> dict:
         shard_size=cfg["shard_size"],
         batch_size=cfg["batch_size"],
         image_format=cfg["image_format"],
+        guidance=cfg["guidance"],
     )
     return {**manifest, "seconds_this_session": time.time() - started}

@@ -107,19 +107,21 @@ def one_step_eval(
     name: str, data: Callable[[], tuple[torch.Tensor, torch.Tensor]], t0: float | None = None, batch_size: int = 256
 ) -> Callable[[torch.nn.Module], dict[str, float]]:
     """eval_fn for the engine: {name: mean l2 between the model's one-step images z + v(z, t0) and fixed target
-    images}. `data()` gives the fixed (z, target) pairs; it is called once, at the first evaluation (t0: the
-    model's own one-step time unless given)."""
+    images}. `data()` gives the fixed (z, target) pairs, or (z, target, labels) for a class-conditional model; it
+    is called once, at the first evaluation (t0: the model's own one-step time unless given)."""
     fixed: list[torch.Tensor] = []
 
     def eval_fn(model: torch.nn.Module) -> dict[str, float]:
         if not fixed:
             fixed.extend(data())
-        z, target = fixed
+        z, target, *rest = fixed
+        labels = rest[0] if rest else None
         device = next(model.parameters()).device
         total = 0.0
         for start in range(0, len(z), batch_size):
             zb, xb = z[start : start + batch_size].to(device), target[start : start + batch_size].to(device)
-            total += l2(one_step_images(model, zb, t0).float(), xb.float()).sum().item()
+            yb = None if labels is None else labels[start : start + batch_size].to(device)
+            total += l2(one_step_images(model, zb, t0, yb).float(), xb.float()).sum().item()
         return {name: total / len(z)}
 
     return eval_fn
@@ -127,8 +129,28 @@ def one_step_eval(
 
 def last_pairs(store, n: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     """data() for `one_step_eval`: the last n pairs (z, teacher image) of a pair store (all of them when it holds
-    fewer). Training draws from every pair of the store, so these are not held out."""
-    return lambda: store.get(torch.arange(max(0, len(store) - n), len(store)))
+    fewer), with their labels when the store is class-conditional. Training draws from every pair of the store, so
+    these are not held out."""
+
+    def data() -> tuple[torch.Tensor, ...]:
+        index = torch.arange(max(0, len(store) - n), len(store))
+        labels = store.labels(index)
+        return (*store.get(index), *([] if labels is None else [labels]))
+
+    return data
+
+
+def check_student_classes(student_classes: int, store, what: str) -> None:
+    """A student is conditioned on exactly the classes of its pairs: a clear error otherwise."""
+    if student_classes != store.num_classes:
+
+        def describe(k: int) -> str:
+            return f"class-conditional ({k} classes)" if k else "unconditional"
+
+        raise ValueError(
+            f"{what} is {describe(student_classes)} but the pair store {store.root} is {describe(store.num_classes)} "
+            "(made by such a teacher); a student learns its pairs' labels: use a matching student or store"
+        )
 
 
 # ------------------------------------------------------------------------------------------ "current"
