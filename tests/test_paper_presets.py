@@ -107,14 +107,12 @@ def test_paper_preset_smoke_run_finishes_every_stage(preset, tmp_path):
     unpruned = [e for e in entries if not e["model"].startswith(str(work / "prune"))]
     bench({**configs["bench"], "entries": unpruned})
     assert_table(work / "bench" / "bench.md", unpruned)
-    try:
-        stage("prune")[1](configs["prune"])
-    except ValueError as err:  # pruning/ cannot yet cut DDPM++ skip concatenations into 32-group GroupNorms
-        if "straddle its groups" in str(err):
-            pytest.xfail(f"prune stage: {err}")
-        raise
+    stage("prune")[1](configs["prune"])
     pruned = json.loads((work / "prune" / "summary.json").read_text())["prune"]
     assert pruned["params_after"] < pruned["params_before"]
+    # DDPM++ skip concatenations straddle 32-group GroupNorms: regrouped, keeping their group counts (whole_groups)
+    assert pruned["regrouped_groupnorms"]
+    assert all(r["groups"][1] == r["groups"][0] for r in pruned["regrouped_groupnorms"].values())
     bench(configs["bench"])
     assert_table(work / "bench" / "bench.md", entries)
 

@@ -210,3 +210,27 @@ def test_whole_group_pruning_hits_the_budget_and_its_file_reloads_with_the_group
     record = {k: report[k] for k in ("history", "example_inputs", "width_attributes", "unwrapped_parameters")}
     path = save_model(tmp_path / "pruned.safetensors", pruned, {"model": TINY, "pruning": record, "kind": "t"})
     assert torch.equal(outputs(load_model(path)), outputs(pruned))
+
+
+def test_regrouped_groupnorms_are_reported_and_the_pruned_file_reloads(tmp_path):
+    """A DDPM++ student whose skip concat (128 + 64 channels) straddles GroupNorm(32, 192) prunes to a MACs budget
+    with groupnorm whole_groups+regroup; the regrouped GroupNorms are in the report and the file reloads exactly."""
+    config = {**TINY, "resolution": 8, "nf": 64, "attn_resolutions": [4]}
+    torch.manual_seed(0)
+    student = build_unet(config)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.normal_(0.0, 0.05)
+    with pytest.raises(ValueError, match="straddle its groups"):
+        prune_model(student, config, {**PRUNE, "ratio": 0.25, "groupnorm": "whole_groups"})
+    pruned, report = prune_model(student, config, {**PRUNE, "groupnorm": "whole_groups+regroup"})  # macs_fraction 0.5
+    assert report["macs_after"] <= 0.5 * report["macs_before"]
+    regrouped = report["regrouped_groupnorms"]
+    assert set(regrouped) == {"all_modules.11.GroupNorm_0", "all_modules.14.GroupNorm_0"}
+    assert all(r["channels"][1] < r["channels"][0] == 192 and r["groups"] == [32, 32] for r in regrouped.values())
+    record = {k: report[k] for k in ("history", "example_inputs", "width_attributes", "unwrapped_parameters")}
+    path = save_model(tmp_path / "pruned.safetensors", pruned, {"model": config, "pruning": record, "kind": "t"})
+    x, _ = example_inputs(config, batch=3)
+    z, t = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)), torch.full((3,), 0.5)
+    with torch.no_grad():
+        assert torch.equal(load_model(path)(z, t), pruned(z, t))

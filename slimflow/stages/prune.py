@@ -3,7 +3,9 @@
 `prune_student(cfg)` (`slimflow prune --config ...`):
 1. loads the student model file (annealed or distilled; a velocity network v(x, t));
 2. prunes channels with Torch-Pruning (UNet-aware: the attention's NIN matrices go through `MatmulPruner`,
-   GroupNorm groups stay whole, the output conv is kept; local ranking, which UNet skip concatenations need),
+   GroupNorm groups stay whole, the output conv is kept; local ranking, which UNet skip concatenations need;
+   with `prune.groupnorm: ...+regroup` a GroupNorm whose groups a skip concatenation straddles, as in DDPM++ from
+   128 channels on, gets a new group count instead, listed in the report as `regrouped_groupnorms`),
    either to a channel `ratio` or to a `macs_fraction` of the MACs; importance magnitude (l1/l2), lamp, random,
    or taylor from the flow-matching loss on the pairs, accumulated over timesteps (Diff-Pruning style);
 3. writes `pruned.safetensors`: an ordinary model file whose sidecar records the unpruned config and the pruning
@@ -131,7 +133,8 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "prune.ratio": "share of channels removed per layer (null: searched from macs_fraction)",
     "prune.macs_fraction": "keep at most this share of the MACs (used when ratio is null)",
     "prune.macs_match": "at_most (MACs <= macs_fraction) | nearest (the reachable MACs closest to it, either side)",
-    "prune.groupnorm": "even (channels leave every GroupNorm group) | whole_groups (whole groups leave; finer widths)",
+    "prune.groupnorm": "even (channels leave every GroupNorm group) | whole_groups (whole groups leave; finer widths);"
+    " +regroup on either: a GroupNorm a skip concat straddles gets a new group count (DDPM++ from 128 channels)",
     "prune.steps": "pruning in this many steps to the final ratio",
     "prune.taylor.batches": "taylor: batches of flow-matching gradients, times from 1 down to eps",
     "prune.taylor.batch_size": "taylor: pairs per batch",
@@ -394,6 +397,7 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
                 k: report[k]
                 for k in ("importance", "ratio", "steps", "params_before", "params_after", "macs_before", "macs_after")
             },
+            "regrouped_groupnorms": report.get("regrouped_groupnorms", {}),
         },
         path,
     )
