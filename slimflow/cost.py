@@ -29,6 +29,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pruning.measure import count_macs_params, count_params, median_ms
+from slimflow.flow import balanced_labels
+from slimflow.sample import conditioned, num_classes
 from slimflow.solvers import solve
 
 MIB = 2**20
@@ -38,9 +40,17 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _labels(model: torch.nn.Module, batch_size: int) -> torch.Tensor | None:
+    """Class-balanced labels for a class-conditional model (None for an unconditional one)."""
+    classes = num_classes(model)
+    return balanced_labels(batch_size, classes).to(_device(model)) if classes else None
+
+
 def _velocity_inputs(model: torch.nn.Module, shape: tuple[int, ...], batch_size: int) -> tuple[torch.Tensor, ...]:
     device = _device(model)
-    return torch.randn(batch_size, *shape, device=device), torch.full((batch_size,), 0.5, device=device)
+    labels = _labels(model, batch_size)
+    inputs = (torch.randn(batch_size, *shape, device=device), torch.full((batch_size,), 0.5, device=device))
+    return inputs if labels is None else (*inputs, labels)
 
 
 @torch.no_grad()
@@ -59,13 +69,14 @@ def generator_fn(
 ) -> tuple[Callable[[], torch.Tensor], int]:
     """(a function generating one batch from fixed noise with the solver, NFE per sample of that solver)."""
     z = torch.randn(batch_size, *shape, device=_device(model))
+    velocity = conditioned(model, _labels(model, batch_size))  # a conditional model under class-balanced labels
 
     @torch.no_grad()
     def run() -> torch.Tensor:
-        return solve(model, z, method=method, steps=steps, rtol=tol, atol=tol).x
+        return solve(velocity, z, method=method, steps=steps, rtol=tol, atol=tol).x
 
     with torch.no_grad():
-        nfe = solve(model, z, method=method, steps=steps, rtol=tol, atol=tol).nfe
+        nfe = solve(velocity, z, method=method, steps=steps, rtol=tol, atol=tol).nfe
     return run, nfe
 
 

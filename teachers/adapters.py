@@ -45,6 +45,7 @@ from torch import nn
 
 from slimflow.checkpoint import CheckpointError, load_torch_file
 from slimflow.flow import per_sample
+from teachers.unet import check_labels
 
 PREDICTIONS = {  # which network outputs each kind of path supports
     "vp": ("epsilon", "sample", "v_prediction"),
@@ -215,8 +216,10 @@ class TeacherVelocity(nn.Module):
         schedule: NoiseSchedule,
         prediction: str,
         sample_shape: tuple[int, ...] | None = None,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
+        self.num_classes = int(num_classes)  # > 0: a class-conditional network, called network(x, time, labels)
         allowed = PREDICTIONS.get(schedule.kind)
         if allowed is None:
             raise ValueError(f"unknown schedule kind {schedule.kind!r}; kinds: {', '.join(PREDICTIONS)}")
@@ -233,7 +236,8 @@ class TeacherVelocity(nn.Module):
         self.t_lo = max(schedule.t_min, DIVISION_GUARD if divides_by_t else 0.0)
         self.t_hi = min(schedule.t_max, 1.0 - DIVISION_GUARD if divides_by_1_minus_t else 1.0)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        labels = check_labels(labels, self.num_classes, x.shape[0], x.device)
         if not torch.is_tensor(t) or t.shape != (x.shape[0],):
             shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
             raise ValueError(
@@ -246,7 +250,8 @@ class TeacherVelocity(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         tc = t.to(dtype).clamp(self.t_lo, self.t_hi)
         scale = self._state_scale(tc)  # α + σ
-        out = self.network(x * per_sample(scale, x), self.schedule.network_time(tc))
+        extra = () if labels is None else (labels,)
+        out = self.network(x * per_sample(scale, x), self.schedule.network_time(tc), *extra)
         if out.shape != x.shape:
             raise ValueError(f"teacher network returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
         te = per_sample(tc, x)
@@ -291,14 +296,20 @@ VP_SCHEDULERS = {
 
 
 class DiffusersUNet(nn.Module):
-    """`UNet2DModel` called as network(x, timestep) -> tensor (unconditional)."""
+    """`UNet2DModel` called as network(x, timestep) -> tensor, or network(x, timestep, labels) when it has a class
+    embedding (`num_class_embeds`, class_embed_type None: an nn.Embedding added to the time embedding)."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, timestep).sample
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and (labels < 0).any():
+            raise ValueError(
+                "this diffusers UNet2DModel's class embedding has no 'no label' class (NO_LABEL = -1): "
+                "classifier-free guidance is not available for it"
+            )
+        return self.unet(x, timestep, class_labels=labels).sample
 
 
 def diffusers_layout(folder: str | Path) -> tuple[Path, Path | None]:
@@ -364,10 +375,14 @@ def load_diffusers_teacher(folder: str | Path, scheduler_config: str | Path | di
     if config.get("_class_name") != "UNet2DModel":
         raise ValueError(
             f"{str(unet_dir / 'config.json')!r} describes a {config.get('_class_name')!r}; "
-            "only unconditional UNet2DModel teachers are supported"
+            "only unconditional UNet2DModel teachers and class-conditional ones (num_class_embeds) are supported"
         )
-    if config.get("num_class_embeds") or config.get("class_embed_type"):
-        raise ValueError(f"{str(unet_dir)!r} is a class-conditional UNet2DModel; only unconditional ones are supported")
+    if config.get("class_embed_type"):
+        raise ValueError(
+            f"{str(unet_dir)!r} is a UNet2DModel with class_embed_type {config['class_embed_type']!r}; only the "
+            "class-index embedding (num_class_embeds, class_embed_type null) is supported"
+        )
+    classes = int(config.get("num_class_embeds") or 0)
     if isinstance(scheduler_config, dict):
         sched = scheduler_config
     elif scheduler_config is not None or found is not None:
@@ -392,4 +407,5 @@ def load_diffusers_teacher(folder: str | Path, scheduler_config: str | Path | di
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else size
         shape = (int(config.get("in_channels", 3)), int(height), int(width))
-    return TeacherVelocity(DiffusersUNet(unet), schedule, prediction, shape).eval().requires_grad_(False)
+    teacher = TeacherVelocity(DiffusersUNet(unet), schedule, prediction, shape, classes)
+    return teacher.eval().requires_grad_(False)

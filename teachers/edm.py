@@ -13,12 +13,15 @@ module rebuilds what it can:
   rearrangement is attention: EDM's 1×1 `qkv` convolution interleaves q, k and v per channel (output channel
   3c + j), split here into the UNet's three NIN projections (transposed: NIN weights are (C_in, C_out)).
   `map_augment` (augmentation conditioning, no bias) is dropped: sampling feeds it no labels, so it adds nothing.
+  A class-conditional SongUNet (label_dim K > 0) becomes the UNet with num_classes K: EDM's `map_label`, a Linear
+  on the one-hot labels scaled by √K added to the [sin, cos] embedding, is the UNet's `map_label` tensor for tensor;
+  EDM's all-zero label vector (its dropped label) is the UNet's NO_LABEL.
 - **VPPrecond / VEPrecond / EDMPrecond** become `teachers.adapters.TeacherVelocity` on EDM's path
   x = x0 + σ·n (schedule `edm`): VP and VE wrappers compute D = x ∓ σ·F, so F (VP) and −F (VE) are ε-predictions;
   EDMPrecond's D = c_skip·x + c_out·F is an x0-prediction. The σ range is EDM's sampler's, [0.002, 80], narrowed
   to the wrapper's own [sigma_min, sigma_max] (VE: [0.02, 80]).
 
-Refused with the reason: class conditioning (label_dim > 0), NCSN++ options (Fourier embedding, FIR resampling,
+Refused with the reason: NCSN++ options (Fourier embedding, FIR resampling,
 residual or skip encoder, skip decoder), DhariwalUNet (ADM) and iDDPMPrecond, and any other class.
 """
 
@@ -111,16 +114,17 @@ class EdmPrecondNetwork(nn.Module):
             return torch.log(0.5 * sigma)
         return torch.log(sigma) / 4
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         s = per_sample(sigma, x)
         noise = self.c_noise(sigma)
+        extra = () if labels is None else (labels,)  # a class-conditional network's labels
         if self.precond == "VPPrecond":  # D = x − σ·F(x/√(σ² + 1)): F is the ε-prediction
-            return self.network(x * torch.rsqrt(s * s + 1), noise)
+            return self.network(x * torch.rsqrt(s * s + 1), noise, *extra)
         if self.precond == "VEPrecond":  # D = x + σ·F(x): −F is the ε-prediction
-            return -self.network(x, noise)
+            return -self.network(x, noise, *extra)
         data = self.constants["sigma_data"]
         var = s * s + data * data
-        out = self.network(x * torch.rsqrt(var), noise)
+        out = self.network(x * torch.rsqrt(var), noise, *extra)
         return (data * data / var) * x + (s * data * torch.rsqrt(var)) * out
 
 
@@ -190,11 +194,6 @@ def _plain(value: Any) -> Any:
 
 def check_ddpmpp(options: dict[str, Any], where: str) -> None:
     """Refuse, naming the options, what `teachers.unet.UNet` does not reproduce."""
-    if options["label_dim"]:
-        raise CheckpointError(
-            f"{where}: a class-conditional SongUNet (label_dim={options['label_dim']}); class conditioning is not "
-            "yet supported by teachers.unet.UNet"
-        )
     if options["in_channels"] != options["out_channels"]:
         raise CheckpointError(
             f"{where}: in_channels={options['in_channels']} differs from out_channels={options['out_channels']}"
@@ -220,6 +219,7 @@ def unet_config(options: dict[str, Any]) -> dict[str, Any]:
         "attn_resolutions": [r for r in resolutions if r in options["attn_resolutions"]],
         "dropout": float(options["dropout"]),
         "time_scale": 1.0,
+        **({"num_classes": int(options["label_dim"])} if options["label_dim"] else {}),
     }
 
 
@@ -228,11 +228,6 @@ def precond_constants(precond: PickledObject, where: str) -> dict[str, float]:
     bad = [k for k, v in values.items() if not isinstance(_plain(v), int | float)]
     if bad:
         raise CheckpointError(f"{where}: the {precond.class_name} lacks numeric {bad}")
-    if precond.state.get("label_dim"):
-        raise CheckpointError(
-            f"{where}: a class-conditional {precond.class_name} (label_dim={precond.state['label_dim']}); class "
-            "conditioning is not yet supported"
-        )
     return {k: float(_plain(v)) for k, v in values.items()}
 
 
@@ -402,6 +397,8 @@ def songunet_state(model: PickledObject, tensors: dict[str, torch.Tensor], unet:
             break
     if not mapping.problems and index != len(modules):
         mapping.problems.append(f"the SongUNet has fewer blocks than the DDPM++ UNet ({index} of {len(modules)})")
+    if unet.map_label is not None:  # a class-conditional SongUNet: map_label is the UNet's, tensor for tensor
+        mapping.copy("model.map_label", "map_label", unet.map_label)
     mapping.used.add("model.map_augment.weight")
     unexpected = sorted(set(tensors) - mapping.used)
     if unexpected:
@@ -422,6 +419,11 @@ def load_edm_teacher(top: Any, path: str | Path) -> TeacherVelocity:
     options = songunet_options(model, where)
     check_ddpmpp(options, where)
     constants = precond_constants(precond, where)
+    wrapper_labels = int(_plain(precond.state.get("label_dim")) or 0)
+    if wrapper_labels != int(options["label_dim"] or 0):
+        raise CheckpointError(
+            f"{where}: the {precond.class_name} has label_dim={wrapper_labels}, its SongUNet {options['label_dim']}"
+        )
     try:
         unet = build_unet(unet_config(options))
     except ValueError as err:
@@ -431,7 +433,8 @@ def load_edm_teacher(top: Any, path: str | Path) -> TeacherVelocity:
     network = EdmPrecondNetwork(unet.eval(), precond.class_name, constants)
     lo, hi = sigma_range(constants)
     shape = (unet.in_channels, unet.resolution, unet.resolution)
-    return TeacherVelocity(network, edm(lo, hi), PREDICTION[precond.class_name], shape).eval().requires_grad_(False)
+    teacher = TeacherVelocity(network, edm(lo, hi), PREDICTION[precond.class_name], shape, unet.num_classes)
+    return teacher.eval().requires_grad_(False)
 
 
 def describe_edm(top: Any, path: str | Path) -> dict:

@@ -430,3 +430,32 @@ def test_bench_reports_class_accuracy_of_conditional_entries_only(tmp_path):
     real = load_images("fashion_mnist", split="test")
     assert class_accuracy(real.images[:200], real.labels[:200]) > 80.0
     assert class_accuracy(real.images[:200], (real.labels[:200] + 1) % 10) < 20.0
+
+
+def test_class_conditional_diffusers_teacher(tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="optional extra 'diffusers' is not installed")
+    from teachers.adapters import load_diffusers_teacher
+
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=5,
+    ).eval()
+    unet.save_pretrained(tmp_path / "unet")
+    diffusers.DDPMScheduler(prediction_type="epsilon").save_pretrained(tmp_path / "unet")
+    teacher = load_diffusers_teacher(tmp_path / "unet")
+    assert teacher.num_classes == 5
+    y, t, labels = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.tensor([1, 4])
+    with torch.no_grad():
+        a, b = teacher(y, t, labels), teacher(y, t, torch.tensor([0, 0]))
+    assert a.shape == y.shape and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="class-conditional"):
+        teacher(y, t)
+    with pytest.raises(ValueError, match="no 'no label' class"):
+        teacher(y, t, torch.tensor([NO_LABEL, 0]))

@@ -206,6 +206,8 @@ class SongUNet(nn.Module):
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [cos, sin] -> [sin, cos]
+        if self.map_label is not None:  # EDM: one-hot labels (all zero: no label) scaled by sqrt(label_dim)
+            emb = emb + self.map_label(class_labels * np.sqrt(self.map_label.in_features))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         skips = []
         for block in self.enc.values():
@@ -246,10 +248,10 @@ class VPPrecond(Precond):
         t = torch.as_tensor(t)
         return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
 
-    def forward(self, x, sigma):
+    def forward(self, x, sigma, class_labels=None):
         s = sigma.reshape(-1, 1, 1, 1)
         t = ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
-        return x - s * self.model(x / (s**2 + 1).sqrt(), (self.M - 1) * t)
+        return x - s * self.model(x / (s**2 + 1).sqrt(), (self.M - 1) * t, class_labels)
 
 
 @persistent
@@ -258,8 +260,8 @@ class VEPrecond(Precond):
         super().__init__(*args, **kwargs)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
-    def forward(self, x, sigma):
-        return x + sigma.reshape(-1, 1, 1, 1) * self.model(x, (0.5 * sigma).log())
+    def forward(self, x, sigma, class_labels=None):
+        return x + sigma.reshape(-1, 1, 1, 1) * self.model(x, (0.5 * sigma).log(), class_labels)
 
 
 @persistent
@@ -268,10 +270,10 @@ class EDMPrecond(Precond):
         super().__init__(*args, **kwargs)
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
 
-    def forward(self, x, sigma):
+    def forward(self, x, sigma, class_labels=None):
         s, d = sigma.reshape(-1, 1, 1, 1), self.sigma_data
         c_skip, c_out, c_in = d**2 / (s**2 + d**2), s * d / (s**2 + d**2).sqrt(), 1 / (d**2 + s**2).sqrt()
-        return c_skip * x + c_out * self.model(c_in * x, sigma.log() / 4)
+        return c_skip * x + c_out * self.model(c_in * x, sigma.log() / 4, class_labels)
 
 
 @persistent
@@ -394,6 +396,36 @@ def test_loaded_network_equals_the_pickled_one(tmp_path, edm_names, wrapper, opt
                 torch.testing.assert_close(rebuilt(yy, tt), reference, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("wrapper", [VPPrecond, EDMPrecond], ids=["vp", "edm"])
+def test_class_conditional_network_loads_and_equals_the_pickled_one(tmp_path, edm_names, wrapper):
+    """EDM's conditional SongUNet (map_label on one-hot labels): its labels become the UNet's class indices, EDM's
+    all-zero label vector the UNet's NO_LABEL."""
+    from teachers.unet import NO_LABEL
+
+    network = make_network(wrapper, label_dim=4)
+    teacher = load_model(write_edm_pickle(tmp_path / "cond.pkl", edm_names, network))
+    assert teacher.num_classes == 4 and teacher.network.network.map_label is not None
+    torch.manual_seed(1)
+    sigma = SIGMAS[:4].double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64) * (1 + sigma.view(-1, 1, 1, 1))
+    labels = torch.tensor([0, 3, 1, NO_LABEL])
+    one_hot = F.one_hot(labels.clamp(min=0), 4).double() * (labels >= 0).double()[:, None]
+    source, rebuilt = network.double(), teacher.double()
+    with torch.no_grad():
+        expected = source(x, sigma, one_hot)
+        out = rebuilt.network(x, sigma, labels)
+        denoised = out if wrapper is EDMPrecond else x - sigma.view(-1, 1, 1, 1) * out
+        torch.testing.assert_close(denoised, expected, rtol=1e-10, atol=1e-10 * expected.abs().max().item())
+        other = rebuilt.network(x, sigma, torch.tensor([1, 2, 3, 0]))
+        assert (other - out).abs().max() > 1e-6  # the labels matter
+        y, t = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)
+        assert rebuilt(y, t, labels).shape == y.shape
+    with pytest.raises(ValueError, match="class-conditional"):
+        rebuilt(y, t)
+    with pytest.raises(ValueError, match=r"label 4 is outside \[0, 4\)"):
+        rebuilt(y, t, torch.tensor([4, 0, 0, 0]))
+
+
 @pytest.mark.parametrize("precond", ["VPPrecond", "VEPrecond", "EDMPrecond"])
 def test_preconditioning_turns_an_exact_denoiser_into_the_exact_rf_velocity(precond):
     """For Gaussian data N(μ, s²) the ideal denoiser is D = μ + s²/(s² + σ²)·(x − μ); a network F that reproduces
@@ -488,7 +520,6 @@ def test_unknown_classes_and_unsupported_options_are_named(tmp_path, edm_names):
         "unknown-wrapper": (make_network(VPPrecond), "unknown class 'MyPrecond'"),
         "unknown-unet": (make_network(VPPrecond), "unknown class 'MyUNet' inside VPPrecond"),
         "ncsnpp": (make_network(VPPrecond), r"embedding_type.*fourier.*NCSN\+\+"),
-        "conditional": (make_network(EDMPrecond), r"label_dim=10.*class conditioning is not yet supported"),
         "adm": (make_network(EDMPrecond), r"DhariwalUNet \(ADM"),
     }
 
@@ -504,7 +535,6 @@ def test_unknown_classes_and_unsupported_options_are_named(tmp_path, edm_names):
     cases["unknown-wrapper"][0].__class__ = MyPrecond  # subclasses pickle under their own class name
     cases["unknown-unet"][0].model.__class__ = MyUNet
     cases["ncsnpp"][0].model._init_kwargs["embedding_type"] = "fourier"
-    cases["conditional"][0].model._init_kwargs["label_dim"] = 10
     cases["adm"][0].model.__class__ = DhariwalUNet
     for name, (network, message) in cases.items():
         path = write_edm_pickle(tmp_path / f"{name}.pkl", edm_names, network)
