@@ -459,3 +459,78 @@ def test_class_conditional_diffusers_teacher(tmp_path):
         teacher(y, t)
     with pytest.raises(ValueError, match="no 'no label' class"):
         teacher(y, t, torch.tensor([NO_LABEL, 0]))
+
+
+# ------------------------------------------------------------------------------------------- run, CLI
+def test_run_pipeline_on_a_conditional_teacher_and_sample_per_class(tmp_path):
+    import numpy as np
+
+    from slimflow.cli import main
+    from slimflow.stages.run import run_pipeline
+
+    teacher = teacher_file(tmp_path)
+    train = {"batch_size": 6, "warmup": 1, "log_every": 2, "ckpt_every": 2, "lr": 1e-3}
+    cfg = {
+        "out": str(tmp_path / "run"),
+        "teacher": str(teacher),
+        "pairs": {
+            "n": 12,
+            "solver": {"method": "euler", "steps": 2},
+            "shard_size": 6,
+            "batch_size": 6,
+            "guidance": 1.5,
+        },
+        "anneal": {"model": TINY, "train": {**train, "steps": 3}, "sample": {"n": 3}},
+        "distill": {"train": {**train, "steps": 2}, "sample": {"n": 3}},
+        "grids": {"n": 3, "seed": 0},
+    }
+    summary = run_pipeline(cfg)
+    distilled = load_model(summary["stages"]["distill"]["export"])
+    assert distilled.num_classes == 3
+    assert read_model_file(summary["stages"]["distill"]["export"])[0]["pairs"]["guidance"] == 1.5
+    main(
+        [
+            "sample",
+            "--model",
+            str(summary["stages"]["distill"]["export"]),
+            "--n",
+            "4",
+            "--label",
+            "2",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--npz",
+            str(tmp_path / "two.npz"),
+        ]
+    )
+    main(
+        [
+            "sample",
+            "--model",
+            str(summary["stages"]["distill"]["export"]),
+            "--n",
+            "4",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--npz",
+            str(tmp_path / "balanced.npz"),
+        ]
+    )
+    two = next(iter(np.load(tmp_path / "two.npz").values()))
+    balanced = next(iter(np.load(tmp_path / "balanced.npz").values()))
+    assert (two[2] == balanced[2]).all()  # sample 2 is of class 2 in both
+    # the student's images depend on the label (a few training steps: differences below uint8 resolution)
+    assert not torch.equal(sample(distilled, 4, labels=2)[0][0], sample(distilled, 4)[0][0])
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "sample",
+                "--model",
+                str(summary["stages"]["distill"]["export"]),
+                "--label",
+                "shirt",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+    assert "--label must be a class index or 'balanced', got 'shirt'" in str(info.value.code)
