@@ -30,9 +30,19 @@ def load(path: str | Path, **kwargs) -> torch.nn.Module:
     return load_model(path, **kwargs)
 
 
-def generate(model: torch.nn.Module, n: int = 64, steps: int = 1, method: str = "euler", seed: int = 0) -> torch.Tensor:
-    """n images from the noise of (seed, 0..n-1): one step is the one-step generator (`slimflow.sample.sample`)."""
-    return sample(model, n, method=method, steps=steps, seed=seed)[0]
+def generate(
+    model: torch.nn.Module,
+    n: int = 64,
+    steps: int = 1,
+    method: str = "euler",
+    seed: int = 0,
+    labels=None,
+    guidance: float = 1.0,
+) -> torch.Tensor:
+    """n images from the noise of (seed, 0..n-1): one step is the one-step generator (`slimflow.sample.sample`).
+    A class-conditional model takes `labels` (a class, one per image, or None: class-balanced) and a classifier-free
+    `guidance` scale (1: none)."""
+    return sample(model, n, method=method, steps=steps, seed=seed, labels=labels, guidance=guidance)[0]
 
 
 def make_config(stage_name: str, preset: str | Path | None = None, **overrides) -> dict:

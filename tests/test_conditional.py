@@ -126,6 +126,10 @@ def test_sampling_labels_and_guidance():
     assert torch.equal(balanced, explicit)
     one_class, _ = sample(model, 6, method="euler", steps=2, seed=1, labels=2)
     assert torch.equal(one_class[2::3], balanced[2::3]) and not torch.allclose(one_class[:2], balanced[:2])
+    from slimflow.api import generate
+
+    assert torch.equal(generate(model, 6, steps=2, seed=1), balanced)
+    assert torch.equal(generate(model, 6, steps=2, seed=1, labels=2), one_class)
     # w = 1 is plain conditioning; w = 0 is the "no label" model
     guided1, nfe = sample(model, 6, method="euler", steps=2, seed=1, guidance=1.0)
     assert torch.equal(guided1, balanced) and nfe == 2
