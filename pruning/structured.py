@@ -20,7 +20,10 @@ GroupNorm, two ways (`groupnorm=`), each also with "+regroup" (below):
   32, ratio 0.3 on 4 channels per group removes 2 of them), so with 4 channels per group widths move in quarters.
 - "whole_groups": whole groups are removed (ranked by their mean channel importance) and `num_groups` drops with
   them; the surviving groups keep their channels and so normalise exactly as before. Widths move in steps of one
-  group (4 channels in a DDPM++ UNet), fine enough to hit a MACs budget. Local ranking only.
+  group (4 channels in a DDPM++ UNet), fine enough to hit a MACs budget. Local ranking only. With `round_to` each
+  layer removes a multiple of it (so widths that are multiples of it stay so). After the steps, `remove_block`
+  removes one more block from the layer keeping the largest share of its width: per-layer widths for a MACs budget
+  (`plan_for_macs`), where one ratio for all layers moves them together and can miss it.
 Both refuse a GroupNorm whose groups straddle a concat: fed by a producer whose channel count or offset in the
 concat is not a multiple of the group size (DDPM++ from 128 channels on: 256 + 128 channels into 32 groups of 12),
 so no removals from the producers can keep every group whole or even. "even+regroup" and "whole_groups+regroup"
@@ -401,7 +404,8 @@ class StructuredPruner:
     """Iterative channel pruning: `ratio` is the channel ratio vs the original width reached after `steps` steps.
 
     importance: one of IMPORTANCES ("taylor" reads `.grad`: run a backward first, e.g. `accumulate_gradients`).
-    global_pruning ranks channels across layers; round_to keeps channel counts multiples of it;
+    global_pruning ranks channels across layers; round_to keeps channel counts multiples of it (Torch-Pruning;
+    with groupnorm "whole_groups": removals are multiples of it, and refused with GroupNorm in "even" mode);
     ignored_layers are kept whole in addition to the traced output layers (or instead, if output_layers is given);
     custom_pruners ({layer class or instance: tp BasePruningFunc}, e.g. MatmulPruner) handle layers Torch-Pruning
     does not know; pass the same to `load_pruned`. Layers it only knows this way are pruned along with their
@@ -433,8 +437,8 @@ class StructuredPruner:
         if groupnorm not in GROUPNORM_MODES:
             raise ValueError(f"groupnorm must be one of {', '.join(GROUPNORM_MODES)}, got {groupnorm!r}")
         groupnorm, _, straddling = groupnorm.partition("+")
-        if groupnorm == "whole_groups" and (global_pruning or round_to is not None or head_ratio > 0):
-            raise ValueError("groupnorm='whole_groups' ranks per layer: no global_pruning, round_to or head_ratio")
+        if groupnorm == "whole_groups" and (global_pruning or head_ratio > 0):
+            raise ValueError("groupnorm='whole_groups' ranks per layer: no global_pruning or head_ratio")
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio is the share of channels to remove and must be in [0, 1), got {ratio}")
         if steps < 1:
@@ -453,16 +457,18 @@ class StructuredPruner:
             )
         if round_to is not None and round_to < 1:
             raise ValueError(f"round_to must be a positive channel multiple, got {round_to}")
-        if round_to is not None and any(isinstance(m, nn.GroupNorm) for m in model.modules()):
+        if round_to is not None and groupnorm == "even" and any(isinstance(m, nn.GroupNorm) for m in model.modules()):
             raise ValueError(
-                "round_to cannot be combined with GroupNorm: Torch-Pruning 1.6 then prunes nothing. "
-                "GroupNorm channels already stay a multiple of the group count; leave round_to unset"
+                "round_to cannot be combined with GroupNorm in groupnorm='even' mode: Torch-Pruning 1.6 then prunes "
+                "nothing. Use groupnorm='whole_groups' (it removes multiples of round_to channels) or leave it unset"
             )
         self.model = model
         self.example_inputs = as_args(example_inputs)
         self.importance = importance
         self.groupnorm = groupnorm  # the base mode, without "+regroup"
         self.steps = steps
+        self.round_to = round_to
+        self.extra_blocks = 0  # removed by `remove_block` after the steps
         self.initial_groupnorms = {
             m: (name, m.num_channels, m.num_groups) for name, m in model.named_modules() if isinstance(m, nn.GroupNorm)
         }
@@ -480,7 +486,7 @@ class StructuredPruner:
             pruning_ratio=ratio,
             iterative_steps=steps,
             global_pruning=global_pruning,
-            round_to=round_to,
+            round_to=round_to if groupnorm == "even" else None,
             ignored_layers=[*self.output_layers, *ignored_layers],
             num_heads={qkv: m.num_heads for qkv, m in self.attention.items()},
             prune_num_heads=head_ratio > 0,
@@ -525,6 +531,13 @@ class StructuredPruner:
             self._remove_whole_groups()
         else:
             self.pruner.step()
+        self._after_removal(was_training)
+        macs, params = count_macs_params(self.model, self.example_inputs)
+        ratio = float(self.pruner.per_step_pruning_ratio[self.current_step])
+        return StepReport(step=self.current_step, ratio=ratio, macs=macs, params=params)
+
+    def _after_removal(self, was_training: bool) -> None:
+        """Bring group counts, head counts and width attributes in line with the weights after channels left."""
         self._regroup_straddled()
         _check_groupnorms(self.model)
         for qkv, attention in self.attention.items():
@@ -532,9 +545,50 @@ class StructuredPruner:
         sync_attention_dims(self.model)
         self.widths.sync()
         self.model.train(was_training)
-        macs, params = count_macs_params(self.model, self.example_inputs)
-        ratio = float(self.pruner.per_step_pruning_ratio[self.current_step])
-        return StepReport(step=self.current_step, ratio=ratio, macs=macs, params=params)
+
+    def remove_block(self) -> bool:
+        """Per-layer width refinement ("whole_groups" modes, after the steps): remove one more block from the one
+        pruning group that keeps the largest share of its original width (ties: the first in the dependency
+        graph's order). A block is the smallest removal the mode allows there: one group of every GroupNorm the
+        pruning group reaches (the lcm of their group sizes; one channel without GroupNorm), or as many of them
+        as the straddled GroupNorms ("+regroup") and round_to need; its blocks are ranked by mean importance, as
+        the steps rank them. A group must keep at least one block. The choice depends on the widths alone, so
+        which group loses channels (and so the MACs) is the same under any importance. Returns False, changing
+        nothing, when no group can lose a block. The removal is recorded in the history like a step's."""
+        if self.groupnorm != "whole_groups":
+            raise ValueError("per-layer refinement removes whole groups: use groupnorm='whole_groups' (+regroup)")
+        if self.current_step < self.steps:
+            raise RuntimeError(f"remove blocks after the {self.steps} pruning steps, not before")
+        pruner, graph = self.pruner, self.pruner.DG
+        was_training = self.model.training
+        candidates = []
+        for order, group in enumerate(
+            graph.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=_ROOTS)
+        ):
+            root, handler = group[0].dep.target.module, group[0].dep.handler
+            if not graph.is_out_channel_pruning_fn(handler) or root not in self.initial_width:
+                continue
+            width = _layer_width(root, "out")
+            block, _norms, multiple = self._group_block(group, width)
+            removal = math.lcm(block, multiple)
+            if width % block or width - removal < block:
+                continue
+            candidates.append((-width / self.initial_width[root], order, group, width, block, removal))
+        self.pruner.straddling.clear()  # only the chosen group's straddled GroupNorms are regrouped
+        for *_, group, width, block, removal in sorted(candidates, key=lambda c: c[:2]):
+            imp = pruner.estimate_importance(group)
+            if imp is None:
+                continue
+            _block, norms, _multiple = self._group_block(group, width)
+            order = torch.argsort(imp.view(width // block, block).mean(dim=1).cpu(), stable=True)[: removal // block]
+            idxs = sorted(int(b) * block + j for b in order for j in range(block))
+            graph.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, idxs).prune()
+            for norm, per_group in norms:
+                norm.num_groups = norm.num_channels // per_group
+            self._after_removal(was_training)
+            self.extra_blocks += 1
+            return True
+        return False
 
     def _regroup_straddled(self) -> None:
         """Give each GroupNorm straddled in this step `regroup_count` groups of its channels now."""
@@ -596,7 +650,7 @@ class StructuredPruner:
                     continue
                 norms.append((module, per_group))
                 sizes.append(per_group)
-        return (math.lcm(*sizes) if sizes else 1), norms, math.lcm(*multiples) if multiples else 1
+        return (math.lcm(*sizes) if sizes else 1), norms, math.lcm(*multiples, self.round_to or 1)
 
 
 _ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -620,14 +674,22 @@ def prune_structured(
     groupnorm: str = "even",
     compute_gradients: Callable[[nn.Module], Any] | None = None,
     after_step: Callable[[nn.Module, StepReport], None] | None = None,
+    extra_blocks: int = 0,
 ) -> dict:
     """Prune `model` in place over `steps` steps; returns a JSON-able report with MACs/params and the history.
 
     compute_gradients(model) runs before every step (fill .grad for "taylor", e.g. with accumulate_gradients);
     after_step(model, report) runs after every step: fine-tune there, with an optimizer built inside it.
+    extra_blocks: after the last step, remove this many more blocks one at a time (`StructuredPruner.remove_block`,
+    "whole_groups" modes; `plan_for_macs` finds the count for a MACs budget); the last step's report then counts
+    them, and the report says how many (`extra_blocks`).
     """
     if importance == "taylor" and compute_gradients is None and steps > 1:
         raise ValueError("iterative taylor pruning needs fresh gradients before every step: pass compute_gradients")
+    if extra_blocks < 0:
+        raise ValueError(f"extra_blocks must be >= 0, got {extra_blocks}")
+    if extra_blocks and not groupnorm.startswith("whole_groups"):
+        raise ValueError("extra_blocks remove whole groups: use groupnorm='whole_groups' (or 'whole_groups+regroup')")
     macs, params = count_macs_params(model, example_inputs)
     pruner = StructuredPruner(
         model,
@@ -650,6 +712,14 @@ def prune_structured(
         if compute_gradients is not None:
             compute_gradients(model)
         reports.append(pruner.step())
+        if pruner.current_step == steps and extra_blocks:
+            for removed in range(extra_blocks):
+                if not pruner.remove_block():
+                    raise RuntimeError(f"only {removed} of {extra_blocks} extra blocks could be removed")
+            macs_after, params_after = count_macs_params(model, example_inputs)
+            reports[-1] = StepReport(
+                step=reports[-1].step, ratio=reports[-1].ratio, macs=macs_after, params=params_after
+            )
         model.zero_grad(set_to_none=True)
         if after_step is not None:
             after_step(model, reports[-1])
@@ -671,7 +741,42 @@ def prune_structured(
         "params_after": reports[-1].params,
         "per_step": [asdict(r) for r in reports],
         "history": pruner.history(),
+        **({"extra_blocks": extra_blocks} if extra_blocks else {}),  # reports without refinement stay as they were
     }
+
+
+def _macs_bisection(
+    model: nn.Module, example_inputs: Any, macs_fraction: float, iterations: int, prune_kwargs: dict
+) -> tuple[tuple[float, float], tuple[float, float], float]:
+    """((lo, its fraction), (hi, its fraction), base MACs): hi the smallest ratio found whose one-step pruning keeps
+    at most `macs_fraction` of the MACs, lo the largest found above it (0: no pruning)."""
+    if not 0.0 < macs_fraction <= 1.0:
+        raise ValueError(f"macs_fraction must be in (0, 1], got {macs_fraction}")
+    base, _ = count_macs_params(model, example_inputs)
+    seen: dict[float, float] = {0.0: 1.0}
+
+    def fraction(ratio: float) -> float:
+        if ratio not in seen:
+            trial = copy.deepcopy(model)
+            seen[ratio] = StructuredPruner(trial, example_inputs, ratio=ratio, **prune_kwargs).step().macs / base
+        return seen[ratio]
+
+    # scan upwards first: near ratio 1 (earlier with round_to) Torch-Pruning refuses to empty a layer and the
+    # MACs jump back up, so the fraction is monotone only below the first ratio that reaches the target
+    lo = 0.0
+    for hi in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        if fraction(hi) <= macs_fraction:
+            break
+        lo = hi
+    else:
+        raise ValueError(f"no ratio up to 0.9 keeps at most {macs_fraction:.0%} of the MACs")
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if fraction(mid) <= macs_fraction:
+            hi = mid
+        else:
+            lo = mid
+    return (lo, fraction(lo)), (hi, fraction(hi)), base
 
 
 def ratio_for_macs(
@@ -690,30 +795,49 @@ def ratio_for_macs(
     prune_kwargs go to StructuredPruner (importance, global_pruning, round_to, groupnorm, ...); the model is not
     changed.
     """
-    if not 0.0 < macs_fraction <= 1.0:
-        raise ValueError(f"macs_fraction must be in (0, 1], got {macs_fraction}")
-    base, _ = count_macs_params(model, example_inputs)
-
-    def fraction(ratio: float) -> float:
-        trial = copy.deepcopy(model)
-        StructuredPruner(trial, example_inputs, ratio=ratio, **prune_kwargs).step()
-        return count_macs_params(trial, example_inputs)[0] / base
-
-    # scan upwards first: near ratio 1 (earlier with round_to) Torch-Pruning refuses to empty a layer and the
-    # MACs jump back up, so the fraction is monotone only below the first ratio that reaches the target
-    lo = 0.0
-    for hi in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-        if fraction(hi) <= macs_fraction:
-            break
-        lo = hi
-    else:
-        raise ValueError(f"no ratio up to 0.9 keeps at most {macs_fraction:.0%} of the MACs")
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        if fraction(mid) <= macs_fraction:
-            hi = mid
-        else:
-            lo = mid
-    if nearest and lo > 0 and abs(fraction(lo) - macs_fraction) < abs(fraction(hi) - macs_fraction):
+    (lo, f_lo), (hi, f_hi), _ = _macs_bisection(model, example_inputs, macs_fraction, iterations, prune_kwargs)
+    if nearest and lo > 0 and abs(f_lo - macs_fraction) < abs(f_hi - macs_fraction):
         return lo
     return hi
+
+
+@dataclass
+class MacsPlan:
+    """How to prune to a MACs budget: one channel `ratio` for every layer, then `extra_blocks` removed one at a
+    time (`StructuredPruner.remove_block`); `fraction`: the share of the MACs that keeps."""
+
+    ratio: float
+    extra_blocks: int
+    fraction: float
+
+
+def plan_for_macs(
+    model: nn.Module,
+    example_inputs: Any,
+    macs_fraction: float,
+    *,
+    nearest: bool = False,
+    iterations: int = 8,
+    **prune_kwargs,
+) -> MacsPlan:
+    """Per-layer widths for a MACs budget ("whole_groups" modes). One ratio for all layers moves their widths
+    together (a 24- and a 48-channel layer with groups of 4 lose 1/6 and 1/12 of their width per group), so it
+    can miss a budget by more than one layer's step. Here: the largest ratio found whose one-step pruning keeps
+    more than `macs_fraction` (the bisection of `ratio_for_macs`), then one more block at a time from the layer
+    keeping the largest share of its width (`StructuredPruner.remove_block`), counting the MACs after each, until
+    they are at most the budget. The plan is the point kept: with `nearest`, the closest to the budget of the last
+    point above it, the first at or below it and `ratio_for_macs`'s own; else the largest of those at or below it.
+    Works on copies (the model is not changed); prune_kwargs go to StructuredPruner (importance is only used to
+    pick blocks inside a layer, so the widths and MACs of the plan hold for any importance)."""
+    if not str(prune_kwargs.get("groupnorm", "even")).startswith("whole_groups"):
+        raise ValueError("per-layer refinement removes whole groups: use groupnorm='whole_groups' (+regroup)")
+    (lo, _), (hi, f_hi), base = _macs_bisection(model, example_inputs, macs_fraction, iterations, prune_kwargs)
+    trial = copy.deepcopy(model)
+    pruner = StructuredPruner(trial, example_inputs, ratio=lo, **prune_kwargs)
+    points = [MacsPlan(lo, 0, pruner.step().macs / base)]
+    while points[-1].fraction > macs_fraction and pruner.remove_block():
+        points.append(MacsPlan(lo, pruner.extra_blocks, count_macs_params(trial, example_inputs)[0] / base))
+    points = [*points[-2:], MacsPlan(hi, 0, f_hi)]
+    if nearest:
+        return min(points, key=lambda p: abs(p.fraction - macs_fraction))
+    return max((p for p in points if p.fraction <= macs_fraction), key=lambda p: p.fraction)

@@ -234,3 +234,32 @@ def test_regrouped_groupnorms_are_reported_and_the_pruned_file_reloads(tmp_path)
     z, t = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)), torch.full((3,), 0.5)
     with torch.no_grad():
         assert torch.equal(load_model(path)(z, t), pruned(z, t))
+
+
+def test_per_layer_macs_match_lands_near_the_budget_and_its_file_reloads(student_file, tmp_path):
+    """prune.macs_match nearest_per_layer: one ratio, then whole groups one at a time; the stage's report counts
+    the pruned file's MACs, and the file (history with the extra removals) reloads bit-identically."""
+    base = {"out": str(tmp_path / "p"), "student": str(student_file), "recover": {"mode": "none"}}
+    with pytest.raises(ValueError, match="set prune.groupnorm to whole_groups"):
+        prune_student({**base, "prune": {**PRUNE, "macs_match": "nearest_per_layer"}})  # groupnorm even
+    assert not (tmp_path / "p").exists()
+    prune = {**PRUNE, "macs_fraction": 0.3, "macs_match": "nearest_per_layer", "groupnorm": "whole_groups"}
+    summary = prune_student({**base, "prune": prune, "compare": {"n": 4, "seed": 0}})
+    stage = summary["prune"]
+    assert abs(stage["macs_after"] / stage["macs_before"] / 0.3 - 1) < 0.10 and stage["extra_blocks"] > 0
+    pruned = load_model(stage["file"])
+    assert (
+        count_macs_params(pruned, example_inputs(TINY))[0] == stage["macs_after"] == summary["models"]["pruned"]["macs"]
+    )
+    direct, _ = prune_model(load_model(student_file), TINY, prune)
+    assert torch.equal(outputs(pruned), outputs(direct))
+
+
+def test_run_init_prune_takes_the_per_layer_match():
+    from slimflow.stages import run
+
+    per_layer = {"macs_fraction": 0.182, "macs_match": "nearest_per_layer"}
+    run.check_config({"init_prune": per_layer})  # init_prune's groupnorm is whole_groups
+    with pytest.raises(ValueError, match="set prune.groupnorm to whole_groups"):
+        run.check_config({"init_prune": {**per_layer, "groupnorm": "even"}})
+    assert "nearest_per_layer" in run.HELP["init_prune.macs_match"]

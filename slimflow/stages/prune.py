@@ -6,7 +6,9 @@
    GroupNorm groups stay whole, the output conv is kept; local ranking, which UNet skip concatenations need;
    with `prune.groupnorm: ...+regroup` a GroupNorm whose groups a skip concatenation straddles, as in DDPM++ from
    128 channels on, gets a new group count instead, listed in the report as `regrouped_groupnorms`),
-   either to a channel `ratio` or to a `macs_fraction` of the MACs; importance magnitude (l1/l2), lamp, random,
+   either to a channel `ratio` or to a `macs_fraction` of the MACs (one ratio for all layers, or with
+   `macs_match: *_per_layer` then whole groups one at a time from the widest layer, `pruning.plan_for_macs`,
+   which lands within 10% of the budget where one ratio can miss it); importance magnitude (l1/l2), lamp, random,
    or taylor from the flow-matching loss on the pairs, accumulated over timesteps (Diff-Pruning style);
 3. writes `pruned.safetensors`: an ordinary model file whose sidecar records the unpruned config and the pruning
    history, which `teachers.zoo.load_model` replays (`teachers.pruned`), so sample, bench, export and distill read
@@ -43,7 +45,14 @@ from torch import nn
 from pruning.dnr import DeadNeuronMonitor
 from pruning.measure import count_macs_params, measure_latency
 from pruning.serialization import input_specs
-from pruning.structured import GROUPNORM_MODES, IMPORTANCES, prune_structured, ratio_for_macs, width_attributes
+from pruning.structured import (
+    GROUPNORM_MODES,
+    IMPORTANCES,
+    plan_for_macs,
+    prune_structured,
+    ratio_for_macs,
+    width_attributes,
+)
 from pruning.taylor import accumulate_gradients
 from pruning.unstructured import (
     SCOPES,
@@ -77,7 +86,7 @@ from teachers.pruned import example_inputs, unet_custom_pruners
 from teachers.zoo import load_model
 
 RECOVER_MODES = ("one_step", "flow", "none")
-MACS_MATCH = ("at_most", "nearest")
+MACS_MATCH = ("at_most", "nearest", "at_most_per_layer", "nearest_per_layer")  # *_per_layer: plan_for_macs
 PATTERNS = ("unstructured", "2:4")
 KIND = "pruned-student"
 SPARSE_KIND = "sparse-student"
@@ -92,7 +101,8 @@ DEFAULTS: dict = {
         "ratio": None,  # share of channels removed per layer; or, when None:
         # the smallest ratio whose pruning keeps at most this share of the MACs (macs_match: at_most), or the
         # ratio closest to it (nearest). groupnorm even: every GroupNorm group loses channels, so widths move in
-        # quarters (student-m: 100%, 57%, 25% of the MACs); whole_groups: whole groups go, steps of 4 channels
+        # quarters (student-m: 100%, 57%, 25% of the MACs); whole_groups: whole groups go, steps of 4 channels;
+        # at_most_per_layer / nearest_per_layer (whole_groups): then one group at a time from the widest layer
         "macs_fraction": 0.5,
         "macs_match": "at_most",
         "groupnorm": "even",
@@ -132,7 +142,9 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "prune.importance": "channel ranking: l1 | l2 | lamp | random | taylor",
     "prune.ratio": "share of channels removed per layer (null: searched from macs_fraction)",
     "prune.macs_fraction": "keep at most this share of the MACs (used when ratio is null)",
-    "prune.macs_match": "at_most (MACs <= macs_fraction) | nearest (the reachable MACs closest to it, either side)",
+    "prune.macs_match": "at_most (MACs <= macs_fraction) | nearest (the reachable MACs closest to it, either side),"
+    " one ratio for all layers | at_most_per_layer | nearest_per_layer: then whole groups one at a time from the layer"
+    " keeping the largest share of its width (groupnorm whole_groups; within 10% of the budget)",
     "prune.groupnorm": "even (channels leave every GroupNorm group) | whole_groups (whole groups leave; finer widths);"
     " +regroup on either: a GroupNorm a skip concat straddles gets a new group count (DDPM++ from 128 channels)",
     "prune.steps": "pruning in this many steps to the final ratio",
@@ -213,6 +225,11 @@ def _check(cfg: dict) -> None:
         raise ValueError(f"prune.macs_match must be one of {', '.join(MACS_MATCH)}, got {p['macs_match']!r}")
     if p["groupnorm"] not in GROUPNORM_MODES:
         raise ValueError(f"prune.groupnorm must be one of {', '.join(GROUPNORM_MODES)}, got {p['groupnorm']!r}")
+    if p["macs_match"].endswith("_per_layer") and not p["groupnorm"].startswith("whole_groups"):
+        raise ValueError(
+            f"prune.macs_match {p['macs_match']} removes whole GroupNorm groups one layer at a time: set "
+            f"prune.groupnorm to whole_groups (or whole_groups+regroup), got {p['groupnorm']!r}"
+        )
     if r["mode"] != "none":
         check_train_config(r["train"])
     if r["mode"] not in RECOVER_MODES:
@@ -267,9 +284,18 @@ def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=N
         "custom_pruners": unet_custom_pruners(),
         "groupnorm": prune_cfg["groupnorm"],
     }
-    ratio = prune_cfg["ratio"]
-    if ratio is None:  # searched with l2 magnitude (the search prunes copies once, without gradients)
-        nearest = prune_cfg["macs_match"] == "nearest"
+    ratio, extra_blocks, match = prune_cfg["ratio"], 0, prune_cfg["macs_match"]
+    if ratio is None and match.endswith("_per_layer"):  # widths only: the same plan under any importance
+        plan = plan_for_macs(
+            model,
+            inputs,
+            prune_cfg["macs_fraction"],
+            nearest=match.startswith("nearest"),
+            **{**kwargs, "importance": "l2"},
+        )
+        ratio, extra_blocks = plan.ratio, plan.extra_blocks
+    elif ratio is None:  # searched with l2 magnitude (the search prunes copies once, without gradients)
+        nearest = match == "nearest"
         ratio = ratio_for_macs(
             model, inputs, prune_cfg["macs_fraction"], nearest=nearest, **{**kwargs, "importance": "l2"}
         )
@@ -283,11 +309,18 @@ def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=N
             )
 
     report = prune_structured(
-        model, inputs, ratio=ratio, steps=prune_cfg["steps"], compute_gradients=compute_gradients, **kwargs
+        model,
+        inputs,
+        ratio=ratio,
+        steps=prune_cfg["steps"],
+        compute_gradients=compute_gradients,
+        extra_blocks=extra_blocks,
+        **kwargs,
     )
     report = {
         **report,
         "ratio": ratio,
+        **({"extra_blocks": extra_blocks} if prune_cfg["ratio"] is None and match.endswith("_per_layer") else {}),
         "example_inputs": input_specs(inputs),
         "width_attributes": width_attributes(model),
     }
@@ -397,6 +430,7 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
                 k: report[k]
                 for k in ("importance", "ratio", "steps", "params_before", "params_after", "macs_before", "macs_after")
             },
+            **({"extra_blocks": report["extra_blocks"]} if "extra_blocks" in report else {}),
             "regrouped_groupnorms": report.get("regrouped_groupnorms", {}),
         },
         path,
