@@ -263,3 +263,104 @@ def test_run_init_prune_takes_the_per_layer_match():
     with pytest.raises(ValueError, match="set prune.groupnorm to whole_groups"):
         run.check_config({"init_prune": {**per_layer, "groupnorm": "even"}})
     assert "nearest_per_layer" in run.HELP["init_prune.macs_match"]
+
+
+PROGRESSIVE = {**PRUNE, "schedule": [0.7, 0.45], "macs_match": "at_most_per_layer", "groupnorm": "whole_groups"}
+DISTILL_RECOVER = {
+    "mode": "distill",
+    "distance": "l2",
+    "train": {**RECOVER["train"], "steps": 30, "log_every": 5, "ckpt_every": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(student_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    generate_pairs(
+        load_model(student_file),
+        root / "pairs",
+        n=32,
+        shape=[1, 16, 16],
+        seed=0,
+        solver={"method": "euler", "steps": 2},
+        shard_size=32,
+        batch_size=32,
+        progress=False,
+    )
+    return root / "pairs"
+
+
+def progressive(student_file, pairs_dir, out) -> dict:
+    return {
+        "out": str(out),
+        "student": str(student_file),
+        "pairs": str(pairs_dir),
+        "prune": PROGRESSIVE,
+        "recover": DISTILL_RECOVER,
+        "compare": {"n": 8, "seed": 0},
+    }
+
+
+def test_bad_progressive_schedules_stop_before_any_work(student_file, pairs_dir, tmp_path):
+    cfg = progressive(student_file, pairs_dir, tmp_path / "p")
+    for schedule, message in (
+        ([0.5, 0.7], "decrease strictly"),
+        ([0.5, 0.5], "decrease strictly"),
+        ([0.8, 0.0], r"in \(0, 1\]"),
+        ([1.2, 0.5], r"in \(0, 1\]"),
+        (0.5, "must be a list of numbers"),
+        ([0.5, "x"], "must be a list of numbers"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            prune_student({**cfg, "prune": {**PROGRESSIVE, "schedule": schedule}})
+    with pytest.raises(ValueError, match="leave prune.ratio null"):
+        prune_student({**cfg, "prune": {**PROGRESSIVE, "ratio": 0.3}})
+    with pytest.raises(ValueError, match="set prune.channels true"):
+        prune_student({**cfg, "prune": {**PROGRESSIVE, "channels": False}})
+    with pytest.raises(ValueError, match="shared by the 2 cycles"):
+        prune_student({**cfg, "recover": {**DISTILL_RECOVER, "train": {**DISTILL_RECOVER["train"], "steps": 1}}})
+    with pytest.raises(ValueError, match="pair store"):
+        prune_student({**cfg, "pairs": None})
+    assert not (tmp_path / "p").exists()
+
+
+def test_progressive_pruning_reaches_each_fraction_recovers_on_the_pairs_and_resumes(
+    student_file, pairs_dir, tmp_path, monkeypatch
+):
+    """Two cycles (70% then 45% of the unpruned MACs), each recovered by flow-guided distillation on the pairs for
+    half of the 30 steps; a kill inside the second cycle's recovery, then the same command, gives the same weights."""
+    from slimflow import checkpoint as ckpt
+
+    summary = prune_student(progressive(student_file, pairs_dir, tmp_path / "full"))
+    cycles = summary["channels"]["cycles"]
+    assert summary["channels"]["recovery_steps"] == [15, 15]  # a one-shot run trains 30 steps on as many images
+    assert [c["recover"]["steps"] for c in cycles] == [15, 15]
+    for cycle, fraction in zip(cycles, PROGRESSIVE["schedule"]):
+        assert 0.9 * fraction <= cycle["reached"] <= fraction, cycle
+    models = summary["models"]
+    for cycle in cycles:  # recovery brings the one-step images closer to the unpruned student's (fixed noise)
+        assert models[cycle["name"]]["l2_to_unpruned"] < models[cycle["name"] + "-pruned"]["l2_to_unpruned"]
+        assert models[cycle["name"]]["macs"] == cycle["macs_after"]
+    # the second cycle's file records both cycles' removals and replays them on the unpruned architecture
+    first, second = (read_model_file(c["pruned_file"])[0]["pruning"]["history"] for c in cycles)
+    assert len(second) > len(first) and second[: len(first)] == first
+    final = load_model(summary["channels"]["final"])
+    assert count_macs_params(final, example_inputs(TINY))[0] == cycles[-1]["macs_after"]
+
+    class Killed(BaseException):
+        pass
+
+    def write_point(path):  # dies just before the second cycle's recovery puts its step-10 checkpoint in place
+        if "cycle_2" in str(path) and path.name == "ckpt-00000010":
+            raise Killed(str(path))
+
+    monkeypatch.setattr(ckpt, "write_point", write_point)
+    with pytest.raises(Killed):
+        prune_student(progressive(student_file, pairs_dir, tmp_path / "killed"))
+    monkeypatch.setattr(ckpt, "write_point", lambda path: None)
+    again = prune_student(progressive(student_file, pairs_dir, tmp_path / "killed"))
+    assert [c["status"] for c in again["channels"]["cycles"]] == ["skipped", "skipped"]
+    assert again["channels"]["cycles"][1]["recover"]["status"] == "resumed"
+    _, expected = read_model_file(summary["channels"]["final"])
+    _, got = read_model_file(again["channels"]["final"])
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -15,7 +15,10 @@
    it unchanged;
 4. recovers it (`recover.mode`): `one_step`: distillation from the unpruned student, D(z + v_p(z, t0),
    z + v_u(z, t0)) on fresh noise z (data-free; for one-step students); `flow`: the reflow loss on the pairs
-   (for multi-step students); `none`. Training follows the stage recipe (`slimflow.stages.runner`) in
+   (for multi-step students); `distill`: the distill stage's flow-guided distillation loss on the pairs, the
+   unpruned student as the frozen guide; `none`. With `prune.schedule` (decreasing MACs shares) steps 2-4 repeat
+   per share in `channels/cycle_<k>/`, each cycle pruning the previous one's recovered model and recovering for its
+   share of the steps (progressive pruning). Training follows the stage recipe (`slimflow.stages.runner`) in
    `recover/`;
 5. exports `recovered_ema.safetensors`;
 6. weight sparsity (`sparsity`, optional, after the channels or instead of them with `prune.channels: false`):
@@ -72,6 +75,7 @@ from slimflow.images import save_grid
 from slimflow.losses import distance, l2
 from slimflow.pairs import open_pairs, pairs_hash
 from slimflow.sample import one_step_images, one_step_sampler
+from slimflow.stages import distill as distill_stage
 from slimflow.stages.runner import (
     TrainingJob,
     command_line,
@@ -85,7 +89,7 @@ from slimflow.stages.runner import (
 from teachers.pruned import example_inputs, unet_custom_pruners
 from teachers.zoo import load_model
 
-RECOVER_MODES = ("one_step", "flow", "none")
+RECOVER_MODES = ("one_step", "flow", "distill", "none")
 MACS_MATCH = ("at_most", "nearest", "at_most_per_layer", "nearest_per_layer")  # *_per_layer: plan_for_macs
 PATTERNS = ("unstructured", "2:4")
 KIND = "pruned-student"
@@ -107,6 +111,7 @@ DEFAULTS: dict = {
         "macs_match": "at_most",
         "groupnorm": "even",
         "steps": 1,
+        "schedule": [],  # progressive: e.g. [0.6, 0.4, 0.32], a prune + recovery cycle per share (not in keys while [])
         "taylor": {"batches": 8, "batch_size": 32, "eps": 1e-3, "seed": 0},  # t from 1 to eps, one per batch
     },
     "recover": {
@@ -142,6 +147,9 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "prune.importance": "channel ranking: l1 | l2 | lamp | random | taylor",
     "prune.ratio": "share of channels removed per layer (null: searched from macs_fraction)",
     "prune.macs_fraction": "keep at most this share of the MACs (used when ratio is null)",
+    "prune.schedule": "progressive pruning instead of macs_fraction: decreasing shares of the unpruned MACs, e.g."
+    " [0.6, 0.4, 0.32]; one cycle each (prune to it, then recover with its share of recover.train.steps) in"
+    " channels/cycle_<k>/ ([]: one-shot)",
     "prune.macs_match": "at_most (MACs <= macs_fraction) | nearest (the reachable MACs closest to it, either side),"
     " one ratio for all layers | at_most_per_layer | nearest_per_layer: then whole groups one at a time from the layer"
     " keeping the largest share of its width (groupnorm whole_groups; within 10% of the budget)",
@@ -152,8 +160,9 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "prune.taylor.batch_size": "taylor: pairs per batch",
     "prune.taylor.eps": "taylor: the last (smallest) time",
     "prune.taylor.seed": "taylor: seed of the pairs' order",
-    "recover.mode": "one_step (distil the unpruned student's one-step images, data-free) | flow (reflow on the pairs) | none",
-    "recover.distance": "one_step: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex (flow: l2)",
+    "recover.mode": "one_step (distil the unpruned student's one-step images, data-free) | flow (reflow on the pairs)"
+    " | distill (flow-guided distillation on the teacher's pairs, the unpruned student as the frozen guide) | none",
+    "recover.distance": "one_step, distill: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex (flow: l2)",
     "recover.options": "options of that distance",
     **prefixed(TRAIN_HELP, "recover.train."),
     "sparsity.targets": "overall weight sparsities (shares of zero Conv/Linear weights), one cycle + recovery each",
@@ -198,7 +207,25 @@ def check_config(cfg: dict) -> None:
 
 
 def _needs_pairs(cfg: dict) -> bool:
-    return (cfg["prune"]["channels"] and cfg["prune"]["importance"] == "taylor") or cfg["recover"]["mode"] == "flow"
+    taylor = cfg["prune"]["channels"] and cfg["prune"]["importance"] == "taylor"
+    return taylor or cfg["recover"]["mode"] in ("flow", "distill")
+
+
+def channel_schedule(p: dict) -> list[float] | None:
+    """The MACs fractions of progressive channel pruning (`prune.schedule`), else None (one-shot)."""
+    return list(p["schedule"]) if p["schedule"] else None
+
+
+def keyed_prune_settings(p: dict) -> dict:
+    """The prune section as stage keys and run directories record it: without `schedule` while it is empty (its
+    default), so configs written before it existed keep their keys and resume."""
+    return {k: v for k, v in p.items() if not (k == "schedule" and v == [])}
+
+
+def cycle_steps(total: int, cycles: int) -> list[int]:
+    """Recovery steps of each of `cycles` cycles: `total` split as evenly as whole steps allow (they sum to it, so
+    progressive and one-shot runs configured alike train on as many images)."""
+    return [total * k // cycles - total * (k - 1) // cycles for k in range(1, cycles + 1)]
 
 
 def sparsity_plan(s: dict) -> list:
@@ -221,6 +248,8 @@ def _check(cfg: dict) -> None:
         raise ValueError(f"prune.ratio (share of channels removed) must lie in [0, 1), got {ratio!r}")
     if fraction is not None and not (_is_number(fraction) and 0.0 < fraction <= 1.0):
         raise ValueError(f"prune.macs_fraction (share of MACs kept) must lie in (0, 1], got {fraction!r}")
+    if p["schedule"] != []:
+        _check_schedule(cfg)
     if p["macs_match"] not in MACS_MATCH:
         raise ValueError(f"prune.macs_match must be one of {', '.join(MACS_MATCH)}, got {p['macs_match']!r}")
     if p["groupnorm"] not in GROUPNORM_MODES:
@@ -234,13 +263,37 @@ def _check(cfg: dict) -> None:
         check_train_config(r["train"])
     if r["mode"] not in RECOVER_MODES:
         raise ValueError(f"unknown recover.mode {r['mode']!r}; choose one of {', '.join(RECOVER_MODES)}")
-    if r["mode"] == "one_step":
+    if r["mode"] in ("one_step", "distill"):
         distance(r["distance"], **r["options"])  # an unknown distance or missing LPIPS weights stop here
+    if r["mode"] == "distill":
+        distill_stage.check_loss_config(_distill_loss_config(r, 0.0))
     _check_sparsity(cfg)
     if _needs_pairs(cfg) and not cfg["pairs"]:
         raise ValueError(
-            "prune.importance taylor and recover.mode flow read the pair store: set pairs= to one "
+            "prune.importance taylor and recover.mode flow or distill read the pair store: set pairs= to one "
             "(slimflow pairs generate)"
+        )
+
+
+def _check_schedule(cfg: dict) -> None:
+    """A progressive schedule: shares of the unpruned MACs in (0, 1], strictly decreasing, found by search."""
+    p = cfg["prune"]
+    schedule = p["schedule"]
+    if not (isinstance(schedule, list) and schedule and all(_is_number(f) for f in schedule)):
+        raise ValueError(f"prune.schedule must be a list of numbers ([] for one-shot pruning), got {schedule!r}")
+    bad = [f for f in schedule if not 0.0 < f <= 1.0]
+    if bad:
+        raise ValueError(f"prune.schedule entries are shares of the unpruned MACs, in (0, 1]; got {bad}")
+    if any(b >= a for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(f"prune.schedule must decrease strictly (each cycle prunes more), got {schedule}")
+    if p["ratio"] is not None:
+        raise ValueError("prune.schedule sets each cycle's MACs budget: leave prune.ratio null")
+    if not p["channels"]:
+        raise ValueError("prune.schedule prunes channels: set prune.channels true")
+    if cfg["recover"]["mode"] != "none" and cfg["recover"]["train"]["steps"] < len(schedule):
+        raise ValueError(
+            f"recover.train.steps ({cfg['recover']['train']['steps']}) is shared by the {len(schedule)} cycles: give "
+            "each at least one step"
         )
 
 
@@ -348,7 +401,15 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
     models = {"unpruned": Path(cfg["student"])}
     # the last training phase (start file, end file) and the model the weight cycles start from
     phase = (cfg["sparsity"]["ap_reference"], cfg["student"]) if cfg["sparsity"]["ap_reference"] else None
-    if cfg["prune"]["channels"]:
+    if channel_schedule(cfg["prune"]):
+        summary["channels"] = _progressive_stage(cfg, student, sidecar, source, store, command)
+        phase = None
+        for cycle in summary["channels"]["cycles"]:
+            models[cycle["name"] + "-pruned"] = Path(cycle["pruned_file"])
+            if "recover" in cycle:
+                phase = (Path(cycle["pruned_file"]), Path(cycle["file"]))
+                models[cycle["name"]] = Path(cycle["file"])
+    elif cfg["prune"]["channels"]:
         summary["prune"], models["pruned"] = _prune_stage(cfg, student, sidecar, source, store, command)
         phase = None
         if cfg["recover"]["mode"] != "none":
@@ -393,7 +454,7 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
     """Write out/pruned.safetensors unless it was made from this student with these settings; returns the stage
     summary and the file."""
     path = Path(cfg["out"]) / "pruned.safetensors"
-    key = content_hash([source["sha256"], cfg["prune"], store is not None and pairs_hash(store)])
+    key = content_hash([source["sha256"], keyed_prune_settings(cfg["prune"]), store is not None and pairs_hash(store)])
     started = time.time()
     if is_current(path, key):
         status, record = "skipped", read_model_file(path)[0]["pruning"]
@@ -437,9 +498,78 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
     )
 
 
+def _progressive_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, store, command: str) -> dict:
+    """Progressive channel pruning: cycle k prunes the model of cycle k − 1 (first: the student) to the k-th share
+    of the unpruned student's MACs in `prune.schedule` and recovers it with its share of recover.train.steps
+    (`cycle_steps`), in out/channels/cycle_<k>/ (pruned.safetensors, recover/, recovered_ema.safetensors). Each
+    cycle is skipped when current and its recovery resumes from its checkpoints, as the sparsity cycles do."""
+    schedule, r = channel_schedule(cfg["prune"]), cfg["recover"]
+    steps = cycle_steps(r["train"]["steps"], len(schedule))
+    base = count_macs_params(student, example_inputs(sidecar["model"]))[0]
+    current, cycles = Path(cfg["student"]), []
+    for k, fraction in enumerate(schedule, 1):
+        folder = Path(cfg["out"]) / "channels" / f"cycle_{k}"
+        started = time.time()
+        pruned, report, status = _prune_cycle(cfg, sidecar, source, current, fraction, base, folder, store, command)
+        cycle = {
+            "name": f"channels-{100 * fraction:g}%",
+            "macs_fraction": fraction,
+            "reached": report["macs_after"] / base,
+            "status": status,
+            "seconds": time.time() - started,
+            **{k: report.get(k) for k in ("ratio", "extra_blocks", "params_after", "macs_after")},
+            "pruned_file": str(pruned),
+        }
+        current = pruned
+        if r["mode"] != "none":
+            cycle_cfg = {**cfg, "recover": {**r, "train": {**r["train"], "steps": steps[k - 1]}}}
+            cycle["recover"] = _recover_stage(cycle_cfg, student, pruned, folder, store, command)
+            current = folder / "recovered_ema.safetensors"
+        cycles.append({**cycle, "file": str(current)})
+    return {"cycles": cycles, "recovery_steps": steps, "final": str(current)}
+
+
+def _prune_cycle(
+    cfg: dict, sidecar: dict, source: dict, start: Path, fraction: float, base: int, folder: Path, store, command: str
+) -> tuple[Path, dict, str]:
+    """Write folder/pruned.safetensors: the model at `start` (the student or an earlier cycle's) pruned to
+    `fraction` of the unpruned student's `base` MACs, its pruning record the earlier history followed by this
+    cycle's (so it replays on the unpruned architecture); skipped when made from the same inputs."""
+    path = folder / "pruned.safetensors"
+    key = content_hash(
+        [source["sha256"], cfg["prune"], model_identity(start), fraction, store is not None and pairs_hash(store)]
+    )
+    if is_current(path, key):
+        return path, read_model_file(path)[0]["pruning"]["report"], "skipped"
+    model = load_model(start)
+    earlier = read_model_file(start)[0].get("pruning") or {}
+    macs = count_macs_params(model, example_inputs(sidecar["model"]))[0]
+    if macs <= fraction * base:
+        raise ValueError(
+            f"cycle to {fraction:g} of the MACs: {start} keeps {macs / base:.4f} of them already; make the schedule "
+            "decrease faster or use prune.macs_match nearest / *_per_layer"
+        )
+    pruned, report = prune_model(
+        model, sidecar["model"], {**cfg["prune"], "macs_fraction": fraction * base / macs}, store
+    )
+    report["macs_fraction_of_unpruned"] = report["macs_after"] / base
+    record = {
+        "history": [*earlier.get("history", []), *report.pop("history")],
+        "example_inputs": report.pop("example_inputs"),
+        "width_attributes": report.pop("width_attributes"),
+        "unwrapped_parameters": report["unwrapped_parameters"],
+        "report": report,
+        "source": source,
+    }
+    meta = {**_file_meta(sidecar), "pruning": record, "kind": KIND, "config": plain_config(cfg), "key": key}
+    save_model(path, pruned, {**meta, "command": command})
+    return path, report, "ran"
+
+
 def _recovery_objective(r: dict, student: nn.Module, shape: tuple, t0: float, store) -> tuple[Callable, Callable]:
     """(make_batch, make_loss) of recovery mode `r["mode"]`: one_step distils the unpruned student's one-step
-    images on fresh noise; flow retrains on the pairs."""
+    images on fresh noise; flow retrains on the pairs; distill is the distill stage's loss (`distill_loss`) on the
+    pairs with the unpruned student as the frozen guide of its two-step term."""
     batch_size, seed = r["train"]["batch_size"], r["train"]["seed"]
     if r["mode"] == "one_step":
 
@@ -450,6 +580,14 @@ def _recovery_objective(r: dict, student: nn.Module, shape: tuple, t0: float, st
 
         def make_batch(step, gen):
             return {"z": torch.randn((batch_size, *shape), generator=gen)}
+    elif r["mode"] == "distill":
+        loss_cfg = _distill_loss_config(r, t0)
+        make_batch = distill_stage.make_distill_batch(store, r["train"], loss_cfg)
+
+        def make_loss(device):
+            d = distance(r["distance"], **r["options"])
+            d = d.to(device) if isinstance(d, nn.Module) else d
+            return distill_stage.distill_loss(student.to(device), d, loss_cfg)
     else:
 
         def make_loss(device):
@@ -462,6 +600,12 @@ def _recovery_objective(r: dict, student: nn.Module, shape: tuple, t0: float, st
     return make_batch, make_loss
 
 
+def _distill_loss_config(r: dict, t0: float) -> dict:
+    """The distill stage's loss settings (its defaults: both terms, weights 1, t' in [0.2, 0.8]) with recovery's
+    distance, at the student's one-step time t0."""
+    return {**distill_stage.DEFAULTS["loss"], "distance": r["distance"], "options": r["options"], "one_step_time": t0}
+
+
 def _recover_stage(cfg: dict, student: nn.Module, start: Path, folder: Path, store, command: str) -> dict:
     """Train the model file `start` (pruned or masked) in folder/recover and export folder/recovered_ema.safetensors
     by the stage recipe (skipped when that export was made from this file with these settings); its masks, if any,
@@ -469,7 +613,11 @@ def _recover_stage(cfg: dict, student: nn.Module, start: Path, folder: Path, sto
     r = cfg["recover"]
     sidecar = read_model_file(start)[0]
     # the start file carries the effect of the channel and sparsity settings; its hash is in the key
-    recover_cfg = {**{k: v for k, v in cfg.items() if k != "sparsity"}, "pruned_sha256": sha256_file(start)}
+    recover_cfg = {
+        **{k: v for k, v in cfg.items() if k != "sparsity"},
+        "prune": keyed_prune_settings(cfg["prune"]),
+        "pruned_sha256": sha256_file(start),
+    }
     meta = _file_meta(sidecar)
     shape = tuple(example_inputs(sidecar["model"])[0].shape[1:])
     make_batch, make_loss = _recovery_objective(r, student, shape, meta["one_step_time"], store)
