@@ -364,3 +364,20 @@ def test_progressive_pruning_reaches_each_fraction_recovers_on_the_pairs_and_res
     _, expected = read_model_file(summary["channels"]["final"])
     _, got = read_model_file(again["channels"]["final"])
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_round_to_keeps_widths_multiples_of_it_and_new_settings_stay_out_of_old_keys(student_file):
+    from slimflow.stages.prune import DEFAULTS, keyed_prune_settings
+
+    student = load_model(student_file)
+    cfg = {**PRUNE, "macs_match": "nearest_per_layer", "groupnorm": "whole_groups", "round_to": 8}
+    pruned, report = prune_model(student, TINY, cfg)
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels > 1]
+    assert all(w % 8 == 0 for w in widths) and report["macs_after"] < report["macs_before"]
+    assert abs(report["macs_after"] / report["macs_before"] / 0.5 - 1) < 0.10
+    with pytest.raises(ValueError, match="round_to needs prune.groupnorm whole_groups"):
+        prune_student({"student": str(student_file), "prune": {**PRUNE, "round_to": 8}})
+    # configs that leave the new settings at their defaults hash as before they existed
+    assert set(keyed_prune_settings(DEFAULTS["prune"])) == {
+        "channels", "importance", "ratio", "macs_fraction", "macs_match", "groupnorm", "steps", "taylor"
+    }  # fmt: skip

@@ -111,6 +111,7 @@ DEFAULTS: dict = {
         "macs_match": "at_most",
         "groupnorm": "even",
         "steps": 1,
+        "round_to": None,  # whole_groups: layers lose multiples of this many channels (8: widths stay multiples of 8)
         "schedule": [],  # progressive: e.g. [0.6, 0.4, 0.32], a prune + recovery cycle per share (not in keys while [])
         "taylor": {"batches": 8, "batch_size": 32, "eps": 1e-3, "seed": 0},  # t from 1 to eps, one per batch
     },
@@ -147,6 +148,9 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "prune.importance": "channel ranking: l1 | l2 | lamp | random | taylor",
     "prune.ratio": "share of channels removed per layer (null: searched from macs_fraction)",
     "prune.macs_fraction": "keep at most this share of the MACs (used when ratio is null)",
+    "prune.round_to": "groupnorm whole_groups: each layer loses a multiple of this many channels, so widths that are"
+    " multiples of it stay so (8 on the teacher at 18.2%: same MACs, -16% CPU time per image at batch 64, none at"
+    " batch 1; null: one group at a time)",
     "prune.schedule": "progressive pruning instead of macs_fraction: decreasing shares of the unpruned MACs, e.g."
     " [0.6, 0.4, 0.32]; one cycle each (prune to it, then recover with its share of recover.train.steps) in"
     " channels/cycle_<k>/ ([]: one-shot)",
@@ -217,9 +221,9 @@ def channel_schedule(p: dict) -> list[float] | None:
 
 
 def keyed_prune_settings(p: dict) -> dict:
-    """The prune section as stage keys and run directories record it: without `schedule` while it is empty (its
-    default), so configs written before it existed keep their keys and resume."""
-    return {k: v for k, v in p.items() if not (k == "schedule" and v == [])}
+    """The prune section as stage keys and run directories record it: without `schedule` and `round_to` while they
+    have their defaults, so configs written before they existed keep their keys and resume."""
+    return {k: v for k, v in p.items() if not ((k == "schedule" and v == []) or (k == "round_to" and v is None))}
 
 
 def cycle_steps(total: int, cycles: int) -> list[int]:
@@ -250,6 +254,14 @@ def _check(cfg: dict) -> None:
         raise ValueError(f"prune.macs_fraction (share of MACs kept) must lie in (0, 1], got {fraction!r}")
     if p["schedule"] != []:
         _check_schedule(cfg)
+    if p["round_to"] is not None:
+        if not (isinstance(p["round_to"], int) and not isinstance(p["round_to"], bool) and p["round_to"] >= 1):
+            raise ValueError(f"prune.round_to must be a positive number of channels or null, got {p['round_to']!r}")
+        if not p["groupnorm"].startswith("whole_groups"):
+            raise ValueError(
+                "prune.round_to needs prune.groupnorm whole_groups (Torch-Pruning's rounding prunes nothing with "
+                f"GroupNorm in even mode), got {p['groupnorm']!r}"
+            )
     if p["macs_match"] not in MACS_MATCH:
         raise ValueError(f"prune.macs_match must be one of {', '.join(MACS_MATCH)}, got {p['macs_match']!r}")
     if p["groupnorm"] not in GROUPNORM_MODES:
@@ -336,6 +348,7 @@ def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=N
         "global_pruning": False,
         "custom_pruners": unet_custom_pruners(),
         "groupnorm": prune_cfg["groupnorm"],
+        **({"round_to": prune_cfg["round_to"]} if prune_cfg["round_to"] is not None else {}),
     }
     ratio, extra_blocks, match = prune_cfg["ratio"], 0, prune_cfg["macs_match"]
     if ratio is None and match.endswith("_per_layer"):  # widths only: the same plan under any importance

@@ -63,7 +63,13 @@ DEFAULTS: dict = {
     },
     "grids": {"n": 64, "seed": 0},  # the teacher's many-step grid uses the pairs' solver
     # the student from the pruned teacher (off while macs_fraction is None); taylor reads the run's pairs
-    "init_prune": {"macs_fraction": None, "importance": "l2", "groupnorm": "whole_groups", "macs_match": "nearest"},
+    "init_prune": {
+        "macs_fraction": None,
+        "importance": "l2",
+        "groupnorm": "whole_groups",
+        "macs_match": "nearest",
+        "round_to": None,
+    },
 }
 
 HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
@@ -81,6 +87,7 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "init_prune.importance": prune_stage.HELP["prune.importance"],
     "init_prune.groupnorm": prune_stage.HELP["prune.groupnorm"],
     "init_prune.macs_match": prune_stage.HELP["prune.macs_match"],
+    "init_prune.round_to": prune_stage.HELP["prune.round_to"],
 }
 GRIDS = ("teacher_1step", "teacher_ode", "annealed_1step", "distilled_1step")
 
@@ -167,7 +174,10 @@ def _init_prune_settings(cfg: dict, out: Path, pairs_dir: Path) -> dict:
         "out": str(out / "init"),
         "student": cfg["teacher"],
         "pairs": str(pairs_dir) if p["importance"] == "taylor" else None,
-        "prune": {k: p[k] for k in ("macs_fraction", "importance", "groupnorm", "macs_match")},
+        "prune": {  # round_to only when set: the prune stage's key is then that of runs made before it existed
+            **{k: p[k] for k in ("macs_fraction", "importance", "groupnorm", "macs_match")},
+            **({"round_to": p["round_to"]} if p["round_to"] is not None else {}),
+        },
         "recover": {"mode": "none"},
     }
 
