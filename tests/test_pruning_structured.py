@@ -584,3 +584,27 @@ def test_per_layer_refinement_needs_whole_groups_and_round_to_sets_the_removal_s
     pruner = StructuredPruner(groupnorm_net(), x, ratio=0.0, groupnorm="whole_groups", round_to=4)
     pruner.step()
     assert pruner.remove_block() and pruner.model[0].out_channels == 4 and not pruner.remove_block()
+
+
+def test_per_layer_refinement_with_regroup_keeps_straddled_groupnorms_valid_and_replays(tmp_path):
+    """whole_groups+regroup on the DDPM++ UNet whose skip concat straddles GroupNorm(32, 192): the extra blocks of a
+    layer feeding it come in multiples of 32 channels, every GroupNorm stays valid and the file replays exactly."""
+    from teachers.pruned import unet_custom_pruners
+
+    custom = unet_custom_pruners()
+    x = (torch.zeros(1, 1, 8, 8), torch.zeros(1))
+    kwargs = {"custom_pruners": custom, "groupnorm": "whole_groups+regroup"}
+    one_ratio = straddling_unet()
+    before = prune_structured(one_ratio, x, ratio=0.25, **kwargs)["macs_after"]
+    net = straddling_unet()
+    report = prune_structured(net, x, ratio=0.25, extra_blocks=8, **kwargs)
+    assert report["extra_blocks"] == 8 and report["macs_after"] == count_macs_params(net, x)[0] < before
+    norms = {name: m for name, m in net.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert all(m.num_channels % m.num_groups == 0 for m in norms.values())
+    assert {norms[n].num_groups for n in STRADDLED} == {32}
+    with torch.no_grad():
+        out = net(*unet_probe())
+    save_pruned(tmp_path, net, arch={}, example_inputs=x, history=report["history"])
+    loaded = load_pruned(tmp_path, build=lambda _arch: straddling_unet(), custom_pruners=custom)
+    with torch.no_grad():
+        assert torch.equal(loaded(*unet_probe()), out)
