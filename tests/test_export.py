@@ -249,7 +249,11 @@ def test_mixed_precision_plan_within_a_fid_budget(int8_export, tmp_path):
         ({"int8_fid_budget": 0.1, "int8_fid": {"n": 1}}, ValueError, "samples per FID"),
         ({"int8_fid_budget": 0.1, "int8_fid": {"samples": 10}}, ValueError, "unknown int8_fid keys"),
         ({"int8_fid": {"n": 10}}, ValueError, "only with int8_fid_budget"),
-        ({"int8_fid_budget": 0.1, "int8_fid": {"weights": "missing.safetensors"}}, FileNotFoundError, "missing.safetensors"),
+        (
+            {"int8_fid_budget": 0.1, "int8_fid": {"weights": "missing.safetensors"}},
+            FileNotFoundError,
+            "missing.safetensors",
+        ),
     ],
 )
 def test_bad_int8_settings_fail_before_any_work(tmp_path, kwargs, error, match):
