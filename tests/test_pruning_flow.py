@@ -133,23 +133,11 @@ def test_interrupted_recovery_resumes_to_the_same_weights(student_file, tmp_path
     assert all(torch.equal(wa[k], wb[k]) for k in wb)
 
 
-def test_taylor_importance_from_the_flow_loss_on_pairs(student_file, tmp_path):
-    student = load_model(student_file)
-    generate_pairs(
-        student,
-        tmp_path / "pairs",
-        n=32,
-        shape=[1, 16, 16],
-        seed=0,
-        solver={"method": "euler", "steps": 2},
-        shard_size=32,
-        batch_size=32,
-        progress=False,
-    )
+def test_taylor_importance_from_the_flow_loss_on_pairs(student_file, pairs_dir, tmp_path):
     cfg = {
         "out": str(tmp_path / "p"),
         "student": str(student_file),
-        "pairs": str(tmp_path / "pairs"),
+        "pairs": str(pairs_dir),
         "prune": {**PRUNE, "importance": "taylor", "taylor": {"batches": 3, "batch_size": 8}},
         "recover": {"mode": "flow", "train": {**RECOVER["train"], "steps": 4}},
         "compare": {"n": 4, "seed": 0},
