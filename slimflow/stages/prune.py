@@ -473,26 +473,7 @@ def _prune_stage(cfg: dict, student: nn.Module, sidecar: dict, source: dict, sto
         status, record = "skipped", read_model_file(path)[0]["pruning"]
     else:
         pruned, report = prune_model(student, sidecar["model"], cfg["prune"], store)
-        record = {
-            "history": report.pop("history"),
-            "example_inputs": report.pop("example_inputs"),
-            "width_attributes": report.pop("width_attributes"),
-            "unwrapped_parameters": report["unwrapped_parameters"],
-            "report": report,
-            "source": source,
-        }
-        save_model(
-            path,
-            pruned,
-            {
-                **_file_meta(sidecar),
-                "pruning": record,
-                "kind": KIND,
-                "config": plain_config(cfg),
-                "key": key,
-                "command": command,
-            },
-        )
+        record = _save_pruned(path, pruned, report, [], cfg, sidecar, source, key, command)
         status = "ran"
     report = record["report"]
     return (
@@ -566,8 +547,25 @@ def _prune_cycle(
         model, sidecar["model"], {**cfg["prune"], "macs_fraction": fraction * base / macs}, store
     )
     report["macs_fraction_of_unpruned"] = report["macs_after"] / base
+    _save_pruned(path, pruned, report, earlier.get("history", []), cfg, sidecar, source, key, command)
+    return path, report, "ran"
+
+
+def _save_pruned(
+    path: Path,
+    pruned: nn.Module,
+    report: dict,
+    earlier_history: list,
+    cfg: dict,
+    sidecar: dict,
+    source: dict,
+    key: str,
+    command: str,
+) -> dict:
+    """Save a channel-pruned model with its pruning record (`earlier_history` followed by this cut's, so the file
+    replays on the unpruned architecture); returns the record. Takes the history and trace inputs out of `report`."""
     record = {
-        "history": [*earlier.get("history", []), *report.pop("history")],
+        "history": [*earlier_history, *report.pop("history")],
         "example_inputs": report.pop("example_inputs"),
         "width_attributes": report.pop("width_attributes"),
         "unwrapped_parameters": report["unwrapped_parameters"],
@@ -576,7 +574,7 @@ def _prune_cycle(
     }
     meta = {**_file_meta(sidecar), "pruning": record, "kind": KIND, "config": plain_config(cfg), "key": key}
     save_model(path, pruned, {**meta, "command": command})
-    return path, report, "ran"
+    return record
 
 
 def _recovery_objective(r: dict, student: nn.Module, shape: tuple, t0: float, store) -> tuple[Callable, Callable]:
