@@ -400,13 +400,23 @@ class StepReport:
     params: int
 
 
+def resolve_layers(model: nn.Module, layers: Sequence[nn.Module | str]) -> list[nn.Module]:
+    """`layers` as modules of `model`: modules stay, names (as in `model.named_modules()`) are looked up."""
+    by_name = dict(model.named_modules())
+    unknown = [x for x in layers if isinstance(x, str) and x not in by_name]
+    if unknown:
+        raise ValueError(f"no module named {', '.join(map(repr, unknown))} in {type(model).__name__}")
+    return [by_name[x] if isinstance(x, str) else x for x in layers]
+
+
 class StructuredPruner:
     """Iterative channel pruning: `ratio` is the channel ratio vs the original width reached after `steps` steps.
 
     importance: one of IMPORTANCES ("taylor" reads `.grad`: run a backward first, e.g. `accumulate_gradients`).
     global_pruning ranks channels across layers; round_to keeps channel counts multiples of it (Torch-Pruning;
     with groupnorm "whole_groups": removals are multiples of it, and refused with GroupNorm in "even" mode);
-    ignored_layers are kept whole in addition to the traced output layers (or instead, if output_layers is given);
+    ignored_layers (modules of `model`, or their names, which also hold on deep copies) are kept whole in addition
+    to the traced output layers (or instead, if output_layers is given);
     custom_pruners ({layer class or instance: tp BasePruningFunc}, e.g. MatmulPruner) handle layers Torch-Pruning
     does not know; pass the same to `load_pruned`. Layers it only knows this way are pruned along with their
     neighbours but not scored (importances score Conv/Linear/norm weights).
@@ -426,7 +436,7 @@ class StructuredPruner:
         steps: int = 1,
         global_pruning: bool = False,
         round_to: int | None = None,
-        ignored_layers: Sequence[nn.Module] = (),
+        ignored_layers: Sequence[nn.Module | str] = (),
         output_layers: Sequence[nn.Module] | None = None,
         custom_pruners: dict | None = None,
         head_ratio: float = 0.0,
@@ -487,7 +497,7 @@ class StructuredPruner:
             iterative_steps=steps,
             global_pruning=global_pruning,
             round_to=round_to if groupnorm == "even" else None,
-            ignored_layers=[*self.output_layers, *ignored_layers],
+            ignored_layers=[*self.output_layers, *resolve_layers(model, ignored_layers)],
             num_heads={qkv: m.num_heads for qkv, m in self.attention.items()},
             prune_num_heads=head_ratio > 0,
             head_pruning_ratio=head_ratio,
@@ -665,7 +675,7 @@ def prune_structured(
     steps: int = 1,
     global_pruning: bool = False,
     round_to: int | None = None,
-    ignored_layers: Sequence[nn.Module] = (),
+    ignored_layers: Sequence[nn.Module | str] = (),
     output_layers: Sequence[nn.Module] | None = None,
     custom_pruners: dict | None = None,
     head_ratio: float = 0.0,

@@ -16,10 +16,18 @@ def unet_custom_pruners() -> dict:
     return {NIN: MatmulPruner("W", "b")}
 
 
-def example_inputs(model_config: dict, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, t) zeros for tracing a UNet of `model_config`."""
+def unet_ignored_layers(model_config: dict) -> list[str]:
+    """Layers of a `teachers.unet` model that keep their width: a class-conditional model's label embedding, whose
+    output is added to the fixed-width sinusoidal time embedding."""
+    return ["map_label"] if model_config.get("num_classes") else []
+
+
+def example_inputs(model_config: dict, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    """(x, t) zeros for tracing a UNet of `model_config`, and labels (class 0) for a class-conditional one, so that
+    its label embedding is traced and pruned with the time embedding it is added to."""
     c, r = model_config["in_channels"], model_config["resolution"]
-    return torch.zeros(batch, c, r, r), torch.zeros(batch)
+    x, t = torch.zeros(batch, c, r, r), torch.zeros(batch)
+    return (x, t, torch.zeros(batch, dtype=torch.long)) if model_config.get("num_classes") else (x, t)
 
 
 def apply_pruning_record(model: nn.Module, record: dict) -> nn.Module:

@@ -74,10 +74,11 @@ from slimflow.flow import flow_matching_batch, noise_for
 from slimflow.images import save_grid
 from slimflow.losses import distance, l2
 from slimflow.pairs import open_pairs, pairs_hash
-from slimflow.sample import one_step_images, one_step_sampler
+from slimflow.sample import conditioned, num_classes, one_step_images, one_step_sampler, resolve_labels
 from slimflow.stages import distill as distill_stage
 from slimflow.stages.runner import (
     TrainingJob,
+    check_student_classes,
     command_line,
     full_config,
     is_current,
@@ -86,7 +87,7 @@ from slimflow.stages.runner import (
     run_training,
     write_summary,
 )
-from teachers.pruned import example_inputs, unet_custom_pruners
+from teachers.pruned import example_inputs, unet_custom_pruners, unet_ignored_layers
 from teachers.zoo import load_model
 
 RECOVER_MODES = ("one_step", "flow", "distill", "none")
@@ -181,25 +182,35 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
 
 
 # ------------------------------------------------------------------------------------------ pure pieces
+def pairs_flow_batch(store, index: torch.Tensor, t: torch.Tensor) -> dict:
+    """The flow-matching batch of pairs `index` at times t, with the pairs' labels for a class-conditional store."""
+    batch = flow_matching_batch(*store.batch(index), t)
+    labels = store.labels(index)
+    return batch if labels is None else {**batch, "labels": labels}
+
+
 def taylor_batches(store, n_batches: int, batch_size: int, eps: float, seed: int):
     """Flow-matching batches from the pairs at times t = 1 … eps (one per batch, high t first, as Diff-Pruning
     runs from the low-noise end) for Taylor gradients."""
     for k, t in enumerate(torch.linspace(1.0, eps, n_batches)):
-        z, x = store.batch(batch_indices(k, batch_size, len(store), seed))
-        yield flow_matching_batch(z, x, torch.full((batch_size,), float(t)))
+        yield pairs_flow_batch(
+            store, batch_indices(k, batch_size, len(store), seed), torch.full((batch_size,), float(t))
+        )
 
 
 def flow_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return (model(batch["x_t"], batch["t"]) - batch["target"]).square().mean()
+    return (conditioned(model, batch.get("labels"))(batch["x_t"], batch["t"]) - batch["target"]).square().mean()
 
 
 def one_step_recovery_loss(original: nn.Module, d: Callable, t0: float) -> Callable:
-    """loss_fn(model, batch) for the engine: mean D(pruned one-step image, unpruned one-step image) on batch z."""
+    """loss_fn(model, batch) for the engine: mean D(pruned one-step image, unpruned one-step image) on batch z
+    (under batch labels, for a class-conditional student)."""
 
     def loss_fn(model, batch):
+        labels = batch.get("labels")
         with torch.no_grad():
-            target = one_step_images(original, batch["z"], t0)
-        return d(one_step_images(model, batch["z"], t0), target).mean()
+            target = one_step_images(original, batch["z"], t0, labels)
+        return d(one_step_images(model, batch["z"], t0, labels), target).mean()
 
     return loss_fn
 
@@ -347,6 +358,7 @@ def prune_model(student: nn.Module, model_config: dict, prune_cfg: dict, store=N
         "importance": prune_cfg["importance"],
         "global_pruning": False,
         "custom_pruners": unet_custom_pruners(),
+        "ignored_layers": unet_ignored_layers(model_config),
         "groupnorm": prune_cfg["groupnorm"],
         **({"round_to": prune_cfg["round_to"]} if prune_cfg["round_to"] is not None else {}),
     }
@@ -409,6 +421,8 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
         raise ValueError(f"{cfg['student']} is already sparse (it has weight masks); prune the dense student")
     store = open_pairs(cfg["pairs"]) if _needs_pairs(cfg) else None
     student = load_model(cfg["student"])
+    if store is not None:
+        check_student_classes(num_classes(student), store, f"the student {cfg['student']}")
     source = {"file": str(cfg["student"]), "kind": sidecar.get("kind"), "sha256": model_identity(cfg["student"])}
     summary: dict = {"kind": KIND, "student": source, "out": str(out)}
     models = {"unpruned": Path(cfg["student"])}
@@ -589,8 +603,10 @@ def _recovery_objective(r: dict, student: nn.Module, shape: tuple, t0: float, st
             d = d.to(device) if isinstance(d, nn.Module) else d
             return one_step_recovery_loss(student.to(device), d, t0)
 
-        def make_batch(step, gen):
-            return {"z": torch.randn((batch_size, *shape), generator=gen)}
+        def make_batch(step, gen):  # a class-conditional student's fresh noise gets fresh labels (drawn last)
+            batch = {"z": torch.randn((batch_size, *shape), generator=gen)}
+            classes = num_classes(student)
+            return {**batch, "labels": torch.randint(classes, (batch_size,), generator=gen)} if classes else batch
     elif r["mode"] == "distill":
         loss_cfg = _distill_loss_config(r, t0)
         make_batch = distill_stage.make_distill_batch(store, r["train"], loss_cfg)
@@ -605,8 +621,8 @@ def _recovery_objective(r: dict, student: nn.Module, shape: tuple, t0: float, st
             return flow_loss
 
         def make_batch(step, gen):
-            z, x = store.batch(batch_indices(step, batch_size, len(store), seed))
-            return flow_matching_batch(z, x, 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=gen))
+            t = 1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=gen)
+            return pairs_flow_batch(store, batch_indices(step, batch_size, len(store), seed), t)
 
     return make_batch, make_loss
 
@@ -633,11 +649,13 @@ def _recover_stage(cfg: dict, student: nn.Module, start: Path, folder: Path, sto
     shape = tuple(example_inputs(sidecar["model"])[0].shape[1:])
     make_batch, make_loss = _recovery_objective(r, student, shape, meta["one_step_time"], store)
 
-    def eval_data() -> tuple[torch.Tensor, torch.Tensor]:  # fixed noise (compare.seed), not a training draw
+    def eval_data() -> tuple[torch.Tensor, ...]:  # fixed noise (compare.seed), not a training draw
         z = noise_for(torch.arange(r["train"]["eval_n"]), cfg["compare"]["seed"], shape)
+        labels = resolve_labels(student, len(z))  # class-balanced, for a class-conditional student
         device = next(student.parameters()).device
         with torch.no_grad():
-            return z, one_step_images(student, z.to(device), meta["one_step_time"]).cpu()
+            target = one_step_images(student, z.to(device), meta["one_step_time"], labels).cpu()
+        return (z, target) if labels is None else (z, target, labels)
 
     records = {"pruning": sidecar.get("pruning"), "weight_masks": sidecar.get("weight_masks")}
     started = time.time()
@@ -785,13 +803,14 @@ def _compare_stage(cfg: dict, student: nn.Module, sidecar: dict, files: dict[str
     device = resolve_device(cfg["recover"]["train"]["device"])
     inputs = tuple(x.to(device) for x in example_inputs(sidecar["model"]))
     z = noise_for(torch.arange(cfg["compare"]["n"]), cfg["compare"]["seed"], list(inputs[0].shape[1:])).to(device)
+    labels = resolve_labels(student, len(z))  # class-balanced, for a class-conditional student
     t0 = _file_meta(sidecar)["one_step_time"]
     rows, reference = {}, None
     for name, path in files.items():
         model = student if name == "unpruned" else load_model(path)
         model = model.to(device).eval()
         with torch.no_grad(), DeadNeuronMonitor(model, threshold=cfg["sparsity"]["dnr_threshold"]) as monitor:
-            images = one_step_images(model, z, t0).cpu()
+            images = one_step_images(model, z, t0, labels).cpu()
         reference = images if reference is None else reference
         macs, params = count_macs_params(model, inputs)
         masks = masks_of(model)
