@@ -155,6 +155,16 @@ def test_output_layers_are_found_by_tracing_and_kept():
     assert unet.out.out_channels == 3
 
 
+def test_ignored_layers_given_by_name_hold_on_the_copies_a_macs_search_prunes():
+    x = torch.randn(1, 1, 8, 8)
+    model = tiny_classifier()
+    ratio = ratio_for_macs(model, x, 0.5, ignored_layers=["0"])  # the search prunes deep copies of the model
+    prune_structured(model, x, ratio=ratio, ignored_layers=["0"])
+    assert model[0].out_channels == 8 and model[2].out_channels < 8  # by name, the first conv kept its width
+    with pytest.raises(ValueError, match="no module named 'conv9' in Sequential"):
+        StructuredPruner(tiny_classifier(), x, ignored_layers=["conv9"])
+
+
 def test_groupnorm_stays_valid_and_round_to_is_refused():
     model = GNNet()
     example = (torch.randn(2, 3, 8, 8), torch.rand(2))
