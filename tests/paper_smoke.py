@@ -18,6 +18,7 @@ from slimflow.config import load_config
 from slimflow.stages import stage
 
 PRESETS = {"cifar10": 32, "ffhq64": 64, "imagenet64": 64}  # preset -> image size
+SMOKE_CLASSES = {"imagenet64": 2}  # class-conditional presets: class sub-folders of the random images
 PRESET_FILES = {  # command stage -> preset file of a data set
     "teacher": "paper/{}-teacher",
     "run": "paper/{}",
@@ -26,15 +27,18 @@ PRESET_FILES = {  # command stage -> preset file of a data set
 }
 
 
-def image_folder(root: str | Path, size: int, n: int = 24, seed: int = 0) -> Path:
-    """`n` random RGB PNGs of size×size under `root` (created), the stand-in for a data set."""
+def image_folder(root: str | Path, size: int, n: int = 24, seed: int = 0, classes: int = 0) -> Path:
+    """`n` random RGB PNGs of size×size under `root` (created), the stand-in for a data set; with `classes`, image
+    i goes to the sub-folder of class i mod classes (labelled, as ImageNet's train/ folder)."""
     from PIL import Image
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+        folder = root / f"class{i % classes}" if classes else root
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
     return root
 
 

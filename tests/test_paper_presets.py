@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from paper_smoke import PRESET_FILES, PRESETS, image_folder, preset_config, smoke_configs
+from paper_smoke import PRESET_FILES, PRESETS, SMOKE_CLASSES, image_folder, preset_config, smoke_configs
 
 from slimflow.config import ConfigError, load_config, preset_names, resolve_config
 from slimflow.domain_net import MissingWeightsError
@@ -22,6 +22,7 @@ PUBLISHED_K = {
     "ddpmpp-7.0m": {32: 6_990, 64: 6_990},
     "ddpmpp-3.4m": {32: 3_437, 64: 3_536},
 }
+TEACHER_PARAMS = 61_804_419  # the teacher's exact count (RectifiedFlow's CIFAR-10 DDPM++)
 STUDENTS = ("ddpmpp-27.9m", "ddpmpp-15.7m", "ddpmpp-7.0m", "ddpmpp-3.4m")
 
 
@@ -52,7 +53,12 @@ def test_paper_presets_build_the_published_networks(preset):
     size = PRESETS[preset]
     teacher = preset_config("teacher", preset)
     assert teacher["data"]["image_size"] == size
-    assert params_k(teacher["model"], size) == PUBLISHED_K["ddpmpp-61.8m"][size]
+    classes = teacher["model"].get("num_classes", 0)
+    assert classes == (1000 if preset == "imagenet64" else 0)  # ImageNet-64 is class-conditional, as in the paper
+    plain = {**teacher["model"], "num_classes": 0}
+    assert params_k(plain, size) == PUBLISHED_K["ddpmpp-61.8m"][size]
+    label_embedding = (classes * 128 + 128) if classes else 0  # map_label: a Linear K -> nf (128) with bias
+    assert params_k(teacher["model"], size) == round((TEACHER_PARAMS + label_embedding) / 1000)
     student = preset_config("run", preset)["anneal"]["model"]
     assert params_k(student, size) == PUBLISHED_K[student["preset"]][size]
     for name in STUDENTS:  # every student size through the documented key anneal.model.preset
@@ -97,7 +103,7 @@ def test_without_vgg_weights_a_paper_run_stops_before_any_work(tmp_path, monkeyp
 def test_paper_preset_smoke_run_finishes_every_stage(preset, tmp_path):
     """teacher (1 step) -> run (4 pairs, 1 anneal and 1 distill step) -> bench -> prune (+1 recovery step) -> bench
     with the pruned entry (the other entries' results are cached)."""
-    images = image_folder(tmp_path / "images", PRESETS[preset])
+    images = image_folder(tmp_path / "images", PRESETS[preset], classes=SMOKE_CLASSES.get(preset, 0))
     work = tmp_path / "work"
     configs = smoke_configs(preset, work, images)
     for command in ("teacher", "run"):
