@@ -162,11 +162,11 @@ def test_bench_writes_reports_and_skips_cached_entries(tmp_path, domain_weights)
         cell.strip() for cell in header.split("|")
     }
     assert "Inception)" not in table
-    for name in ("fid_vs_params.png", "fid_vs_latency.png", *(f"samples/{n}.png" for n in names)):
+    for name in ("fid_vs_params.png", "fid_vs_macs.png", "fid_vs_latency.png", *(f"samples/{n}.png" for n in names)):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
     assert events.Tags()["scalars"] == []  # no one-point scalar per entry and figure
-    assert {"fid_vs_params", "fid_vs_latency"} <= set(events.Tags()["images"])
+    assert {"fid_vs_params", "fid_vs_macs", "fid_vs_latency"} <= set(events.Tags()["images"])
     text = events.Tensors("bench/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| name |" in text and all(f"| {n} |" in text for n in names)
     assert_hparams_runs(out / "tb", first["rows"])

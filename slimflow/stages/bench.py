@@ -10,8 +10,9 @@ writes to `cfg.out`:
   resumes where it stopped, and recomputes the others.
 - `bench.csv`, `bench.md` (the table; metric columns are named by extractor, e.g. "FID (domain)"; the `compare`
   pairs as a second table with the relative FID change),
-- `fid_vs_params.png`, `fid_vs_latency.png` (log-x, labelled points, Pareto front highlighted; y is the FID
-  of the first extractor listed, x the latency at the smallest batch size),
+- `fid_vs_params.png`, `fid_vs_macs.png`, `fid_vs_latency.png` (log-x, labelled points, Pareto front highlighted;
+  y is the FID of the first extractor listed; x the params, the MACs per sample (all NFE; ONNX entries, which
+  have none, are left out) and the latency at the smallest batch size),
 - `samples/<name>.png` (a grid of the entry's first samples) and TensorBoard under `tb/` (the table as text, the
   figures, and `tb/<name>/`: one hparams run per entry, its settings and numbers, which the HPARAMS tab shows as
   one table; rewritten on each run),
@@ -484,6 +485,7 @@ def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: s
         "csv": out / "bench.csv",
         "md": out / "bench.md",
         "fid_vs_params": out / "fid_vs_params.png",
+        "fid_vs_macs": out / "fid_vs_macs.png",
         "fid_vs_latency": out / "fid_vs_latency.png",
     }
     write_csv(rows, cols, paths["csv"])
@@ -496,6 +498,14 @@ def write_reports(rows: list[dict], cfg: dict, out: Path, header: str, footer: s
     figures = {
         "fid_vs_params": plot_front(
             names, [float(r["params"]) for r in rows], ys, "parameters", fid, f"{fid} vs parameters"
+        ),
+        "fid_vs_macs": plot_front(
+            names,
+            [math.nan if r["macs_per_sample"] is None else float(r["macs_per_sample"]) for r in rows],
+            ys,
+            "MACs per sample (all NFE)",
+            fid,
+            f"{fid} vs MACs",
         ),
         "fid_vs_latency": plot_front(
             names,
