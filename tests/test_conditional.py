@@ -344,6 +344,92 @@ def test_student_and_store_classes_must_match(tmp_path):
         anneal({**anneal_cfg, "model": {**TINY, "num_classes": 5}})
 
 
+# ------------------------------------------------------------------------------------------- prune
+def cond_one_step_student(tmp_path, num_classes: int = 3) -> Path:
+    """A random class-conditional one-step student at the pairs' resolution (8) and classes."""
+    from slimflow.checkpoint import save_model
+
+    torch.manual_seed(1)
+    model = randomised(
+        build_unet(
+            {
+                **{k: v for k, v in TINY.items() if k != "preset"},
+                "nf": 16,
+                "in_channels": 1,
+                "resolution": 8,
+                "num_classes": num_classes,
+            }
+        )
+    )
+    meta = {"model": model.config, "kind": "distilled-student", "one_step_time": 0.0}
+    return save_model(tmp_path / "cond_student.safetensors", model, meta)
+
+
+def test_a_conditional_student_prunes_with_its_labels_and_recovers_on_the_pairs_labels(tmp_path):
+    from slimflow.stages.prune import pairs_flow_batch, prune_student
+
+    make_store(tmp_path, teacher_file(tmp_path))
+    student_path = cond_one_step_student(tmp_path)
+    train = {"steps": 4, "batch_size": 6, "warmup": 1, "log_every": 2, "ckpt_every": 2, "ema": {"kind": "none"}}
+    cfg = {
+        "out": str(tmp_path / "pruned"),
+        "student": str(student_path),
+        "pairs": str(tmp_path / "pairs"),
+        "prune": {"importance": "taylor", "macs_fraction": 0.5, "taylor": {"batches": 2, "batch_size": 4}},
+        "recover": {"mode": "flow", "train": train},
+        "compare": {"n": 6, "seed": 0},
+    }
+    summary = prune_student(cfg)
+    assert summary["recover"]["status"] == "ran"
+    assert summary["models"]["pruned"]["macs"] <= 0.5 * summary["models"]["unpruned"]["macs"]
+    # the label embedding keeps its width: it is added to the fixed-width sinusoidal time embedding
+    pruned = load_model(tmp_path / "pruned" / "pruned.safetensors")
+    assert pruned.num_classes == 3 and pruned.map_label.weight.shape == load_model(student_path).map_label.weight.shape
+    assert pruned.all_modules[0].in_features == pruned.map_label.out_features
+    assert (
+        read_model_file(tmp_path / "pruned" / "pruned.safetensors")[0]["pruning"]["example_inputs"][2]["dtype"]
+        == "int64"
+    )
+    recovered = load_model(tmp_path / "pruned" / "recovered_ema.safetensors")
+    images = [sample(recovered, 3, labels=c)[0] for c in range(3)]
+    assert not torch.equal(images[0], images[1])  # the labels still reach the pruned, recovered student
+    # recovery's flow batches carry the pairs' labels, regenerated from their indices
+    from slimflow.pairs import PairStore
+
+    store = PairStore(tmp_path / "pairs")
+    batch = pairs_flow_batch(store, torch.tensor([5, 0, 7]), torch.full((3,), 0.5))
+    assert torch.equal(batch["labels"], labels_for([5, 0, 7], 3, 3))
+    # one-step recovery on fresh noise draws fresh labels; its run resumes like any other
+    one_step = {
+        **cfg,
+        "out": str(tmp_path / "one_step"),
+        "recover": {"mode": "one_step", "distance": "l2", "train": train},
+    }
+    assert prune_student({**one_step, "recover": {**one_step["recover"], "train": {**train, "steps": 2}}})
+    resumed = prune_student(one_step)
+    straight = prune_student({**one_step, "out": str(tmp_path / "straight")})
+    assert resumed["recover"]["status"] == "resumed" and straight["recover"]["status"] == "ran"
+    a = read_model_file(tmp_path / "one_step" / "recovered_ema.safetensors")[1]
+    b = read_model_file(tmp_path / "straight" / "recovered_ema.safetensors")[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pruning_a_student_on_pairs_of_other_classes_is_refused_before_any_work(tmp_path):
+    from slimflow.stages.prune import prune_student
+
+    make_store(tmp_path, teacher_file(tmp_path))
+    cfg = {
+        "out": str(tmp_path / "pruned"),
+        "student": str(cond_one_step_student(tmp_path, num_classes=5)),
+        "pairs": str(tmp_path / "pairs"),
+        "prune": {"importance": "taylor", "macs_fraction": 0.5},
+        "recover": {"mode": "flow"},
+    }
+    with pytest.raises(ValueError, match=r"class-conditional \(5 classes\) but the pair store .* \(3 classes\)"):
+        prune_student(cfg)
+    assert not (tmp_path / "pruned" / "pruned.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------------- export, bench
 def cond_student(tmp_path, resolution=16, num_classes=10):
     from slimflow.checkpoint import save_model
@@ -382,8 +468,89 @@ def test_export_of_a_conditional_generator_takes_the_label_as_a_second_input(tmp
     assert generator.num_classes == 10 and OnnxGenerator.classes_of(tmp_path / "export" / "generator.onnx") == 10
     balanced = generator.sample(12, 0, 5)
     assert torch.allclose(balanced, sample(load_model(path), 12, seed=0)[0], atol=1e-4)
-    with pytest.raises(ValueError, match="int8 export of a class-conditional generator"):
-        export_model(path, tmp_path / "int8", int8=True)
+
+
+def test_int8_export_of_a_conditional_generator_runs_on_class_balanced_labels(tmp_path, monkeypatch):
+    """The int8 file keeps the label input and is calibrated on the class-balanced labels of the calibration noise
+    (i mod K); under given labels its images are close to the fp32 file's and the labels change them as they
+    change the fp32 file's; the label path stays fp32; the --int8-budget scan and the reported image errors use
+    the class-balanced labels of the check noise."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name, reason="int8 export needs the optional extra slimflow[onnx]")
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime import quantization
+
+    from slimflow.checkpoint import save_model
+    from slimflow.stages.export import export_model, image_error, noise_path_excluded, quantize_int8
+
+    torch.manual_seed(0)
+    model = randomised(tiny_unet(num_classes=4))  # random weights: labels change the images well above int8 noise
+    path = save_model(tmp_path / "cond.safetensors", model, {"model": model.config, "kind": "test"})
+    calibrations, quantize_static = [], quantization.quantize_static
+
+    class Replay(quantization.CalibrationDataReader):
+        def __init__(self, feeds):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    def recorded(fp32, out, reader, **kwargs):  # keeps what the calibration reader feeds, and quantizes on it
+        calibrations.append(list(iter(reader.get_next, None)))
+        return quantize_static(fp32, out, Replay(calibrations[-1]), **kwargs)
+
+    monkeypatch.setattr(quantization, "quantize_static", recorded)
+    budget, options = 0.01, {"formats": ("onnx",), "warmup": 0, "repeats": 1, "calibration": 8}
+    report = export_model(path, tmp_path / "out", int8=True, calibration_batch=3, int8_budget=budget, **options)
+    monkeypatch.undo()
+    assert len(calibrations) == 1 + report["int8_mixed"]["quantizations"]
+    for feeds in calibrations:  # batches of 3 of the noise of (1, 0..7), sample i of class i mod 4
+        assert [feed["label"].tolist() for feed in feeds] == [[0, 1, 2], [3, 0, 1], [2, 3]]
+        assert all(feed["label"].dtype == np.int64 for feed in feeds)
+        assert np.array_equal(np.concatenate([f["noise"] for f in feeds]), noise_for(range(8), 1, (1, 8, 8)).numpy())
+
+    fp32_file, int8_file = tmp_path / "out" / "generator.onnx", tmp_path / "out" / "generator.int8.onnx"
+    fp32, int8 = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in (fp32_file, int8_file))
+    assert [i.name for i in int8.get_inputs()] == ["noise", "label"] and int8.get_inputs()[1].type == "tensor(int64)"
+
+    def images(session, z, labels):
+        return torch.from_numpy(session.run(None, {"noise": z.numpy(), "label": labels.numpy()})[0])
+
+    # the reported image error is on the check noise of (0, 0..63) and its class-balanced labels
+    check, check_labels = noise_for(range(64), 0, (1, 8, 8)), torch.arange(64) % 4
+    error = image_error(images(int8, check, check_labels), images(fp32, check, check_labels))
+    assert report["int8"]["image_error_to_fp32"] == pytest.approx({"n": 64, **error})
+    assert error["mean_abs_diff"] < 0.02 and error["rmse"] < 0.05  # measured: 0.0095 and 0.023
+    # given labels: close to fp32, and changing them changes the int8 images as it changes the fp32 ones
+    z, labels, other = noise_for(range(4), 5, (1, 8, 8)), torch.tensor([3, 0, 2, 1]), torch.tensor([1, 1, 1, 1])
+    assert image_error(images(int8, z, labels), images(fp32, z, labels))["mean_abs_diff"] < 0.02
+    change8 = images(int8, z, other) - images(int8, z, labels)
+    change32 = images(fp32, z, other) - images(fp32, z, labels)
+    assert change32[:3].abs().mean() > 0.02 and change32[3].abs().max() == 0  # sample 3 keeps its label
+    assert (change8 - change32).abs().mean() < 0.25 * change32.abs().mean()
+
+    # the label path (the label embedding and each block's projection of it, Gemm nodes that depend on the labels
+    # and not on the noise) stays fp32, even with Gemm among the op types to quantize
+    fp32_model = onnx.load(str(fp32_file))
+    gemms = {n.name for n in fp32_model.graph.node if n.op_type == "Gemm"}
+    assert any(name.startswith("map_label/") for name in gemms) and gemms <= set(noise_path_excluded(fp32_model))
+    quantize_int8(fp32_file, tmp_path / "gemm.onnx", (1, 8, 8), 8, 1, int8_ops=("Conv", "MatMul", "Gemm"))
+    quantized = onnx.load(str(tmp_path / "gemm.onnx")).graph
+    dequantized = {n.output[0] for n in quantized.node if n.op_type == "DequantizeLinear"}
+    int8_nodes = {
+        n.name for n in quantized.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[0] in dequantized
+    }
+    assert int8_nodes and not int8_nodes & gemms
+
+    # --int8-budget: the scan and the plan score the mixed files on the check noise's class-balanced labels
+    mixed = report["int8_mixed"]
+    assert mixed["int8_blocks"] and mixed["fp32_blocks"] and mixed["latency_ms_b1"] > 0
+    plan = ort.InferenceSession(mixed["file"], providers=["CPUExecutionProvider"])
+    assert [i.name for i in plan.get_inputs()] == ["noise", "label"]
+    got = image_error(images(plan, check, check_labels), images(fp32, check, check_labels))["rmse"]
+    assert got == pytest.approx(mixed["error"]) and got <= budget
 
 
 def test_bench_reports_class_accuracy_of_conditional_entries_only(tmp_path):
@@ -538,3 +705,33 @@ def test_run_pipeline_on_a_conditional_teacher_and_sample_per_class(tmp_path):
             ]
         )
     assert "--label must be a class index or 'balanced', got 'shirt'" in str(info.value.code)
+
+
+# ------------------------------------------------------------------------------------------- invert
+def test_a_conditional_teacher_inverts_images_under_their_own_labels(tmp_path):
+    from PIL import Image
+
+    from slimflow.checkpoint import save_model
+    from slimflow.data import load_images, to_float
+    from slimflow.invert import round_trip
+    from slimflow.stages.invert import invert_images
+
+    torch.manual_seed(2)
+    model = tiny_unet(num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+        model.map_label.weight.normal_(0.0, 2.0)
+    path = save_model(tmp_path / "cond.safetensors", model, {"model": model.config, "kind": "test"})
+    summary = invert_images(path, "digits", steps=2, out_dir=tmp_path / "o", n=5, nfe_per_direction=(4,), device="cpu")
+    data = load_images("digits", split="test", image_size=8)
+    x, labels = to_float(data.images[:5]), data.labels[:5]
+    _, rebuilt, _ = round_trip(conditioned(model, labels), x, "rf_solver", 2)
+    assert summary["mse"] == pytest.approx((rebuilt - x).double().pow(2).mean().item(), rel=1e-6)
+    _, other, _ = round_trip(conditioned(model, (labels + 1) % 10), x, "rf_solver", 2)
+    assert not torch.allclose(other, rebuilt)  # the labels matter, so the ones used were the images' own
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("L", (8, 8), 100).save(flat / "a.png")
+    with pytest.raises(ValueError, match="class-conditional \\(10 classes\\): it inverts images under their labels"):
+        invert_images(path, flat, out_dir=tmp_path / "o2", device="cpu")

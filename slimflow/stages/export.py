@@ -16,11 +16,12 @@ Writes to `out_dir`:
 - `generator.int8.onnx` (with `int8=True`): static post-training quantization by onnxruntime
   (`quantize_static`, QDQ format, weights int8 per channel — in 7 bits by default, `int8_reduce_range`, as
   onnxruntime's x86 kernels without VNNI need —, activations uint8 — the choice for x86 CPUs —, MinMax ranges)
-  calibrated on the generator's own inputs: the noise of (`calibration_seed`, 0..`calibration`−1). The same
-  settings give the same file, byte for byte. Quantized: the op types `int8_ops` (default Conv and MatMul:
-  every weight of the UNet's image path; normalisations, activations and the residual adds stay fp32) on the
-  noise's path, minus the nodes `int8_exclude`; the time-embedding branch depends only on the batch size, not on
-  the noise, and is always left in fp32.
+  calibrated on the generator's own inputs: the noise of (`calibration_seed`, 0..`calibration`−1), with the
+  class-balanced labels of those indices (i mod K) for a class-conditional generator. The same settings give the
+  same file, byte for byte. Quantized: the op types `int8_ops` (default Conv and MatMul: every weight of the
+  UNet's image path; normalisations, activations and the residual adds stay fp32) on the noise's path, minus the
+  nodes `int8_exclude`; the time-embedding branch depends only on the batch size, not on the noise, and is always
+  left in fp32, as is a conditional generator's label embedding (it depends on the labels alone).
 - `generator.int8-mixed.onnx` (with `int8_budget` or `int8_fid_budget`): a sensitivity scan quantizes one block at
   a time, then the least sensitive blocks are quantized together as long as the error stays within the budget:
   the image RMSE to fp32 (`int8_budget`), or the FID against a reference set relative to the fp32 file's
@@ -29,14 +30,15 @@ Writes to `out_dir`:
 
 A class-conditional model (`num_classes` K > 0) is exported with a second input `label` (batch,) int64, classes in
 [0, K) (NO_LABEL = -1: no label): (noise, label) → image; the ONNX metadata records `num_classes`, and the parity
-checks use the class-balanced labels of the check noise (i mod K). int8 quantization of a conditional generator is
-not supported yet (its calibration feeds the noise alone).
+checks use the class-balanced labels of the check noise (i mod K); so do the int8 calibration, the int8 files'
+image errors and latencies, and the mixed-precision scan (its FID is on class-balanced samples, as in
+`slimflow bench`).
 
 Checks: the reloaded .pt2 program and onnxruntime (CPU provider) must reproduce PyTorch's output on the same
 noise within `atol`, else ExportMismatchError. The int8 file is not held to a tolerance; its image error to the
 fp32 ONNX file (max / mean absolute difference and RMSE, images nominally in [-1, 1]) on the noise of
-(seed, 0..63) is reported. Latency: median ms per image at batch 1 for PyTorch eager and onnxruntime, both with
-torch's current thread count. Export runs on CPU (the files carry no device).
+(seed, 0..63) (and their class-balanced labels) is reported. Latency: median ms per image at batch 1 for PyTorch
+eager and onnxruntime, both with torch's current thread count. Export runs on CPU (the files carry no device).
 """
 
 from __future__ import annotations
@@ -192,6 +194,17 @@ def _feed(z: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     return {INPUT: z.numpy(), **({} if labels is None else {LABEL: labels.to(torch.int64).numpy()})}
 
 
+def _balanced(indices: int | list[int], classes: int) -> torch.Tensor | None:
+    """The class-balanced labels (i mod K) of the samples `indices` (an int n: 0..n-1) of a generator of
+    K = `classes` classes; None for an unconditional one (K = 0)."""
+    return balanced_labels(indices, classes) if classes else None
+
+
+def _classes(model) -> int:
+    """The class count an ONNX model's metadata records (0: unconditional)."""
+    return int({p.key: p.value for p in model.metadata_props}.get("num_classes", 0))
+
+
 def _run(session, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     return torch.from_numpy(session.run(None, _feed(z, labels))[0])
 
@@ -223,8 +236,11 @@ def _check_onnx(
 
 
 def noise_path_excluded(model) -> list[str]:
-    """Names of the nodes of an ONNX model that do not depend on the values of its input (only, through Shape,
-    on its batch size): the one-step generator's time embedding of the constant t0."""
+    """Names of the nodes of an ONNX model that do not depend on the values of its input `noise` (only, through
+    Shape, on its batch size): the one-step generator's time embedding of the constant t0 and, in a
+    class-conditional generator, the label path (the label embedding, its sum with the time embedding and each
+    block's projection of it), which depends on the `label` input alone. Quantization leaves them all in fp32;
+    the nodes where the label path joins the noise's (the adds into the feature maps) depend on the noise."""
     dependent, excluded = {INPUT}, []
     for node in model.graph.node:  # ONNX graphs are stored in topological order
         if node.op_type not in ("Shape", "Size") and dependent.intersection(node.input):
@@ -260,9 +276,11 @@ def quantize_int8(
     reduce_range: bool = True,
 ) -> dict:
     """Static int8 quantization (QDQ) of an exported generator, calibrated on the noise of
-    (calibration_seed, 0..calibration-1); returns the settings and the nodes left in fp32. `reduce_range`: 7-bit
-    weights, which onnxruntime's uint8 x int8 kernels need on x86 CPUs without VNNI (AVX2: their 16-bit
-    intermediate sums saturate with full-range weights; on this project's CPU that quadrupled the image error)."""
+    (calibration_seed, 0..calibration-1) and, for a class-conditional file (`num_classes` K in its metadata), the
+    class-balanced labels of those indices (i mod K); returns the settings and the nodes left in fp32.
+    `reduce_range`: 7-bit weights, which onnxruntime's uint8 x int8 kernels need on x86 CPUs without VNNI (AVX2:
+    their 16-bit intermediate sums saturate with full-range weights; on this project's CPU that quadrupled the
+    image error)."""
     import onnx
 
     q = _quantization()
@@ -272,6 +290,13 @@ def quantize_int8(
     if unknown:
         raise ValueError(f"int8_exclude names nodes that are not in {fp32_path}: {unknown[:5]}")
     excluded = sorted(set(noise_path_excluded(model)) | set(int8_exclude))
+    classes = _classes(model)
+    inputs = [i.name for i in model.graph.input]
+    if inputs != ([INPUT, LABEL] if classes else [INPUT]):
+        raise ValueError(
+            f"{str(fp32_path)!r} is not a generator exported by slimflow export: inputs {inputs} with "
+            f"num_classes {classes} in its metadata (expected {INPUT!r}, and {LABEL!r} when num_classes > 0)"
+        )
 
     class Noise(q.CalibrationDataReader):
         def __init__(self):
@@ -280,7 +305,9 @@ def quantize_int8(
 
         def get_next(self):
             index = next(self.batches, None)
-            return None if index is None else {INPUT: noise_for(index, calibration_seed, shape).numpy()}
+            if index is None:
+                return None
+            return _feed(noise_for(index, calibration_seed, shape), _balanced(index, classes))
 
     with atomic_file(out_path) as tmp:
         q.quantize_static(
@@ -316,16 +343,18 @@ def image_error(got: torch.Tensor, reference: torch.Tensor) -> dict:
     }
 
 
-def rmse_to_fp32(fp32_path: Path, check: torch.Tensor) -> Callable[[Path], float]:
-    """A quantized file's score: the RMSE of its images of the noise `check` to the fp32 file's."""
-    reference = _run(_session(fp32_path), check)
-    return lambda path: image_error(_run(_session(path), check), reference)["rmse"]
+def rmse_to_fp32(fp32_path: Path, check: torch.Tensor, labels: torch.Tensor | None = None) -> Callable[[Path], float]:
+    """A quantized file's score: the RMSE of its images of the noise `check` (and `labels`, for a
+    class-conditional file) to the fp32 file's."""
+    reference = _run(_session(fp32_path), check, labels)
+    return lambda path: image_error(_run(_session(path), check, labels), reference)["rmse"]
 
 
 def fid_of_file(fid: dict) -> Callable[[Path], float]:
-    """A file's score: its FID against a reference set, from the images of the noise of (seed, 0..n-1), as
-    `slimflow bench` computes it. `fid`: {reference: a reference spec (see slimflow.metrics.reference_images),
-    n, seed, extractor, weights, cache_dir}; the reference features are cached in cache_dir."""
+    """A file's score: its FID against a reference set, from the images of the noise of (seed, 0..n-1) (with
+    class-balanced labels, i mod K, for a class-conditional file), as `slimflow bench` computes it. `fid`:
+    {reference: a reference spec (see slimflow.metrics.reference_images), n, seed, extractor, weights,
+    cache_dir}; the reference features are cached in cache_dir."""
     label = metric_label("fid", fid["extractor"])
 
     def score(path: Path) -> float:
@@ -466,7 +495,7 @@ class OnnxGenerator:
             )
         self.sample_shape = tuple(int(d) for d in inputs[0].shape[1:])
         model = onnx.load(str(self.path), load_external_data=False)
-        self.num_classes = int({p.key: p.value for p in model.metadata_props}.get("num_classes", 0))
+        self.num_classes = _classes(model)
         if (len(inputs) == 2) != bool(self.num_classes):
             raise ValueError(f"{str(self.path)!r}: a {LABEL!r} input needs a num_classes entry in its metadata")
         graph = model.graph
@@ -480,8 +509,7 @@ class OnnxGenerator:
         """The class count an exported generator's metadata records (0: unconditional), without a session."""
         import onnx
 
-        model = onnx.load(str(path), load_external_data=False)
-        return int({p.key: p.value for p in model.metadata_props}.get("num_classes", 0))
+        return _classes(onnx.load(str(path), load_external_data=False))
 
     def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return _run(self.session, z.float().contiguous(), labels)
@@ -502,7 +530,7 @@ class OnnxGenerator:
         ms/image at each batch size; MACs and peak memory are not measured (None)."""
         out: dict = {"params": self.params, "macs_per_nfe": None, "nfe": 1, "macs_per_sample": None}
         for batch_size in sorted(batch_sizes):
-            labels = balanced_labels(batch_size, self.num_classes) if self.num_classes else None
+            labels = _balanced(batch_size, self.num_classes)
             z = _feed(torch.randn(batch_size, *self.sample_shape), labels)
             ms = median_ms(lambda: self.session.run(None, z), torch.device("cpu"), warmup, repeats)  # noqa: B023
             out[f"latency_ms_b{batch_size}"] = ms / batch_size
@@ -570,14 +598,9 @@ def export_model(
         velocity = load_model(model_path, device="cpu", resolution=resolution, unsafe_pickle=unsafe_pickle)
     generator = OneStepGenerator(velocity).eval()
     classes = generator.num_classes
-    if classes and (int8 or int8_budget is not None or int8_fid_budget is not None):
-        raise ValueError(
-            f"int8 export of a class-conditional generator ({classes} classes) is not supported yet: its "
-            "calibration feeds the noise alone; export fp32 (int8=False)"
-        )
     shape = tuple(velocity.sample_shape)
     z = noise_for(list(range(CHECK_BATCH)), seed, shape)
-    labels = balanced_labels(CHECK_BATCH, classes) if classes else None  # the class-balanced check labels
+    labels = _balanced(CHECK_BATCH, classes)  # the class-balanced check labels
     expected = generator(z, labels)
     one, one_label = z[:1], None if labels is None else labels[:1]
     report: dict = {
@@ -623,19 +646,22 @@ def export_model(
             int8_reduce_range,
         )
         check = noise_for(list(range(INT8_CHECK)), seed, shape)
+        check_labels = _balanced(INT8_CHECK, classes)
         fp32, int8_session = _session(out / "generator.onnx"), _session(path)
+        to_fp32 = image_error(_run(int8_session, check, check_labels), _run(fp32, check, check_labels))
         report["int8"] = {
             "file": str(path),
             **settings,
             "bytes": path.stat().st_size,
-            "image_error_to_fp32": {"n": INT8_CHECK, **image_error(_run(int8_session, check), _run(fp32, check))},
-            "latency_ms_b1": _latency(int8_session, z, warmup, repeats),
+            "image_error_to_fp32": {"n": INT8_CHECK, **to_fp32},
+            "latency_ms_b1": _latency(int8_session, z, warmup, repeats, labels),
         }
     if int8_budget is not None or int8_fid_budget is not None:
         path = out / "generator.int8-mixed.onnx"
         path.unlink(missing_ok=True)  # a plan of no block writes no file: none may be left from an earlier run
         if int8_budget is not None:
-            error, budget, measure = rmse_to_fp32(out / "generator.onnx", check), int8_budget, {"metric": "rmse"}
+            error = rmse_to_fp32(out / "generator.onnx", check, check_labels)
+            budget, measure = int8_budget, {"metric": "rmse"}
         else:
             reference = {"image_size": shape[-1], **int8_fid["reference"]}
             int8_fid = {**int8_fid, "reference": reference}
@@ -663,7 +689,7 @@ def export_model(
             int8_reduce_range,
         )
         if mixed["file"]:
-            mixed.update(bytes=path.stat().st_size, latency_ms_b1=_latency(_session(path), z, warmup, repeats))
+            mixed.update(bytes=path.stat().st_size, latency_ms_b1=_latency(_session(path), z, warmup, repeats, labels))
         report["int8_mixed"] = mixed
     atomic_write_text(out / "export.json", json.dumps(report, indent=1) + "\n")
     return report
