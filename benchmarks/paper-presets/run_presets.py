@@ -38,7 +38,7 @@ HERE = ROOT / "benchmarks" / "paper-presets"
 WORK = ROOT / "runs" / "paper-presets"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from paper_smoke import PRESETS, image_folder, smoke_configs  # noqa: E402
+from paper_smoke import PRESETS, SMOKE_CLASSES, image_folder, smoke_configs  # noqa: E402
 
 BATCH, STEPS = 8, 3
 STAGES = ("teacher", "pairs", "anneal", "distill", "prune", "bench")
@@ -62,7 +62,7 @@ def prepare(preset: str) -> None:
     import torchvision
 
     shutil.rmtree(WORK / preset, ignore_errors=True)
-    image_folder(WORK / preset / "images", PRESETS[preset])
+    image_folder(WORK / preset / "images", PRESETS[preset], classes=SMOKE_CLASSES.get(preset, 0))
     if not VGG_FILE.is_file():
         torch.manual_seed(0)
         features = torchvision.models.vgg16().features.state_dict()
@@ -79,8 +79,10 @@ def configs(preset: str) -> dict:
     cfg["anneal"] = {**run["anneal"], "out": str(work / "run" / "anneal"), "pairs": store, "teacher": teacher}
     distill = {**run["distill"], "out": str(work / "run" / "distill"), "pairs": store, "teacher": teacher}
     distill["student"] = str(work / "run" / "anneal" / "annealed_ema.safetensors")
-    distill["loss"].update(distance="lpips-vgg", options={"size": 64, "backbone_path": str(VGG_FILE)})
+    lpips = {"distance": "lpips-vgg", "options": {"size": 64, "backbone_path": str(VGG_FILE)}}
+    distill["loss"].update(lpips)
     cfg["distill"] = distill
+    cfg["prune"]["recover"].update(lpips)  # the prune presets recover under the same LPIPS
     return cfg
 
 
@@ -102,7 +104,8 @@ def child(stage_name: str, preset: str) -> dict:
     if stage_name == "bench":  # the one-step student only (the slow test runs every entry)
         cfg["entries"] = [e for e in cfg["entries"] if e["name"] == "distilled-1step"]
     baseline = rss_mib()
-    out: dict = {"stage": stage_name, "preset": preset, "baseline_rss_mib": baseline}
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out: dict = {"stage": stage_name, "preset": preset, "date": date, "baseline_rss_mib": baseline}
     started = time.time()
     try:
         result = stage(stage_name)[1](cfg)
@@ -111,6 +114,14 @@ def child(stage_name: str, preset: str) -> dict:
     out.update(wall_s=time.time() - started, peak_rss_mib=rss_mib())
     if stage_name in ("teacher", "anneal", "distill"):
         out["s_per_step"] = seconds_per_step(Path(cfg["out"]))
+    elif stage_name == "prune":  # the cut, then recovery steps on the pruned student
+        models = result["models"]
+        out.update(
+            s_per_step=seconds_per_step(Path(cfg["out"]) / "recover"),
+            macs_kept=models["pruned"]["macs"] / models["unpruned"]["macs"],
+            params_after=models["pruned"]["params"],
+            cut_s=result["prune"]["seconds"],
+        )
     elif stage_name == "pairs":
         nfe = result["nfe_per_pair_mean"]
         out.update(nfe_per_pair=nfe, s_per_nfe=BATCH / result["pairs_per_s"] / nfe)
@@ -163,7 +174,11 @@ def table(results: dict) -> str:
                 3 * st + 4 * v,
                 s["distill"].get("s_per_step"),
             ),
-            "prune": ("student (the cut fails, see README)", None, None),
+            "prune": (
+                "pruned student fwd+bwd, student 1 fwd, LPIPS-VGG 2 at 64²",
+                s["prune"]["macs_kept"] * st + st + 2 * v if "macs_kept" in s["prune"] else None,
+                s["prune"].get("s_per_step"),
+            ),
             "bench": ("student fwd, one-step generation", st, s["bench"].get("s_per_batch", {}).get("distilled-1step")),
         }
         for name, (what, macs, seconds) in rows.items():
@@ -180,16 +195,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "PRESET"))
     parser.add_argument("--presets", nargs="*", default=list(PRESETS))
+    parser.add_argument(
+        "--stages",
+        nargs="*",
+        default=list(STAGES),
+        choices=STAGES,
+        help="re-measure only these stages on the work files of an earlier full run; the other rows of "
+        "results.json are kept (each stage records its date)",
+    )
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(*args.child)))
         return
     started = time.time()
-    results = {}
+    partial = list(args.stages) != list(STAGES)
+    results = json.loads((HERE / "results.json").read_text())["results"] if partial else {}
     for preset in args.presets:
-        prepare(preset)
-        stages = {}
-        for name in STAGES:
+        if not partial:
+            prepare(preset)
+        stages = results.get(preset, {}).get("stages", {})
+        for name in args.stages:
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", name, preset], capture_output=True, text=True, check=False
             )
@@ -205,6 +230,7 @@ def main() -> None:
         "batch_size": BATCH,
         "steps": STEPS,
         "wall_s": time.time() - started,
+        **({"stages_measured": args.stages} if partial else {}),
         "results": results,
     }
     (HERE / "results.json").write_text(json.dumps(report, indent=1) + "\n")
