@@ -16,13 +16,22 @@ module rebuilds what it can:
   A class-conditional SongUNet (label_dim K > 0) becomes the UNet with num_classes K: EDM's `map_label`, a Linear
   on the one-hot labels scaled by √K added to the [sin, cos] embedding, is the UNet's `map_label` tensor for tensor;
   EDM's all-zero label vector (its dropped label) is the UNet's NO_LABEL.
+- **DhariwalUNet (ADM)**, any of its options (EDM's ImageNet-64 `edm-imagenet-64x64-cond-adm.pkl`, SlimFlow's
+  ImageNet-64 students), becomes `teachers.adm.ADM` with time_scale 1, fed c_noise. That module is DhariwalUNet's
+  layout with EDM's names, so the tensors load by name (`adm_state`); left out are the `resample_filter` buffers
+  (checked to be the [1, 1] box filter: resampling is pooling there) and `map_augment` (as above). What the
+  constructor arguments do not record is checked per module: each UNetBlock's skip_scale 1, adaptive_scale and
+  head count, each GroupNorm's groups and eps (1e-5), each convolution's resampling. A class-conditional
+  DhariwalUNet's `map_label` (a Linear without bias on the one-hot labels, added after `map_layer1`) is the ADM's;
+  the all-zero label vector is NO_LABEL. `label_dropout` acts in training only and is not rebuilt.
 - **VPPrecond / VEPrecond / EDMPrecond** become `teachers.adapters.TeacherVelocity` on EDM's path
   x = x0 + σ·n (schedule `edm`): VP and VE wrappers compute D = x ∓ σ·F, so F (VP) and −F (VE) are ε-predictions;
   EDMPrecond's D = c_skip·x + c_out·F is an x0-prediction. The σ range is EDM's sampler's, [0.002, 80], narrowed
   to the wrapper's own [sigma_min, sigma_max] (VE: [0.02, 80]).
 
-Refused with the reason: NCSN++ options (Fourier embedding, FIR resampling,
-residual or skip encoder, skip decoder), DhariwalUNet (ADM) and iDDPMPrecond, and any other class.
+Refused with the reason: NCSN++ options (Fourier embedding, FIR resampling, residual or skip encoder, skip
+decoder), a constructor argument the network class does not have, in_channels ≠ out_channels, iDDPMPrecond (ADM's
+discrete-timestep wrapper, whose network also predicts variances), and any other class.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from torch import nn
 from slimflow.checkpoint import CheckpointError, load_state_checked
 from slimflow.flow import per_sample
 from teachers.adapters import TeacherVelocity, edm
+from teachers.adm import ADM, ADMBlock, build_adm
 from teachers.edm_pickle import PickledObject, module_fields, module_tensors, parameter_count, submodules
 from teachers.unet import AttnBlock, ResBlock, UNet, build_unet
 
@@ -60,6 +70,23 @@ SONGUNET_ARGUMENTS: dict[str, Any] = {
     "decoder_type": "standard",
     "resample_filter": [1, 1],
 }
+# DhariwalUNet's constructor, in order, with EDM's defaults; every option is rebuilt by teachers.adm.ADM
+DHARIWALUNET_ARGUMENTS: dict[str, Any] = {
+    "img_resolution": None,
+    "in_channels": None,
+    "out_channels": None,
+    "label_dim": 0,
+    "augment_dim": 0,
+    "model_channels": 192,
+    "channel_mult": [1, 2, 3, 4],
+    "channel_mult_emb": 4,
+    "num_blocks": 3,
+    "attn_resolutions": [32, 16, 8],
+    "dropout": 0.10,
+    "label_dropout": 0,
+}
+NETWORK_ARGUMENTS = {"SongUNet": SONGUNET_ARGUMENTS, "DhariwalUNet": DHARIWALUNET_ARGUMENTS}
+SUPPORTED_NETWORKS = "SongUNet (DDPM++) or DhariwalUNet (ADM)"
 DDPMPP_OPTIONS = {  # the SongUNet options teachers.unet.UNet reproduces
     "embedding_type": "positional",
     "channel_mult_noise": 1,
@@ -141,7 +168,7 @@ def edm_network(top: Any, where: str) -> PickledObject:
 
 
 def split_network(net: PickledObject, where: str) -> tuple[PickledObject, PickledObject]:
-    """(preconditioning wrapper, its SongUNet), or an error naming the class that cannot be rebuilt."""
+    """(preconditioning wrapper, its SongUNet or DhariwalUNet), or an error naming the class that cannot be rebuilt."""
     if net.class_name not in PREDICTION:
         if net.class_name in ("SongUNet", "DhariwalUNet"):
             reason = f"a bare {net.class_name} without the preconditioning wrapper that defines its inputs"
@@ -149,39 +176,34 @@ def split_network(net: PickledObject, where: str) -> tuple[PickledObject, Pickle
             reason = "iDDPMPrecond (ADM's discrete-timestep wrapper) is not supported"
         else:
             reason = f"unknown class {net.class_name!r}"
-        raise CheckpointError(f"{where}: {reason}; supported: {', '.join(PREDICTION)} around a SongUNet (DDPM++)")
+        raise CheckpointError(f"{where}: {reason}; supported: {', '.join(PREDICTION)} around a {SUPPORTED_NETWORKS}")
     model = module_fields(net)[2].get("model")
     if not isinstance(model, PickledObject):
         raise CheckpointError(f"{where}: the {net.class_name} has no 'model' sub-module")
-    if model.class_name == "DhariwalUNet":
-        options = model.state.get("_init_kwargs") or {}
-        shown = {
-            k: options[k] for k in ("model_channels", "channel_mult", "num_blocks", "attn_resolutions") if k in options
-        }
+    if model.class_name not in NETWORK_ARGUMENTS:
         raise CheckpointError(
-            f"{where}: DhariwalUNet (ADM, {shown}) has no implementation in this project; "
-            "only SongUNet in its DDPM++ configuration is rebuilt"
-        )
-    if model.class_name != "SongUNet":
-        raise CheckpointError(
-            f"{where}: unknown class {model.class_name!r} inside {net.class_name}; supported: SongUNet (DDPM++)"
+            f"{where}: unknown class {model.class_name!r} inside {net.class_name}; supported: {SUPPORTED_NETWORKS}"
         )
     return net, model
 
 
-def songunet_options(model: PickledObject, where: str) -> dict[str, Any]:
-    """SongUNet's constructor arguments (recorded by EDM's persistence) completed with EDM's defaults."""
+def network_options(model: PickledObject, where: str) -> dict[str, Any]:
+    """The SongUNet's or DhariwalUNet's constructor arguments (recorded by EDM's persistence) completed with EDM's
+    defaults; an argument the class does not have is refused by name."""
+    defaults = NETWORK_ARGUMENTS[model.class_name]
     args, kwargs = model.state.get("_init_args"), model.state.get("_init_kwargs")
     if not isinstance(kwargs, dict) or not isinstance(args, tuple | list):
-        raise CheckpointError(f"{where}: the SongUNet does not record its constructor arguments (_init_kwargs)")
-    names = list(SONGUNET_ARGUMENTS)
+        raise CheckpointError(
+            f"{where}: the {model.class_name} does not record its constructor arguments (_init_kwargs)"
+        )
+    names = list(defaults)
     unknown = sorted(set(kwargs) - set(names)) + ([f"{len(args)} positional"] if len(args) > len(names) else [])
     if unknown:
-        raise CheckpointError(f"{where}: unknown SongUNet argument(s) {unknown}; known: {names}")
-    options = {**SONGUNET_ARGUMENTS, **dict(zip(names, args, strict=False)), **kwargs}
+        raise CheckpointError(f"{where}: unknown {model.class_name} argument(s) {unknown}; known: {names}")
+    options = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
     missing = [k for k, v in options.items() if v is None]
     if missing:
-        raise CheckpointError(f"{where}: the SongUNet's arguments lack {missing}")
+        raise CheckpointError(f"{where}: the {model.class_name}'s arguments lack {missing}")
     return {k: _plain(v) for k, v in options.items()}
 
 
@@ -192,12 +214,17 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, str) else value
 
 
-def check_ddpmpp(options: dict[str, Any], where: str) -> None:
-    """Refuse, naming the options, what `teachers.unet.UNet` does not reproduce."""
+def check_channels(options: dict[str, Any], where: str) -> None:
+    """A velocity network maps an image to one of the same shape: in_channels must equal out_channels."""
     if options["in_channels"] != options["out_channels"]:
         raise CheckpointError(
             f"{where}: in_channels={options['in_channels']} differs from out_channels={options['out_channels']}"
         )
+
+
+def check_ddpmpp(options: dict[str, Any], where: str) -> None:
+    """Refuse, naming the options, what `teachers.unet.UNet` does not reproduce."""
+    check_channels(options, where)
     differ = {k: options[k] for k, v in DDPMPP_OPTIONS.items() if options[k] != v}
     if differ:
         raise CheckpointError(
@@ -219,6 +246,28 @@ def unet_config(options: dict[str, Any]) -> dict[str, Any]:
         "attn_resolutions": [r for r in resolutions if r in options["attn_resolutions"]],
         "dropout": float(options["dropout"]),
         "time_scale": 1.0,
+        **({"num_classes": int(options["label_dim"])} if options["label_dim"] else {}),
+    }
+
+
+def adm_config(options: dict[str, Any]) -> dict[str, Any]:
+    """The `teachers.adm` config of a DhariwalUNet (time_scale 1: the ADM is fed EDM's c_noise itself).
+
+    augment_dim (map_augment) and label_dropout (training only) have no counterpart: see `describe_edm`;
+    attention resolutions the network does not have are dropped (EDM ignores them)."""
+    resolution, levels = int(options["img_resolution"]), len(options["channel_mult"])
+    resolutions = [resolution >> level for level in range(levels)]
+    return {
+        "arch": "adm",
+        "in_channels": int(options["in_channels"]),
+        "resolution": resolution,
+        "nf": int(options["model_channels"]),
+        "ch_mult": [int(m) for m in options["channel_mult"]],
+        "num_res_blocks": int(options["num_blocks"]),
+        "attn_resolutions": [r for r in resolutions if r in options["attn_resolutions"]],
+        "dropout": float(options["dropout"]),
+        "time_scale": 1.0,
+        "emb_mult": int(options["channel_mult_emb"]),
         **({"num_classes": int(options["label_dim"])} if options["label_dim"] else {}),
     }
 
@@ -332,13 +381,16 @@ def _check_block(mapping: _Mapping, name: str, record: PickledObject, res_block:
         if up or down:
             key = f"{name}.{conv}.resample_filter"
             mapping.used.add(key)
-            found = mapping.tensors.get(key)
-            mapping.check(
-                found is not None
-                and found.shape == (1, 1, 2, 2)
-                and bool(torch.allclose(found, torch.full_like(found, 0.25))),
-                f"{key} is not the [1, 1] box filter (shape {None if found is None else tuple(found.shape)})",
-            )
+            problem = _box_filter_problem(mapping.tensors, key)
+            mapping.check(problem is None, problem or "")
+
+
+def _box_filter_problem(tensors: dict[str, torch.Tensor], key: str) -> str | None:
+    """None if `tensors[key]` is EDM's [1, 1] resampling filter (2×2 of 1/4), else what is wrong."""
+    found = tensors.get(key)
+    if found is not None and found.shape == (1, 1, 2, 2) and bool(torch.allclose(found, torch.full_like(found, 0.25))):
+        return None
+    return f"{key} is not the [1, 1] box filter (shape {None if found is None else tuple(found.shape)})"
 
 
 def _check_norms(mapping: _Mapping, name: str, record: PickledObject, project: nn.Module) -> None:
@@ -411,29 +463,125 @@ def songunet_state(model: PickledObject, tensors: dict[str, torch.Tensor], unet:
     return mapping.state
 
 
+# ------------------------------------------------------------------------------------------- tensors → ADM
+def _adm_record_problems(name: str, record: PickledObject, own: nn.Module | None, block: ADMBlock | None) -> list[str]:
+    """Differences between one EDM module of a DhariwalUNet (`name` under 'model.') and its teachers.adm counterpart
+    (`own`, None if absent; `block`: the ADMBlock it belongs to)."""
+    state, where = record.state, f"model.{name}"
+    if record.class_name == "UNetBlock":
+        return [
+            message
+            for ok, message in (
+                (_close(state.get("skip_scale"), 1.0), f"{where}.skip_scale is {state.get('skip_scale')}, not 1"),
+                (state.get("adaptive_scale") is True, f"{where} does not use adaptive_scale (ADM's scale-shift)"),
+                (
+                    _plain(state.get("num_heads")) == getattr(own, "num_heads", None),
+                    f"{where}.num_heads is {state.get('num_heads')}, ADM's 64 channels per head give "
+                    f"{getattr(own, 'num_heads', None)}",
+                ),
+            )
+            if not ok
+        ]
+    if record.class_name == "GroupNorm":
+        if not isinstance(own, nn.GroupNorm):
+            return [f"{where} is a GroupNorm where the ADM has {type(own).__name__}"]
+        groups, eps = _plain(state.get("num_groups")), state.get("eps")
+        problems = [] if groups == own.num_groups else [f"{where} has {groups} groups, the ADM {own.num_groups}"]
+        return problems + ([] if _close(eps, own.eps) else [f"{where}.eps is {eps}, the ADM's {own.eps}"])
+    if record.class_name == "Conv2d":
+        resampling = name.rpartition(".")[2] in ("conv0", "skip") and block is not None
+        expected = (block.up, block.down) if resampling else (False, False)
+        found = (bool(state.get("up")), bool(state.get("down")))
+        problems = [] if found == expected else [f"{where} resamples (up, down) = {found}, the ADM {expected}"]
+        if state.get("fused_resample"):
+            problems.append(f"{where} uses fused resampling")
+        if own is None and "weight" in module_fields(record)[0]:
+            problems.append(f"{where} has a weight where the ADM has no skip convolution")
+        return problems
+    if record.class_name in ("Linear", "torch.nn.modules.container.ModuleDict"):
+        return []
+    return [f"{where} is a {record.class_name}, which DhariwalUNet does not hold"]
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def adm_state(model: PickledObject, tensors: dict[str, torch.Tensor], adm: ADM, where: str) -> dict:
+    """The ADM state dict of a DhariwalUNet's tensors (names under 'model.'), after checking what its constructor
+    arguments do not record (block attributes, norms, resampling); `load_state_checked` then checks every tensor."""
+    problems = []
+    embedding = module_fields(model)[2].get("map_noise")
+    found = {k: _plain(getattr(embedding, "state", {}).get(k)) for k in ("num_channels", "endpoint", "max_positions")}
+    if getattr(embedding, "class_name", None) != "PositionalEmbedding" or found != {
+        "num_channels": adm.nf,
+        "endpoint": False,
+        "max_positions": 10000,
+    }:
+        problems.append(
+            f"model.map_noise is not ADM's positional embedding of {adm.nf} channels (endpoint False, max_positions "
+            f"10000): {getattr(embedding, 'class_name', None)} {found}"
+        )
+    for name, record in submodules(model).items():
+        if name in ("", "map_noise", "map_augment"):
+            continue
+        own, parent = _submodule(adm, name), _submodule(adm, name.rpartition(".")[0])
+        block = parent if isinstance(parent, ADMBlock) else own if isinstance(own, ADMBlock) else None
+        if own is None and record.class_name != "Conv2d":  # a resample-only skip (no weight) has no module here
+            problems.append(f"model.{name} ({record.class_name}) has no counterpart in the ADM")
+            continue
+        problems += _adm_record_problems(name, record, own, block)
+    state = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".resample_filter"):
+            problems += [p for p in [_box_filter_problem(tensors, key)] if p]
+        elif key != "model.map_augment.weight":
+            state[key.removeprefix("model.")] = tensor
+    if problems:
+        shown = "; ".join(problems[:8]) + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
+        raise CheckpointError(f"{where}: the DhariwalUNet does not match the ADM layout: {shown}")
+    return state
+
+
 # ----------------------------------------------------------------------------------------------- entry points
+def rebuild_network(model: PickledObject, options: dict[str, Any], tensors: dict, where: str) -> UNet | ADM:
+    """The project network holding the SongUNet's (teachers.unet.UNet) or DhariwalUNet's (teachers.adm.ADM) tensors."""
+    if model.class_name == "SongUNet":
+        check_ddpmpp(options, where)
+        build, config = build_unet, unet_config(options)
+    else:
+        check_channels(options, where)
+        build, config = build_adm, adm_config(options)
+    try:
+        network = build(config)
+    except ValueError as err:
+        raise CheckpointError(f"{where}: the {model.class_name}'s options do not make a network here ({err})") from None
+    state = songunet_state if model.class_name == "SongUNet" else adm_state
+    load_state_checked(network, state(model, tensors, network, where), where)
+    return network.eval()
+
+
 def load_edm_teacher(top: Any, path: str | Path) -> TeacherVelocity:
     """The network of an EDM pickle (as `teachers.edm_pickle.read_edm_pickle` returns it) as a velocity teacher."""
     where = repr(str(path))
     precond, model = split_network(edm_network(top, where), where)
-    options = songunet_options(model, where)
-    check_ddpmpp(options, where)
+    options = network_options(model, where)
     constants = precond_constants(precond, where)
     wrapper_labels = int(_plain(precond.state.get("label_dim")) or 0)
     if wrapper_labels != int(options["label_dim"] or 0):
         raise CheckpointError(
-            f"{where}: the {precond.class_name} has label_dim={wrapper_labels}, its SongUNet {options['label_dim']}"
+            f"{where}: the {precond.class_name} has label_dim={wrapper_labels}, its {model.class_name} "
+            f"{options['label_dim']}"
         )
-    try:
-        unet = build_unet(unet_config(options))
-    except ValueError as err:
-        raise CheckpointError(f"{where}: the SongUNet's options do not make a DDPM++ UNet here ({err})") from None
     tensors = {k: v.float() for k, v in module_tensors(precond).items()}
-    load_state_checked(unet, songunet_state(model, tensors, unet, where), where)
-    network = EdmPrecondNetwork(unet.eval(), precond.class_name, constants)
+    network = rebuild_network(model, options, tensors, where)
     lo, hi = sigma_range(constants)
-    shape = (unet.in_channels, unet.resolution, unet.resolution)
-    teacher = TeacherVelocity(network, edm(lo, hi), PREDICTION[precond.class_name], shape, unet.num_classes)
+    shape = (network.in_channels, network.resolution, network.resolution)
+    wrapped = EdmPrecondNetwork(network, precond.class_name, constants)
+    teacher = TeacherVelocity(wrapped, edm(lo, hi), PREDICTION[precond.class_name], shape, network.num_classes)
     return teacher.eval().requires_grad_(False)
 
 
@@ -443,9 +591,9 @@ def describe_edm(top: Any, path: str | Path) -> dict:
     net = edm_network(top, where)
     model = module_fields(net)[2].get("model")
     options = {k: _plain(v) for k, v in (getattr(model, "state", {}).get("_init_kwargs") or {}).items()}
-    if getattr(model, "class_name", None) == "SongUNet":
+    if getattr(model, "class_name", None) in NETWORK_ARGUMENTS:
         try:
-            options = songunet_options(model, where)
+            options = network_options(model, where)
         except CheckpointError:
             pass  # described with what it records; the load below names the problem
     wrapper_keys = ("img_resolution", "img_channels", *PRECOND_CONSTANTS.get(net.class_name, ()))
@@ -461,12 +609,15 @@ def describe_edm(top: Any, path: str | Path) -> dict:
         notes.append(f"not loadable: {str(err).removeprefix(where + ': ')}")
         prediction, convention = "unknown (not loadable)", EDM_CONVENTION
     else:
-        unet = teacher.network.network
-        rebuilt = sum(p.numel() for p in unet.parameters())
-        architecture["project_unet"] = unet.config
-        notes.append(f"rebuilt as teachers.unet.UNet ({rebuilt:,} params); the pickle's module source was not run")
+        network = teacher.network.network
+        rebuilt = sum(p.numel() for p in network.parameters())
+        architecture["project_unet"] = network.config
+        kind = f"{type(network).__module__}.{type(network).__name__}"
+        notes.append(f"rebuilt as {kind} ({rebuilt:,} params); the pickle's module source was not run")
         if options.get("augment_dim"):
             notes.append(f"map_augment ({options['augment_dim']} augmentation labels) dropped: sampling gives it none")
+        if options.get("label_dropout"):
+            notes.append(f"label_dropout {options['label_dropout']} is training-only: sampling is unaffected")
         lo, hi = sigma_range(constants)
         prediction = (
             f"{'epsilon' if PREDICTION[net.class_name] == 'epsilon' else 'x0 (denoiser D)'} via {net.class_name}"

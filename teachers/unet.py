@@ -51,7 +51,8 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
+def _group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with min(C // 4, 32) groups (score_sde and EDM); eps 1e-6 as DDPM++ (EDM's ADM uses 1e-5)."""
     groups = min(channels // 4, 32)
     if groups < 1 or channels % groups != 0:
         raise ValueError(
@@ -59,7 +60,7 @@ def _group_norm(channels: int) -> nn.GroupNorm:
             "choose nf and ch_mult so that every channel count (also the skip concatenations) is a multiple "
             "of 4 below 128 and of 32 from 128 on"
         )
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def _conv(in_ch: int, out_ch: int, kernel_size: int, init_scale: float = 1.0) -> nn.Conv2d:
@@ -263,28 +264,40 @@ class UNet(nn.Module):
 
     def label_embedding(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """map_label(one_hot(labels)·√K) (B, nf); NO_LABEL rows are the zero vector's embedding (the bias)."""
-        classes = torch.arange(self.num_classes, device=labels.device)
-        one_hot = (labels[:, None] == classes[None, :]).to(self.map_label.weight.dtype)
+        one_hot = one_hot_labels(labels, self.num_classes, self.map_label.weight.dtype)
         return self.map_label(one_hot * math.sqrt(self.num_classes)).to(dtype)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        expected = (self.in_channels, self.resolution, self.resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"UNet expects x of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
-                f"(in_channels={self.in_channels}, resolution={self.resolution}), got {tuple(x.shape)}"
-            )
-        t = torch.as_tensor(t, device=x.device)
-        if not t.is_floating_point():
-            raise ValueError(f"UNet expects a float time t in [0, 1], got dtype {t.dtype}")
-        if t.ndim == 0:
-            return t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"UNet expects t of shape ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
-        return t
+        return check_inputs(x, t, self.in_channels, self.resolution)
+
+
+def check_inputs(
+    x: torch.Tensor, t: torch.Tensor | float, in_channels: int, resolution: int, network: str = "UNet"
+) -> torch.Tensor:
+    """t as a (B,) float tensor (a scalar is broadcast) after checking x's shape (B, C, H, W) and t's dtype and shape."""
+    expected = (in_channels, resolution, resolution)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(
+            f"{network} expects x of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
+            f"(in_channels={in_channels}, resolution={resolution}), got {tuple(x.shape)}"
+        )
+    t = torch.as_tensor(t, device=x.device)
+    if not t.is_floating_point():
+        raise ValueError(f"{network} expects a float time t in [0, 1], got dtype {t.dtype}")
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"{network} expects t of shape ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
+    return t
 
 
 NO_LABEL = -1  # the "no label" class of a conditional model (classifier-free guidance's unconditional branch)
+
+
+def one_hot_labels(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, K) one-hot rows of checked labels (see `check_labels`); a NO_LABEL row is all zero (EDM's dropped label)."""
+    classes = torch.arange(num_classes, device=labels.device)
+    return (labels[:, None] == classes[None, :]).to(dtype)
 
 
 def check_labels(labels: Any, num_classes: int, batch: int, device: torch.device | None = None) -> torch.Tensor:

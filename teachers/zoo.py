@@ -20,31 +20,44 @@ import torch
 from pruning.unstructured import attach_masks, masks_of, ones_masks
 from slimflow.checkpoint import CheckpointError, check_config, load_state_checked, read_model_file, shipped_path
 from teachers.adapters import load_diffusers_teacher
+from teachers.adm import ADM_PRESETS, build_adm
 from teachers.edm import load_edm_teacher
 from teachers.formats import detect, load_reference, slimflow_model_path
 from teachers.pruned import apply_pruning_record
 from teachers.unet import PRESETS, UNET_KEYS, build_unet
 
+# Every named architecture: DDPM++ UNets (teachers.unet) and ADMs (teachers.adm, configs with arch 'adm')
+MODEL_PRESETS = {**PRESETS, **ADM_PRESETS}
+ARCHITECTURES = {None: build_unet, "adm": build_adm}  # config["arch"] -> builder; no arch: the DDPM++ UNet
+
 
 def resolve_model_config(spec: dict) -> dict:
-    """`{preset: name, key: value...}` -> the full UNet config (preset values overridden by the given keys)."""
+    """`{preset: name, key: value...}` -> the full network config (preset values overridden by the given keys)."""
     spec = dict(spec)
     name = spec.pop("preset", None)
     if name is None:
         return spec
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
-    return {**PRESETS[name], **spec}
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(sorted(MODEL_PRESETS))}")
+    return {**MODEL_PRESETS[name], **spec}
+
+
+def build_network(config: dict) -> torch.nn.Module:
+    """The network of a full config: an ADM for `arch: adm`, the DDPM++ UNet for a config without `arch`."""
+    arch = config.get("arch")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model arch {arch!r}; known: 'adm', or no arch key for the DDPM++ UNet")
+    return ARCHITECTURES[arch](config)
 
 
 def build_model(spec: dict) -> torch.nn.Module:
-    return build_unet(resolve_model_config(spec))
+    return build_network(resolve_model_config(spec))
 
 
 def build_from_sidecar(sidecar: dict) -> torch.nn.Module:
-    """The (untrained) network a model file's sidecar describes: its UNet config, with the channels of its
+    """The (untrained) network a model file's sidecar describes: its UNet or ADM config, with the channels of its
     `pruning` record removed when the model was pruned (see slimflow.stages.prune)."""
-    model = build_unet(sidecar["model"])
+    model = build_network(sidecar["model"])
     if sidecar.get("pruning"):
         apply_pruning_record(model, sidecar["pruning"])
     if sidecar.get("weight_masks"):  # a sparse model: its state dict holds the masks (pruning.attach_masks)

@@ -520,7 +520,11 @@ def test_unknown_classes_and_unsupported_options_are_named(tmp_path, edm_names):
         "unknown-wrapper": (make_network(VPPrecond), "unknown class 'MyPrecond'"),
         "unknown-unet": (make_network(VPPrecond), "unknown class 'MyUNet' inside VPPrecond"),
         "ncsnpp": (make_network(VPPrecond), r"embedding_type.*fourier.*NCSN\+\+"),
-        "adm": (make_network(EDMPrecond), r"DhariwalUNet \(ADM"),
+        "iddpm": (make_network(VPPrecond), r"iDDPMPrecond \(ADM's discrete-timestep wrapper\) is not supported"),
+        "songunet-options-as-adm": (
+            make_network(EDMPrecond),
+            r"unknown DhariwalUNet argument\(s\) \[.*'embedding_type'",
+        ),
     }
 
     class MyPrecond(VPPrecond):
@@ -529,13 +533,17 @@ def test_unknown_classes_and_unsupported_options_are_named(tmp_path, edm_names):
     class MyUNet(SongUNet):
         pass
 
-    class DhariwalUNet(SongUNet):
+    class DhariwalUNet(SongUNet):  # ADM is rebuilt (tests/test_adm.py), but not with SongUNet's arguments
+        pass
+
+    class iDDPMPrecond(VPPrecond):
         pass
 
     cases["unknown-wrapper"][0].__class__ = MyPrecond  # subclasses pickle under their own class name
     cases["unknown-unet"][0].model.__class__ = MyUNet
     cases["ncsnpp"][0].model._init_kwargs["embedding_type"] = "fourier"
-    cases["adm"][0].model.__class__ = DhariwalUNet
+    cases["iddpm"][0].__class__ = iDDPMPrecond
+    cases["songunet-options-as-adm"][0].model.__class__ = DhariwalUNet
     for name, (network, message) in cases.items():
         path = write_edm_pickle(tmp_path / f"{name}.pkl", edm_names, network)
         with pytest.raises(CheckpointError, match=message):
