@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachers.unet import _check_arguments, _group_norm, check_inputs, check_labels, one_hot_labels
+from teachers.unet import _group_norm, check_inputs, check_labels, network_config, one_hot_labels
 
 ARCH = "adm"  # the `arch` key of an ADM config (a config without `arch` is a DDPM++ `teachers.unet.UNet`)
 CHANNELS_PER_HEAD = 64  # EDM's DhariwalUNet attention: heads = channels // 64
@@ -146,28 +146,14 @@ class ADM(nn.Module):
         emb_mult: int = 4,
     ) -> None:
         super().__init__()
-        ch_mult = [int(m) for m in ch_mult]
-        attn_resolutions = [int(r) for r in attn_resolutions]
-        _check_arguments(in_channels, resolution, nf, ch_mult, num_res_blocks, attn_resolutions, dropout)
-        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
+        config = network_config(
+            in_channels, resolution, nf, ch_mult, num_res_blocks, attn_resolutions, dropout, time_scale, num_classes
+        )
         if isinstance(emb_mult, bool) or int(emb_mult) != emb_mult or emb_mult < 1:
             raise ValueError(f"emb_mult (EDM's channel_mult_emb) must be an int >= 1, got {emb_mult!r}")
-        self.config: dict[str, Any] = {
-            "arch": ARCH,
-            "in_channels": int(in_channels),
-            "resolution": int(resolution),
-            "nf": int(nf),
-            "ch_mult": ch_mult,
-            "num_res_blocks": int(num_res_blocks),
-            "attn_resolutions": attn_resolutions,
-            "dropout": float(dropout),
-            "time_scale": float(time_scale),
-            "emb_mult": int(emb_mult),
-        }
-        self.num_classes = int(num_classes)
-        if self.num_classes:
-            self.config["num_classes"] = self.num_classes
+        self.config: dict[str, Any] = {"arch": ARCH, **config, "emb_mult": int(emb_mult)}
+        ch_mult, attn_resolutions = config["ch_mult"], config["attn_resolutions"]
+        self.num_classes = config.get("num_classes", 0)
         self.in_channels, self.resolution, self.nf = int(in_channels), int(resolution), int(nf)
         self.time_scale = float(time_scale)
         self.sample_shape = (self.in_channels, self.resolution, self.resolution)

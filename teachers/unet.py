@@ -164,24 +164,11 @@ class UNet(nn.Module):
         num_classes: int = 0,
     ) -> None:
         super().__init__()
-        ch_mult = [int(m) for m in ch_mult]
-        attn_resolutions = [int(r) for r in attn_resolutions]
-        _check_arguments(in_channels, resolution, nf, ch_mult, num_res_blocks, attn_resolutions, dropout)
-        self.config: dict[str, Any] = {
-            "in_channels": int(in_channels),
-            "resolution": int(resolution),
-            "nf": int(nf),
-            "ch_mult": ch_mult,
-            "num_res_blocks": int(num_res_blocks),
-            "attn_resolutions": attn_resolutions,
-            "dropout": float(dropout),
-            "time_scale": float(time_scale),
-        }
-        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
-        self.num_classes = int(num_classes)
-        if self.num_classes:  # only then: an unconditional config is exactly that of before
-            self.config["num_classes"] = self.num_classes
+        self.config: dict[str, Any] = network_config(
+            in_channels, resolution, nf, ch_mult, num_res_blocks, attn_resolutions, dropout, time_scale, num_classes
+        )
+        ch_mult, attn_resolutions = self.config["ch_mult"], self.config["attn_resolutions"]
+        self.num_classes = self.config.get("num_classes", 0)
         self.in_channels = in_channels
         self.resolution = resolution
         self.nf = nf
@@ -331,6 +318,38 @@ def check_labels(labels: Any, num_classes: int, batch: int, device: torch.device
                 f"NO_LABEL = {NO_LABEL} means no label)"
             )
     return labels
+
+
+def network_config(
+    in_channels: int,
+    resolution: int,
+    nf: int,
+    ch_mult: Sequence[int],
+    num_res_blocks: int,
+    attn_resolutions: Sequence[int],
+    dropout: float,
+    time_scale: float,
+    num_classes: int,
+) -> dict[str, Any]:
+    """The checked config of a network of this family (the UNet's; the ADM adds its own keys): plain ints and
+    floats, and `num_classes` only for a class-conditional model, so an unconditional config is exactly that of
+    before conditioning existed."""
+    ch_mult = [int(m) for m in ch_mult]
+    attn_resolutions = [int(r) for r in attn_resolutions]
+    _check_arguments(in_channels, resolution, nf, ch_mult, num_res_blocks, attn_resolutions, dropout)
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
+    config: dict[str, Any] = {
+        "in_channels": int(in_channels),
+        "resolution": int(resolution),
+        "nf": int(nf),
+        "ch_mult": ch_mult,
+        "num_res_blocks": int(num_res_blocks),
+        "attn_resolutions": attn_resolutions,
+        "dropout": float(dropout),
+        "time_scale": float(time_scale),
+    }
+    return {**config, "num_classes": int(num_classes)} if num_classes else config
 
 
 def _check_arguments(
