@@ -234,7 +234,8 @@ def check_ddpmpp(options: dict[str, Any], where: str) -> None:
 
 
 def unet_config(options: dict[str, Any]) -> dict[str, Any]:
-    """The `teachers.unet` config of a DDPM++ SongUNet (time_scale 1: the UNet is fed EDM's c_noise itself)."""
+    """The `teachers.unet` config of a DDPM++ SongUNet (time_scale 1: the UNet is fed EDM's c_noise itself);
+    attention resolutions the network does not have are dropped."""
     resolution, levels = int(options["img_resolution"]), len(options["channel_mult"])
     resolutions = [resolution >> level for level in range(levels)]
     return {
@@ -254,22 +255,9 @@ def adm_config(options: dict[str, Any]) -> dict[str, Any]:
     """The `teachers.adm` config of a DhariwalUNet (time_scale 1: the ADM is fed EDM's c_noise itself).
 
     augment_dim (map_augment) and label_dropout (training only) have no counterpart: see `describe_edm`;
-    attention resolutions the network does not have are dropped (EDM ignores them)."""
-    resolution, levels = int(options["img_resolution"]), len(options["channel_mult"])
-    resolutions = [resolution >> level for level in range(levels)]
-    return {
-        "arch": "adm",
-        "in_channels": int(options["in_channels"]),
-        "resolution": resolution,
-        "nf": int(options["model_channels"]),
-        "ch_mult": [int(m) for m in options["channel_mult"]],
-        "num_res_blocks": int(options["num_blocks"]),
-        "attn_resolutions": [r for r in resolutions if r in options["attn_resolutions"]],
-        "dropout": float(options["dropout"]),
-        "time_scale": 1.0,
-        "emb_mult": int(options["channel_mult_emb"]),
-        **({"num_classes": int(options["label_dim"])} if options["label_dim"] else {}),
-    }
+    attention resolutions the network does not have are dropped (EDM ignores them). The keys they share are read
+    as for a SongUNet (`unet_config`)."""
+    return {"arch": "adm", **unet_config(options), "emb_mult": int(options["channel_mult_emb"])}
 
 
 def precond_constants(precond: PickledObject, where: str) -> dict[str, float]:
