@@ -599,7 +599,7 @@ def describe_edm(top: Any, path: str | Path) -> dict:
     else:
         network = teacher.network.network
         rebuilt = sum(p.numel() for p in network.parameters())
-        architecture["project_unet"] = network.config
+        architecture["rebuilt_config"] = network.config
         kind = f"{type(network).__module__}.{type(network).__name__}"
         notes.append(f"rebuilt as {kind} ({rebuilt:,} params); the pickle's module source was not run")
         if options.get("augment_dim"):

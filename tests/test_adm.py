@@ -451,7 +451,7 @@ def test_teacher_info_reports_an_adm_pickle(tmp_path, edm_names, capsys):  # noq
     arch = info["architecture"]
     assert arch["wrapper"] == "EDMPrecond" and arch["network"] == "DhariwalUNet" and arch["model_channels"] == 32
     assert arch["num_blocks"] == 1 and arch["channel_mult_emb"] == 4 and arch["label_dim"] == 5
-    assert arch["project_unet"]["arch"] == "adm" and arch["project_unet"]["num_classes"] == 5
+    assert arch["rebuilt_config"]["arch"] == "adm" and arch["rebuilt_config"]["num_classes"] == 5
     assert info["params"] == sum(p.numel() for p in network.parameters())
     rebuilt = info["params"] - network.model.map_augment.weight.numel()
     notes = " ".join(info["notes"])

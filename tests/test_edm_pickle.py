@@ -583,7 +583,7 @@ def test_teacher_info_reports_format_class_config_and_params(tmp_path, edm_names
     arch = info["architecture"]
     assert arch["wrapper"] == "VPPrecond" and arch["network"] == "SongUNet" and arch["model_channels"] == 16
     assert arch["channel_mult"] == [1, 2, 2] and arch["beta_d"] == 19.9 and arch["img_resolution"] == 8
-    assert arch["project_unet"]["nf"] == 16 and arch["project_unet"]["attn_resolutions"] == [4]
+    assert arch["rebuilt_config"]["nf"] == 16 and arch["rebuilt_config"]["attn_resolutions"] == [4]
     augment = network.model.map_augment.weight.numel()
     assert f"({info['params'] - augment:,} params)" in " ".join(info["notes"])  # map_augment is not rebuilt
     assert info["prediction"] == "epsilon via VPPrecond" and "sigma in [0.002, 80]" in info["time_convention"]
