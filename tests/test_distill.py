@@ -12,12 +12,16 @@ from slimflow.stages.distill import (
     DEFAULTS,
     check_loss_config,
     distill,
+    distill_job,
     distill_loss,
     distill_terms,
     make_distill_batch,
+    stage_keys,
     two_step_target,
 )
+from slimflow.stages.prune import prune_student
 from teachers.unet import UNet
+from teachers.zoo import build_model
 
 SHAPE = (1, 8, 8)
 TINY_UNET = {"preset": None, "nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
@@ -288,3 +292,66 @@ def test_a_student_distilled_at_t0_is_sampled_benchmarked_and_exported_at_t0(tmp
     bench_stage.bench(cfg, command="pytest")
     expected = save_grid(images, tmp_path / "expected.png")
     assert (tmp_path / "bench" / "samples" / "student.png").read_bytes() == expected.read_bytes()
+
+
+def test_the_guide_and_init_keys_stay_out_of_the_run_key_at_their_defaults(annealed, tmp_path):
+    """A run made before `guide` and `init` existed is still current: at their defaults they are not recorded."""
+    root, student_file = annealed
+    cfg = {**DEFAULTS, "out": str(tmp_path / "d"), "pairs": str(root / "pairs"), "student": student_file}
+    assert not {"guide", "init"} & set(stage_keys(cfg))
+    assert not {"guide", "init", "guide_sha256"} & set(distill_job(cfg).run_config)
+    teacher = str(root / "teacher.safetensors")
+    assert distill_job({**cfg, "guide": teacher, "init": "scratch"}).run_config["guide"] == teacher
+
+
+def test_another_guide_and_a_scratch_start(annealed, tmp_path):
+    """guide= changes the two-step target (and is recorded); init scratch keeps only the architecture: two files of
+    one architecture with different weights give the same student, and the file's weights give another."""
+    root, student_file = annealed
+    teacher = str(root / "teacher.safetensors")
+    sidecar, _ = read_model_file(student_file)
+    torch.manual_seed(7)
+    other = build_model(dict(sidecar["model"]))
+    other_file = save_model(tmp_path / "other.safetensors", other, {"model": sidecar["model"], "kind": "test"})
+    base = {"pairs": str(root / "pairs"), "train": TINY_TRAIN, "sample": {"n": 4, "seed": 0}}
+
+    def run(name: str, **cfg) -> dict:
+        summary = distill({**base, "out": str(tmp_path / name), **cfg})
+        return read_model_file(summary["export"])
+
+    own_side, own = run("own", student=student_file)
+    guided_side, guided = run("guided", student=student_file, guide=teacher)
+    assert guided_side["guide"]["file"] == teacher and own_side["guide"]["file"] == student_file
+    assert any(not torch.equal(own[k], guided[k]) for k in own), "the teacher as guide changes the training"
+
+    side_a, a = run("scratch-a", student=student_file, guide=teacher, init="scratch")
+    _, b = run("scratch-b", student=str(other_file), guide=teacher, init="scratch")
+    assert side_a["init"] == "scratch" and side_a["model"] == sidecar["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "a scratch start does not depend on the file's weights"
+    assert any(not torch.equal(a[k], guided[k]) for k in a), "and differs from starting at the file's weights"
+
+
+def test_a_bad_guide_or_init_stops_before_any_training(annealed, tmp_path):
+    root, student_file = annealed
+    base = {"out": str(tmp_path / "d"), "pairs": str(root / "pairs"), "student": student_file, "train": TINY_TRAIN}
+    with pytest.raises(ValueError, match="unknown init 'random'; choose one of weights, scratch"):
+        distill({**base, "init": "random"})
+    with pytest.raises(FileNotFoundError, match="guide .*nope.safetensors"):
+        distill({**base, "guide": str(tmp_path / "nope.safetensors")})
+    torch.manual_seed(0)
+    wide = UNet(1, 16, 8, [1, 2], 1, [], 0.0)  # 16 px images: not the student's 8 px
+    wide_file = save_model(tmp_path / "wide.safetensors", wide, {"model": wide.config, "kind": "test-teacher"})
+    with pytest.raises(ValueError, match=r"guide .*wide.safetensors works on .*\(1, 16, 0\).*\(1, 8, 0\)"):
+        distill({**base, "guide": str(wide_file)})
+    pruned = prune_student(
+        {
+            "out": str(tmp_path / "pruned"),
+            "student": student_file,
+            "prune": {"ratio": 0.5},
+            "recover": {"mode": "none"},
+            "compare": {"n": 4, "seed": 0},
+        }
+    )
+    with pytest.raises(ValueError, match="init scratch .*is a pruned network"):
+        distill({**base, "student": pruned["prune"]["file"], "init": "scratch"})
+    assert not list((tmp_path / "d").glob("*")), "no run was started"

@@ -10,6 +10,10 @@ s₁ is the student's ŝ (variant "reference", the reference code) or the guide'
 t₀ (`loss.one_step_time`) defaults to 0; the exported model file records it, and every stage that samples the
 student (`slimflow.sample`), benchmarks or exports it evaluates its one-step generator at that t₀. The reference
 code used ε = 1e-3 for both. D is any two-image distance of `slimflow.losses`.
+
+Two settings serve controlled comparisons: `guide` names another frozen guide (e.g. the teacher itself, as a pruned
+teacher's recovery uses its unpruned self), and `init: scratch` keeps only the student file's architecture and draws
+fresh weights from train.seed (the initial weights the anneal stage gives a student of that architecture and seed).
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from slimflow.stages.runner import (
     require_input,
     run_training,
 )
-from teachers.zoo import load_model
+from teachers.zoo import build_model, load_model
 
 VARIANTS = ("reference", "paper")
+INITS = ("weights", "scratch")
 DISTANCES = (*PIXEL_KINDS, *PERCEPTUAL_KINDS)
 
 DEFAULTS: dict = {
@@ -46,6 +51,8 @@ DEFAULTS: dict = {
     "pairs": "runs/pairs",  # the teacher pairs (z, x̂)
     "teacher": None,  # optional teacher file: the store must have been made by it (hash check)
     "student": "runs/anneal/annealed_ema.safetensors",  # the annealed model: student init and (frozen) guide
+    "guide": None,  # another frozen guide of L_2step (null: the student file); out of the run's keys while null
+    "init": "weights",  # weights (the student file's) | scratch (its architecture, fresh weights); out while weights
     "loss": {
         "distance": "l2",
         "options": {"_open": True},
@@ -65,6 +72,9 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "pairs": "the teacher pairs (z, x̂) of L_distill",
     "teacher": "optional teacher file: the store must have been made by it (hash check)",
     "student": "the annealed model: the student's start and the frozen guide",
+    "guide": "another frozen guide of L_2step, e.g. the teacher (null: the student file)",
+    "init": "the student's start: weights (the student file's) | scratch (its architecture, fresh weights from "
+    "train.seed, as the anneal stage draws them)",
     "loss.distance": "two-image distance D: l2 | l1 | pseudo_huber | domain | lpips-vgg | lpips-alex",
     "loss.options": "options of that distance",
     "loss.w_distill": "weight of L_distill = D(z + v(z, t0), x̂) on the pairs",
@@ -171,6 +181,25 @@ def check_config(cfg: dict) -> None:
     cfg = full_config(DEFAULTS, cfg)
     check_train_config(cfg["train"])
     check_loss_config(cfg["loss"])
+    if cfg["init"] not in INITS:
+        raise ValueError(f"unknown init {cfg['init']!r}; choose one of {', '.join(INITS)}")
+
+
+def stage_keys(cfg: dict) -> dict:
+    """The config as run directories record it: without `guide` and `init` while they keep their defaults, so a run
+    made before they existed is still current."""
+    return {k: v for k, v in cfg.items() if not ((k == "guide" and v is None) or (k == "init" and v == "weights"))}
+
+
+def check_same_images(guide_sidecar: dict, student_sidecar: dict, guide_file, student_file) -> None:
+    """A guide must take and make the student's images (channels, resolution) and know its classes."""
+    keys = ("in_channels", "resolution", "num_classes")
+    got = [tuple((s.get("model") or {}).get(k) or 0 for k in keys) for s in (guide_sidecar, student_sidecar)]
+    if got[0] != got[1]:
+        raise ValueError(
+            f"the guide {guide_file} works on (channels, resolution, classes) = {got[0]}, the student {student_file} "
+            f"on {got[1]}; a guide must take and make the student's images"
+        )
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -182,6 +211,15 @@ def distill_job(cfg: dict) -> TrainingJob:
         cfg["student"], "annealed model", "run `slimflow anneal` first or set student= to an exported model file"
     )
     sidecar = read_model_file(cfg["student"])[0]
+    guide_file = cfg["guide"] or cfg["student"]
+    if cfg["guide"]:
+        require_input(cfg["guide"], "guide", "set guide= to a model file (or null: the student file)")
+        check_same_images(read_model_file(cfg["guide"])[0], sidecar, cfg["guide"], cfg["student"])
+    if cfg["init"] == "scratch" and sidecar.get("pruning"):
+        raise ValueError(
+            f"init scratch rebuilds the student from its network config, and {cfg['student']} is a pruned network "
+            "(its widths are not in that config); give an unpruned file of the architecture, or init weights"
+        )
     made_from = (sidecar.get("pairs") or {}).get("teacher_hash")
     if made_from is not None and made_from != store.manifest["teacher_hash"]:
         raise PairStoreError(
@@ -189,14 +227,21 @@ def distill_job(cfg: dict) -> TrainingJob:
             f"{cfg['student']} was trained on (teacher_hash {store.manifest['teacher_hash'][:16]}… vs "
             f"{made_from[:16]}…); distill on pairs of the same teacher"
         )
-    guide = load_model(cfg["student"])
-    check_student_classes(int(getattr(guide, "num_classes", 0) or 0), store, f"the annealed model {cfg['student']}")
+    guide = load_model(guide_file)
+    check_student_classes(int(getattr(guide, "num_classes", 0) or 0), store, f"the guide {guide_file}")
+    start = guide if guide_file == cfg["student"] else load_model(cfg["student"])
+    check_student_classes(int(getattr(start, "num_classes", 0) or 0), store, f"the annealed model {cfg['student']}")
     student_sha256 = sha256_file(cfg["student"])
+    guide_sha256 = student_sha256 if guide_file == cfg["student"] else sha256_file(guide_file)
+    guide_kind = read_model_file(guide_file)[0].get("kind")
     record = pairs_record(store)
     loss_cfg = cfg["loss"]
 
     def build() -> torch.nn.Module:
-        student = copy.deepcopy(guide).train().requires_grad_(True)
+        if cfg["init"] == "scratch":  # the runner seeds torch with train.seed just before build()
+            student = build_model(dict(sidecar["model"])).train().requires_grad_(True)
+        else:
+            student = copy.deepcopy(start).train().requires_grad_(True)
         student.one_step_time = loss_cfg["one_step_time"]  # its one-step generator is trained at t0
         return student
 
@@ -209,7 +254,13 @@ def distill_job(cfg: dict) -> TrainingJob:
         out=Path(cfg["out"]),
         kind="distilled-student",
         export_name="distilled_ema.safetensors",
-        run_config={**cfg, "model": sidecar["model"], "student_sha256": student_sha256, "pairs_hash": record["hash"]},
+        run_config={
+            **stage_keys(cfg),
+            "model": sidecar["model"],
+            "student_sha256": student_sha256,
+            "pairs_hash": record["hash"],
+            **({"guide_sha256": guide_sha256} if cfg["guide"] else {}),
+        },
         train=cfg["train"],
         build=build,
         make_batch=make_distill_batch(store, cfg["train"], loss_cfg),
@@ -222,7 +273,8 @@ def distill_job(cfg: dict) -> TrainingJob:
             **({"pruning": sidecar["pruning"]} if sidecar.get("pruning") else {}),
             "one_step_time": loss_cfg["one_step_time"],
             "pairs": record,
-            "guide": {"file": str(cfg["student"]), "sha256": student_sha256, "kind": sidecar.get("kind")},
+            "guide": {"file": str(guide_file), "sha256": guide_sha256, "kind": guide_kind},
+            **({"init": "scratch"} if cfg["init"] == "scratch" else {}),
         },
         settings=cfg,
     )
