@@ -35,14 +35,16 @@ def randomised(model: torch.nn.Module) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------- the UNet
 def test_unconditional_teacher_file_loads_with_the_same_keys_and_outputs_as_before():
-    """The committed unconditional teacher: same state-dict keys, config without num_classes, and outputs
-    bit-identical to those of the UNet before conditioning existed (fixture written by that code)."""
+    """The committed unconditional teacher: same state-dict keys, config without num_classes, and outputs equal to
+    those of the UNet before conditioning existed (fixture written by that code). Equal up to float32 rounding, not
+    bit for bit: another CPU's convolution kernels sum in another order (an AMD EPYC differs in 91 % of the values,
+    by at most 2.4e-6), while a changed network would differ by orders of magnitude more."""
     teacher = load_model(ROOT / "teachers/weights/fmnist_teacher.safetensors")
     assert teacher.num_classes == 0 and "num_classes" not in teacher.config and teacher.map_label is None
     assert set(teacher.state_dict()) == set(load_file(ROOT / "teachers/weights/fmnist_teacher.safetensors"))
     z, t = noise_for(range(4), 0, (1, 32, 32)), torch.tensor([0.0, 0.3, 0.7, 1.0])
     expected = load_file(ROOT / "tests/fixtures/fmnist_teacher_velocity.safetensors")["velocity"]
-    assert torch.equal(teacher(z, t), expected)
+    torch.testing.assert_close(teacher(z, t), expected, rtol=0, atol=1e-5)
 
 
 def test_unconditional_init_is_unchanged_by_the_conditional_code():
