@@ -117,6 +117,8 @@ def test_prune_student_recovers_towards_the_unpruned_student_and_resumes(student
 
     again = prune_student(cfg)
     assert again["prune"]["status"] == "skipped" and again["recover"]["status"] == "skipped"
+    for stage in ("prune", "recover"):  # a skip reports the time the stage took when it ran, and its own apart
+        assert again[stage]["seconds"] == summary[stage]["seconds"] != again[stage]["seconds_this_call"]
     assert again["models"]["recovered"]["l2_to_unpruned"] == pytest.approx(m["recovered"]["l2_to_unpruned"])
 
 

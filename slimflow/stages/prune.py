@@ -84,6 +84,7 @@ from slimflow.stages.runner import (
     is_current,
     one_step_eval,
     plain_config,
+    read_summary,
     run_training,
     write_summary,
 )
@@ -410,6 +411,7 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
     cfg = full_config(DEFAULTS, cfg)
     _check(cfg)
     out = require_writable(cfg["out"])
+    earlier = read_summary(out)
     command = command_line(command)
     sidecar, _ = read_model_file(cfg["student"])
     if sidecar.get("pruning") and cfg["prune"]["channels"]:
@@ -450,9 +452,19 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
                 models[cycle["name"] + "-before-recovery"] = Path(cycle["masked_file"])
             models[cycle["name"]] = Path(cycle["file"])
     summary["models"] = _compare_stage(cfg, student, sidecar, models)
+    keep_earlier_seconds(summary, earlier)
     if dist_info()[0] == 0:
         write_summary(out, summary)
     return summary
+
+
+def keep_earlier_seconds(summary: dict, earlier: dict) -> None:
+    """A skipped prune or recover stage reports the seconds it took when it ran (from the summary.json of that
+    call), not the moments of the skip, which become `seconds_this_call`."""
+    for name in ("prune", "recover"):
+        now, before = summary.get(name), earlier.get(name) or {}
+        if now and now.get("status") == "skipped" and "seconds" in before:
+            now["seconds_this_call"], now["seconds"] = now["seconds"], before["seconds"]
 
 
 def format_result(summary: dict) -> str:
