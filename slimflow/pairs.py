@@ -188,21 +188,22 @@ def _remove_temp_files(root: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _finished_shard(root: Path, k: int, start: int, stop: int, settings_sha256: str) -> dict | None:
+def _finished_shard(root: Path, k: int, start: int, stop: int, settings_sha256: str, warn: bool = True) -> dict | None:
     """The record of shard k if it was made with these settings and its file matches its size and sha256."""
     path, sidecar = root / shard_name(k), (root / shard_name(k)).with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         return None
+    warning = log.warning if warn else log.debug
     try:
         record = json.loads(sidecar.read_text())
     except json.JSONDecodeError:
-        log.warning("%s: unreadable record, regenerating the shard", sidecar)
+        warning("%s: unreadable record, regenerating the shard", sidecar)
         return None
     if (record.get("start"), record.get("stop"), record.get("settings_sha256")) != (start, stop, settings_sha256):
-        log.warning("%s: made for other pairs or settings than this store's; regenerating", sidecar)
+        warning("%s: made for other pairs or settings than this store's; regenerating", sidecar)
         return None
     if path.stat().st_size != record.get("bytes") or sha256_file(path) != record.get("sha256"):
-        log.warning("%s: size or sha256 differs from its record, regenerating", path)
+        warning("%s: size or sha256 differs from its record, regenerating", path)
         return None
     return record
 
@@ -332,14 +333,45 @@ def generate_pairs(
     device = torch.device(device) if device is not None else _device_of(velocity)
     rank, world = dist_info()
     root.mkdir(parents=True, exist_ok=True)
+    complete = _complete_manifest(root, settings, rank, world)
+    if complete is not None:
+        return complete
     with _writer_lock(root, rank):
         return _generate(velocity, root, settings, device, rank, world, progress)
 
 
+def _complete_manifest(root: Path, settings: dict, rank: int, world: int) -> dict | None:
+    """The manifest of a store that is complete with these settings, when every shard and the manifest's copy of
+    their records check out; otherwise None (something is to be made or repaired, under the writer lock).
+
+    It reads only and takes no lock, so runs that share a finished store start side by side while another checks
+    it. That is safe: a writer with the same settings finds the store complete too and writes nothing, and one with
+    other settings is refused by `_check_settings`."""
+    path = root / "manifest.json"
+    manifest = _read_json(path) if path.is_file() else None
+    if manifest is not None:
+        _check_settings(manifest, settings, root)
+    ranges, fingerprint = shard_ranges(settings["count"], settings["shard_size"]), content_hash(settings)
+    complete = manifest is not None and manifest.get("status") == "complete"
+    complete = complete and all(
+        _finished_shard(root, k, *ranges[k], fingerprint, warn=False) is not None
+        for k in range(rank, len(ranges), world)
+    )
+    if complete and rank == 0:
+        fresh = _finished_manifest(root, {k: v for k, v in manifest.items() if k not in ("status", "shards")}, ranges)
+        complete = fresh["shards"] == manifest["shards"]
+    if world > 1:
+        verdicts: list[bool] = [False] * world
+        dist.all_gather_object(verdicts, complete)
+        complete = all(verdicts)
+    return manifest if complete else None
+
+
 @contextmanager
 def _writer_lock(root: Path, rank: int) -> Iterator[None]:
-    """One writer per store: rank 0 of a run holds an exclusive lock on root/.lock while it writes; another
-    process that tries is stopped with a message (its ranks, sharing one run, do not lock)."""
+    """One writer per store: rank 0 of a run holds an exclusive lock on root/.lock while it makes or repairs the
+    store; another process that tries is stopped with a message (its ranks, sharing one run, do not lock). A
+    store found complete is read without it (`_complete_manifest`)."""
     if rank != 0:
         yield
         return

@@ -320,6 +320,33 @@ def test_missing_or_truncated_shard_is_named_at_open(tmp_path, reference):
         PairStore(root)
 
 
+def test_a_complete_store_is_read_while_another_process_holds_the_writer_lock(tmp_path, reference):
+    """Runs sharing a finished store start side by side: the check of a complete store takes no lock. A store that
+    needs work still waits for no one: it is refused while the lock is held, and made once it is free."""
+    import fcntl
+
+    root = copy_store(reference, tmp_path / "store")
+    calls = []
+    with open(root / ".lock", "a+") as other:  # another open file: flock conflicts as with another process
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        manifest = generate_pairs(lambda x, t: (calls.append(1), field(x, t))[1], root, **SETTINGS)
+        assert manifest["status"] == "complete" and calls == []
+        assert shard_hashes(root) == shard_hashes(reference)
+        altered = json.loads((root / "manifest.json").read_text())
+        altered["shards"][0]["seconds"] += 1.0  # the manifest's copy of a record altered: rewriting it is a write
+        (root / "manifest.json").write_text(json.dumps(altered))
+        with pytest.raises(PairStoreError, match="another process is writing the pair store"):
+            generate_pairs(field, root, **SETTINGS)
+        (root / "shard_00003.safetensors").unlink()
+        with pytest.raises(PairStoreError, match="another process is writing the pair store"):
+            generate_pairs(field, root, **SETTINGS)
+    generate_pairs(field, root, **SETTINGS)
+    assert shard_hashes(root) == shard_hashes(reference)
+    PairStore(root).verify()
+    first = json.loads((root / "manifest.json").read_text())["shards"][0]
+    assert first == json.loads((reference / "manifest.json").read_text())["shards"][0]
+
+
 def test_store_made_by_a_torch_with_other_noise_is_refused(tmp_path, reference):
     root = copy_store(reference, tmp_path / "store")
     manifest = json.loads((root / "manifest.json").read_text())
