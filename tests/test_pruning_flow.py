@@ -336,6 +336,11 @@ def test_progressive_pruning_reaches_each_fraction_recovers_on_the_pairs_and_res
     assert len(second) > len(first) and second[: len(first)] == first
     final = load_model(summary["channels"]["final"])
     assert count_macs_params(final, example_inputs(TINY))[0] == cycles[-1]["macs_after"]
+    rerun = prune_student(progressive(student_file, pairs_dir, tmp_path / "full"))  # skips report the first times
+    for before, now in zip(cycles, rerun["channels"]["cycles"]):
+        assert now["status"] == now["recover"]["status"] == "skipped"
+        assert now["seconds"] == before["seconds"] and now["recover"]["seconds"] == before["recover"]["seconds"]
+        assert now["recover"]["seconds_this_call"] < before["recover"]["seconds"]
 
     class Killed(BaseException):
         pass

@@ -99,6 +99,8 @@ def test_cycles_reach_their_targets_and_masked_weights_stay_zero_through_recover
     again = prune_student(config(files, tmp_path, targets=[0.5, 0.8, 0.9], ap_fraction=0.1, ap_reference=str(files[1])))
     assert [c["status"] for c in again["sparsity"]["cycles"]] == ["skipped", "skipped", "ran"]
     assert [c["recover"]["status"] for c in again["sparsity"]["cycles"]][:2] == ["skipped", "skipped"]
+    for before, now in zip(cycles, again["sparsity"]["cycles"]):  # a skipped cycle reports the times it took
+        assert now["seconds"] == before["seconds"] and now["recover"]["seconds"] == before["recover"]["seconds"]
 
 
 def test_ap_removes_only_surviving_negative_weights(files, tmp_path):

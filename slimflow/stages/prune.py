@@ -459,11 +459,17 @@ def prune_student(cfg: dict, command: str | None = None) -> dict:
 
 
 def keep_earlier_seconds(summary: dict, earlier: dict) -> None:
-    """A skipped prune or recover stage reports the seconds it took when it ran (from the summary.json of that
-    call), not the moments of the skip, which become `seconds_this_call`."""
-    for name in ("prune", "recover"):
-        now, before = summary.get(name), earlier.get(name) or {}
-        if now and now.get("status") == "skipped" and "seconds" in before:
+    """A skipped stage reports the seconds it took when it ran (from the summary.json of that call), not the
+    moments of the skip, which become `seconds_this_call`: prune and recover, and each progressive or sparsity
+    cycle's cut and recovery (cycles matched by name)."""
+    parts = [(summary.get(name), earlier.get(name)) for name in ("prune", "recover")]
+    for group in ("channels", "sparsity"):
+        before = {c.get("name"): c for c in (earlier.get(group) or {}).get("cycles", [])}
+        for cycle in (summary.get(group) or {}).get("cycles", []):
+            old = before.get(cycle.get("name")) or {}
+            parts += [(cycle, old), (cycle.get("recover"), old.get("recover"))]
+    for now, before in parts:
+        if now and now.get("status") == "skipped" and "seconds" in (before or {}):
             now["seconds_this_call"], now["seconds"] = now["seconds"], before["seconds"]
 
 
