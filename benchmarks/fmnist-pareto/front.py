@@ -17,8 +17,14 @@ from slimflow.stages.bench import plot_front
 
 HERE = Path(__file__).resolve().parent
 BENCHES = {  # extractor -> bench folders
-    "domain": ["m-budget", "m-lpips-huber", "s-budget", "s-variants", "s-direct"],
-    "extractor2": ["m-budget-extractor2", "m-lpips-huber-extractor2", "s-budget-extractor2", "s-direct-extractor2"],
+    "domain": ["m-budget", "m-lpips-huber", "m-direct", "s-budget", "s-variants", "s-direct"],
+    "extractor2": [
+        "m-budget-extractor2",
+        "m-lpips-huber-extractor2",
+        "m-direct-extractor2",
+        "s-budget-extractor2",
+        "s-direct-extractor2",
+    ],
 }
 
 
