@@ -238,3 +238,43 @@ def test_the_student_can_start_as_the_teacher_pruned_to_a_macs_budget(tmp_path):
 
     with pytest.raises(ValueError, match="set init to that file"):
         check_config({"init_architecture": True})
+
+
+def test_recipe_direct_distills_the_pruned_teacher_with_the_teacher_as_guide(tmp_path):
+    """No anneal stage: the distill stage starts from init/pruned.safetensors and its two-step guide is the teacher;
+    a second call skips; direct without init_prune, or an unknown recipe, is refused before any work."""
+    from teachers.zoo import load_model
+
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors", seed=0)
+    cfg = config(tmp_path / "run", teacher, init_prune={"macs_fraction": 0.5}, recipe="direct")
+    cfg["distill"]["train"]["steps"] = 3
+    summary = run_pipeline(cfg)
+    assert "anneal" not in summary["stages"] and not (tmp_path / "run" / "anneal").exists()
+    assert summary["params"]["annealed"] is None
+    pruned, distilled = summary["stages"]["init_prune"]["file"], summary["stages"]["distill"]["export"]
+    sidecar, _ = read_model_file(distilled)
+    assert sidecar["pruning"]["history"]  # the pruned network, trained
+    assert sidecar["guide"]["file"] == str(teacher) and sidecar["guide"]["kind"] == "test-teacher"
+    assert sidecar["config"]["student"] == pruned and sidecar["config"]["guide"] == str(teacher)
+    assert sum(p.numel() for p in load_model(distilled).parameters()) == summary["params"]["distilled"]
+    assert summary["params"]["distilled"] == sum(p.numel() for p in load_model(pruned).parameters())
+    assert summary["params"]["distilled"] < summary["params"]["teacher"]
+    z = torch.randn(2, 1, 8, 8)
+    t = torch.zeros(2)
+    with torch.no_grad():
+        assert not torch.equal(load_model(distilled)(z, t), load_model(pruned)(z, t))  # training moved it
+    assert set(summary["stages"]["grids"]["files"]) == {
+        "teacher_1step",
+        "teacher_ode",
+        "distilled_1step",
+        "side_by_side",
+    }
+    again = run_pipeline(cfg)
+    assert again["stages"]["distill"]["status"] == "skipped"
+    for bad, message in (
+        ({"init_prune": {"macs_fraction": None}}, "set init_prune.macs_fraction"),
+        ({"recipe": "fast"}, "recipe must be one of reflow, direct"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run_pipeline({**cfg, **bad, "out": str(tmp_path / "bad")})
+    assert not (tmp_path / "bad").exists()

@@ -1,6 +1,8 @@
 """`run`: teacher → pairs → [the teacher pruned to a MACs budget] → anneal → distill → comparison grids, in one
 folder. With `init_prune.macs_fraction` set, the student is the teacher channel-pruned to that share of its MACs
 (slimflow.stages.prune, no recovery; in init/) instead of a small network from scratch (anneal.model).
+`recipe: direct` (with init_prune) drops the anneal stage: distill trains the pruned teacher itself, with the
+teacher as the frozen guide of its two-step term (docs/methods.md, "A student from the pruned teacher").
 
 Run folder (`out`): config.yaml, pairs/ (the pair store, unless pairs.dir puts it elsewhere), anneal/ and distill/
 (each: config.yaml, checkpoints/, tb/, samples/, the exported EMA model, summary.json), grids/ (teacher 1-step,
@@ -45,6 +47,7 @@ from teachers.zoo import load_model
 DEFAULTS: dict = {
     "out": "runs/run",
     "teacher": pairs_stage.DEFAULTS["teacher"],
+    "recipe": "reflow",  # reflow: anneal then distill | direct: distill the pruned teacher (init_prune), no anneal
     "teacher_resolution": None,  # image size of a reference DDPM++ .pth teacher (it does not record it)
     # pairs.dir: where the pair store lives (None: <out>/pairs); runs that name the same dir share one store
     "pairs": {
@@ -74,6 +77,8 @@ DEFAULTS: dict = {
 
 HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test_help_config.py checks all have one)
     "out": "run folder: pairs/, anneal/, distill/, grids/, tb/, config.yaml, summary.json",
+    "recipe": "reflow: anneal then distill | direct: no anneal stage; distill trains the teacher pruned by init_prune, "
+    "the teacher as its two-step guide (give distill.train.steps the images both stages would have had)",
     "teacher": pairs_stage.HELP["teacher"],
     "teacher_resolution": pairs_stage.HELP["teacher_resolution"],
     "pairs.dir": "where the pair store lives (null: <out>/pairs); runs that name the same dir share one store",
@@ -90,6 +95,7 @@ HELP: dict[str, str] = {  # what each setting means (`--help-config`; tests/test
     "init_prune.round_to": prune_stage.HELP["prune.round_to"],
 }
 GRIDS = ("teacher_1step", "teacher_ode", "annealed_1step", "distilled_1step")
+RECIPES = ("reflow", "direct")
 
 
 # ------------------------------------------------------------------------------------------------ grids
@@ -191,6 +197,18 @@ def _init_prune_stage(cfg: dict, out: Path, pairs_dir: Path, command: str) -> di
 
 def _check_settings(cfg: dict) -> None:
     """Every stage's settings, and the weights its distances need, before any work (not after an hour of it)."""
+    if cfg["recipe"] not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {cfg['recipe']!r}")
+    if cfg["recipe"] == "direct" and cfg["init_prune"]["macs_fraction"] is None:
+        raise ValueError(
+            "recipe direct distills the teacher pruned to a MACs budget: set init_prune.macs_fraction "
+            "(a student from scratch takes recipe reflow)"
+        )
+    if cfg["recipe"] == "direct" and cfg["teacher_resolution"] is not None:
+        raise ValueError(
+            "recipe direct loads the teacher file as the distill stage's guide, which needs a file that records its "
+            "resolution; a reference checkpoint given with teacher_resolution takes recipe reflow"
+        )
     if cfg["init_prune"]["macs_fraction"] is not None:
         if cfg["anneal"]["init"] or cfg["anneal"]["init_architecture"]:
             raise ValueError("init_prune makes the student from the teacher: leave anneal.init unset")
@@ -253,29 +271,28 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     if cfg["init_prune"]["macs_fraction"] is not None:
         stages["init_prune"] = _init_prune_stage(cfg, out, pairs_dir, f"{command} (stage init_prune)")
         anneal_cfg.update(init=stages["init_prune"]["file"], init_architecture=True)
-    stages["anneal"] = _train_stage(anneal_stage.anneal, anneal_cfg, f"{command} (stage anneal)")
-    annealed = Path(stages["anneal"]["export"])
-    distill_cfg = {
-        **cfg["distill"],
-        "out": str(out / "distill"),
-        "pairs": str(pairs_dir),
-        "teacher": checked_teacher,
-        "student": str(annealed),
-    }
+    distill_cfg = {**cfg["distill"], "out": str(out / "distill"), "pairs": str(pairs_dir), "teacher": checked_teacher}
+    students = {}
+    if cfg["recipe"] == "direct":  # the pruned teacher is the student's start, the teacher its guide
+        distill_cfg.update(student=stages["init_prune"]["file"], guide=cfg["teacher"])
+    else:
+        stages["anneal"] = _train_stage(anneal_stage.anneal, anneal_cfg, f"{command} (stage anneal)")
+        students["annealed_1step"] = Path(stages["anneal"]["export"])
+        distill_cfg["student"] = str(students["annealed_1step"])
     stages["distill"] = _train_stage(distill_stage.distill, distill_cfg, f"{command} (stage distill)")
-    distilled = Path(stages["distill"]["export"])
+    students["distilled_1step"] = Path(stages["distill"]["export"])
 
     summary = None
     if dist_info()[0] == 0:
         teacher = teacher.to(resolve_device(cfg["pairs"]["device"]))
-        stages["grids"] = _grids_stage(out, cfg, teacher, {"annealed_1step": annealed, "distilled_1step": distilled})
+        stages["grids"] = _grids_stage(out, cfg, teacher, students)
         summary = {
             "out": str(out),
             "config": str(out / "config.yaml"),
             "teacher": cfg["teacher"],
             "params": {
                 "teacher": sum(p.numel() for p in teacher.parameters()),
-                "annealed": stages["anneal"]["params"],
+                "annealed": stages["anneal"]["params"] if "anneal" in stages else None,
                 "distilled": stages["distill"]["params"],
             },
             "stages": stages,
