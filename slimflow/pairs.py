@@ -358,13 +358,18 @@ def _complete_manifest(root: Path, settings: dict, rank: int, world: int) -> dic
         for k in range(rank, len(ranges), world)
     )
     if complete and rank == 0:
-        fresh = _finished_manifest(root, {k: v for k, v in manifest.items() if k not in ("status", "shards")}, ranges)
-        complete = fresh["shards"] == manifest["shards"]
+        complete = _shard_records(root, manifest, ranges) == manifest["shards"]
     if world > 1:
         verdicts: list[bool] = [False] * world
         dist.all_gather_object(verdicts, complete)
         complete = all(verdicts)
     return manifest if complete else None
+
+
+def _shard_records(root: Path, manifest: dict, ranges: list[tuple[int, int]]) -> list[dict]:
+    """The shard records as the finished shards give them now, to compare with the manifest's copy of them."""
+    head = {k: v for k, v in manifest.items() if k not in ("status", "shards")}
+    return _finished_manifest(root, head, ranges)["shards"]
 
 
 @contextmanager
@@ -410,10 +415,10 @@ def _generate(velocity, root: Path, settings: dict, device, rank: int, world: in
         missing = sorted(k for part in gathered for k in part)
     if not missing and head["status"] == "complete":
         if rank == 0:  # the shards check out; a manifest whose copy of their records was altered is rewritten
-            fresh = _finished_manifest(root, {k: v for k, v in head.items() if k not in ("status", "shards")}, ranges)
-            if fresh["shards"] != head["shards"]:
+            records = _shard_records(root, head, ranges)
+            if records != head["shards"]:
                 log.warning("%s: its shard records differ from the shards' own; rewriting it", manifest_path)
-                head = {**head, "shards": fresh["shards"]}
+                head = {**head, "shards": records}
                 _write_json(manifest_path, head)
         if world > 1:
             dist.barrier()
