@@ -267,15 +267,16 @@ def run_pipeline(cfg: dict, command: str | None = None) -> dict:
     # for that, which they do not take, and the store was made by this very teacher a moment ago
     checked_teacher = cfg["teacher"] if cfg["teacher_resolution"] is None else None
 
-    anneal_cfg = {**cfg["anneal"], "out": str(out / "anneal"), "pairs": str(pairs_dir), "teacher": checked_teacher}
     if cfg["init_prune"]["macs_fraction"] is not None:
         stages["init_prune"] = _init_prune_stage(cfg, out, pairs_dir, f"{command} (stage init_prune)")
-        anneal_cfg.update(init=stages["init_prune"]["file"], init_architecture=True)
     distill_cfg = {**cfg["distill"], "out": str(out / "distill"), "pairs": str(pairs_dir), "teacher": checked_teacher}
     students = {}
     if cfg["recipe"] == "direct":  # the pruned teacher is the student's start, the teacher its guide
         distill_cfg.update(student=stages["init_prune"]["file"], guide=cfg["teacher"])
     else:
+        anneal_cfg = {**cfg["anneal"], "out": str(out / "anneal"), "pairs": str(pairs_dir), "teacher": checked_teacher}
+        if "init_prune" in stages:
+            anneal_cfg.update(init=stages["init_prune"]["file"], init_architecture=True)
         stages["anneal"] = _train_stage(anneal_stage.anneal, anneal_cfg, f"{command} (stage anneal)")
         students["annealed_1step"] = Path(stages["anneal"]["export"])
         distill_cfg["student"] = str(students["annealed_1step"])
